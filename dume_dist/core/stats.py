@@ -1,0 +1,252 @@
+"""Router statistics: per-layer Gram matrices of router features (DESIGN §2).
+
+For one contributor and one MoE layer, the statistic is ``G = Σ f̃ f̃ᵀ`` over the
+contributor's real tokens, where ``f̃ = [f, 1]`` and ``f`` is the router feature of a
+token (the MLP input ``x`` for the paper's ``token`` feature map). ``G`` is symmetric,
+``(F+1)×(F+1)``; its last column is ``Σ f̃`` and ``G[F, F]`` is the token count.
+
+Everything here is pure tensor math: no Ray, no fsspec. Shapes use suffixes:
+``L`` layers, ``N`` tokens, ``F`` feature dim, ``P = F + 1`` (features plus the constant).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+STATS_SCHEMA = "dume-stats/1"
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """Gram matrices of one contribution (or a sum of them), one per MoE layer.
+
+    ``gram_LPP`` is float64. ``feature_map`` names the router features the Gram was
+    computed on; statistics of different feature maps never mix. The fingerprints name
+    the backbone and expert weights the features came from (empty for sums).
+    """
+
+    gram_LPP: torch.Tensor
+    feature_map: str = "token"
+    backbone_fingerprint: str = ""
+    expert_fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.gram_LPP.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.gram_LPP.shape[1] - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Token count (the same in every layer for a well-formed contribution)."""
+        return int(round(self.gram_LPP[0, -1, -1].item()))
+
+    def _check_compatible(self, other: RouterStats) -> None:
+        if self.feature_map != other.feature_map:
+            raise ValueError(
+                f"cannot combine statistics of feature map {self.feature_map!r} "
+                f"with {other.feature_map!r}"
+            )
+        if self.gram_LPP.shape != other.gram_LPP.shape:
+            raise ValueError(
+                f"cannot combine statistics of shape {tuple(self.gram_LPP.shape)} "
+                f"with {tuple(other.gram_LPP.shape)}"
+            )
+        if (
+            self.backbone_fingerprint
+            and other.backbone_fingerprint
+            and self.backbone_fingerprint != other.backbone_fingerprint
+        ):
+            raise ValueError(
+                "cannot combine statistics computed on different backbones "
+                f"({self.backbone_fingerprint[:12]} vs {other.backbone_fingerprint[:12]})"
+            )
+
+    def _combined(self, other: RouterStats, gram_LPP: torch.Tensor) -> RouterStats:
+        backbone = self.backbone_fingerprint or other.backbone_fingerprint
+        expert = (
+            self.expert_fingerprint if self.expert_fingerprint == other.expert_fingerprint else ""
+        )
+        return RouterStats(gram_LPP, self.feature_map, backbone, expert)
+
+    def __add__(self, other: RouterStats) -> RouterStats:
+        self._check_compatible(other)
+        return self._combined(other, self.gram_LPP + other.gram_LPP)
+
+    def __sub__(self, other: RouterStats) -> RouterStats:
+        self._check_compatible(other)
+        return self._combined(other, self.gram_LPP - other.gram_LPP)
+
+    def validate(self, num_layers: int | None = None, feature_dim: int | None = None) -> None:
+        """Raise ValueError (one line, naming the problem) unless this is a sound contribution."""
+        validate_gram(self.gram_LPP, num_layers, feature_dim)
+
+    def with_meta(self, **kwargs) -> RouterStats:
+        return replace(self, **kwargs)
+
+
+def validate_gram(
+    gram_LPP: torch.Tensor, num_layers: int | None = None, feature_dim: int | None = None
+) -> None:
+    """Check shape, dtype, finiteness, symmetry and token-count consistency."""
+    if not isinstance(gram_LPP, torch.Tensor) or gram_LPP.dim() != 3:
+        raise ValueError("statistics must be a 3-D tensor [layers, F+1, F+1]")
+    num_l, p, q = gram_LPP.shape
+    if p != q or p < 2:
+        raise ValueError(f"statistics matrices must be square, got {p}x{q}")
+    if num_layers is not None and num_l != num_layers:
+        raise ValueError(f"statistics have {num_l} layers, the model has {num_layers}")
+    if feature_dim is not None and p != feature_dim + 1:
+        raise ValueError(f"statistics have feature dim {p - 1}, the model expects {feature_dim}")
+    if gram_LPP.dtype != torch.float64:
+        raise ValueError(f"statistics must be float64, got {gram_LPP.dtype}")
+    if not torch.isfinite(gram_LPP).all():
+        raise ValueError("statistics contain NaN or infinite values")
+    if not torch.equal(gram_LPP, gram_LPP.transpose(1, 2)):
+        raise ValueError("statistics matrices are not symmetric")
+    counts_L = gram_LPP[:, -1, -1]
+    if (counts_L < 1).any() or not torch.equal(counts_L, counts_L.round()):
+        raise ValueError("statistics token count G[F,F] must be a positive integer")
+    if not torch.equal(counts_L, counts_L[:1].expand_as(counts_L)):
+        raise ValueError("statistics token count differs between layers")
+    diag_LP = torch.diagonal(gram_LPP, dim1=1, dim2=2)
+    if (diag_LP < 0).any():
+        raise ValueError("statistics have a negative diagonal (not a Gram matrix)")
+
+
+class GramAccumulator:
+    """Running per-layer ``Σ f̃ f̃ᵀ``: per-batch products in fp32 (or the input's
+    precision), running sums in fp64 so that the order of batches barely matters and
+    shard-and-sum equals all-at-once to fp64 rounding."""
+
+    def __init__(self, num_layers: int, feature_dim: int, device: torch.device | str = "cpu"):
+        p = feature_dim + 1
+        self.feature_dim = feature_dim
+        self.gram_LPP = torch.zeros(num_layers, p, p, dtype=torch.float64, device=device)
+
+    def add(self, layer: int, feats_NF: torch.Tensor) -> None:
+        """Add the tokens ``feats_NF`` (already masked: real tokens only) to ``layer``."""
+        if feats_NF.dim() != 2 or feats_NF.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"features must be [tokens, {self.feature_dim}], got {tuple(feats_NF.shape)}"
+            )
+        if feats_NF.shape[0] == 0:
+            return
+        f_NF = feats_NF if feats_NF.dtype == torch.float64 else feats_NF.float()
+        gram_LPP = self.gram_LPP
+        # The F×F block is the expensive product: fp32 (tensor cores on GPU), then fp64.
+        gram_LPP[layer, :-1, :-1] += (f_NF.T @ f_NF).double()
+        sum_F = f_NF.double().sum(dim=0)
+        gram_LPP[layer, :-1, -1] += sum_F
+        gram_LPP[layer, -1, :-1] += sum_F
+        gram_LPP[layer, -1, -1] += f_NF.shape[0]
+
+    def merge_(self, other_LPP: torch.Tensor) -> None:
+        self.gram_LPP += other_LPP.to(self.gram_LPP.device, torch.float64)
+
+    def result(self, **meta) -> RouterStats:
+        # Symmetrise exactly: the fp32 block product is symmetric in exact arithmetic
+        # but BLAS may round the two triangles differently.
+        g_LPP = self.gram_LPP.cpu()
+        g_LPP = torch.triu(g_LPP) + torch.triu(g_LPP, diagonal=1).transpose(1, 2)
+        return RouterStats(g_LPP, **meta)
+
+
+def sum_stats(contributions: Mapping[str, RouterStats]) -> RouterStats:
+    """Sum contributions in canonical order (sorted key), so the result is
+    bit-identical whatever order they arrived in, and removing one contribution and
+    summing again equals a build that never had it."""
+    if not contributions:
+        raise ValueError("no statistics to sum")
+    keys = sorted(contributions)
+    total = contributions[keys[0]]
+    for key in keys[1:]:
+        total = total + contributions[key]
+    return total
+
+
+# -- serialisation: symmetric packing into safetensors ------------------------------
+
+
+def pack_symmetric(gram_LPP: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (row-major) of each matrix: [L, P(P+1)/2]."""
+    p = gram_LPP.shape[-1]
+    rows, cols = torch.triu_indices(p, p)
+    return gram_LPP[:, rows, cols].contiguous()
+
+
+def unpack_symmetric(packed_LT: torch.Tensor, p: int) -> torch.Tensor:
+    num_l, t = packed_LT.shape
+    if t != p * (p + 1) // 2:
+        raise ValueError(
+            f"packed statistics have {t} entries per layer, expected {p * (p + 1) // 2}"
+        )
+    rows, cols = torch.triu_indices(p, p)
+    gram_LPP = torch.zeros(num_l, p, p, dtype=packed_LT.dtype)
+    gram_LPP[:, rows, cols] = packed_LT
+    gram_LPP[:, cols, rows] = packed_LT
+    return gram_LPP
+
+
+def stats_to_bytes(stats: RouterStats) -> bytes:
+    meta = {
+        "schema": STATS_SCHEMA,
+        "feature_map": stats.feature_map,
+        "feature_dim": str(stats.feature_dim),
+        "num_layers": str(stats.num_layers),
+        "backbone_fingerprint": stats.backbone_fingerprint,
+        "expert_fingerprint": stats.expert_fingerprint,
+        "extra": json.dumps(stats.extra, sort_keys=True),
+    }
+    return st_save({"gram_packed": pack_symmetric(stats.gram_LPP)}, metadata=meta)
+
+
+def stats_from_bytes(data: bytes) -> RouterStats:
+    """Decode and validate; a corrupt or foreign blob raises a one-line ValueError."""
+    try:
+        tensors = st_load(data)
+        meta = _read_metadata(data)
+    except Exception as exc:  # safetensors raises several types
+        raise ValueError(f"statistics blob is not valid safetensors: {exc}") from None
+    if meta.get("schema") != STATS_SCHEMA or "gram_packed" not in tensors:
+        raise ValueError(f"statistics blob has an unknown schema {meta.get('schema')!r}")
+    p = int(meta["feature_dim"]) + 1
+    gram_LPP = unpack_symmetric(tensors["gram_packed"], p)
+    stats = RouterStats(
+        gram_LPP,
+        feature_map=meta["feature_map"],
+        backbone_fingerprint=meta.get("backbone_fingerprint", ""),
+        expert_fingerprint=meta.get("expert_fingerprint", ""),
+        extra=json.loads(meta.get("extra") or "{}"),
+    )
+    stats.validate(num_layers=int(meta["num_layers"]))
+    return stats
+
+
+def _read_metadata(data: bytes) -> dict:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {})
+
+
+def save_stats(stats: RouterStats, path) -> None:
+    with open(path, "wb") as f:
+        f.write(stats_to_bytes(stats))
+
+
+def load_stats(path) -> RouterStats:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"statistics file not found: {path}") from None
+    return stats_from_bytes(data)
