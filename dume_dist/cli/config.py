@@ -1,0 +1,82 @@
+"""`--config FILE`: YAML keys fill in a subcommand's flags.
+
+Every flag of every subcommand has a config key: its long option name without the
+dashes (``--max-tokens-per-seq`` → ``max_tokens_per_seq`` or ``max-tokens-per-seq``).
+A key that names no flag, or a value the flag's type or choices reject, is an error
+naming the key. Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    node = parser
+    for name in _command_path(args):
+        action = next(a for a in node._actions if isinstance(a, argparse._SubParsersAction))
+        node = action.choices[name]
+    return node
+
+
+def _command_path(args: argparse.Namespace) -> list[str]:
+    return [getattr(args, key) for key in sorted(vars(args)) if key.startswith("command")]
+
+
+def _convert(action: argparse.Action, key: str, value):
+    def one(v):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(v, bool):
+                raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
+            return v
+        try:
+            out = action.type(v) if action.type and isinstance(v, str) else v
+            if action.type and not isinstance(v, str):
+                out = action.type(str(v)) if action.type is not str else str(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config key {key!r}: bad value {v!r} ({exc})") from None
+        if action.choices is not None and out not in action.choices:
+            raise ValueError(f"config key {key!r} must be one of {list(action.choices)}, got {v!r}")
+        return out
+
+    many = action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction)
+    if many:
+        values = value if isinstance(value, list) else [value]
+        return [one(v) for v in values]
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"config key {key!r} takes a single value, got {value!r}")
+    return one(value)
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def apply_config_file(parser, args, argv):
+    data = load_yaml(args.config)
+    sub = _subparser(parser, args)
+    by_key = {a.dest: a for a in sub._actions if a.option_strings and a.dest != "help"}
+    defaults = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in by_key:
+            raise ValueError(
+                f"config key {raw_key!r} is not a flag of 'dume {' '.join(_command_path(args))}'"
+            )
+        defaults[key] = _convert(by_key[key], raw_key, value)
+    sub.set_defaults(**defaults)
+    for key in defaults:  # required flags satisfied by the file
+        by_key[key].required = False
+    return parser.parse_args(argv)
