@@ -5,7 +5,7 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DUME_NO_PROGRESS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
