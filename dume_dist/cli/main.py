@@ -36,7 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ValueError, FileNotFoundError, PermissionError]
     try:
-        from dume_dist.store.objectstore import StoreError
+        from dume_dist.store.errors import StoreError
 
         types.append(StoreError)
     except ImportError:
