@@ -1,0 +1,317 @@
+"""The node agent: a contributor's side of a join (DESIGN §4).
+
+A plain class; `dume_dist.dist.cluster.launch_agent` runs it as a Ray actor pinned to the node
+it is launched from (``NodeAffinitySchedulingStrategy(node_id, soft=False)``), so the data paths
+it reads are that node's files. What leaves the node: the expert's MLP weights (once per expert)
+and the summed statistics. Never the data.
+
+Steps of `join` (each one thing, each safe to repeat):
+
+``authenticate``  the coordinator checks the credential; returns the backbone record, settings
+                  and the submission ids it already counted
+``fetch_backbone`` backbone files into the node's cache (sha256 verified), once per fingerprint
+``check_expert``  the expert fits the backbone (config, MLP shapes, tokenizer)
+``upload_expert`` MLP weights as one safetensors blob (a no-op when already registered)
+``compute``       one `StatsWorker` per local GPU (else one CPU worker); all_reduce; rank 0's sum
+``submit``        with a submission id = hash(data files, expert, backbone, settings): a rerun
+                  after a crash is recognised and counted once
+
+The coordinator is either a Ray actor handle or a plain `Coordinator` (tests): `_call` hides
+the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+STAGES = (
+    "authenticate",
+    "fetch_backbone",
+    "check_expert",
+    "upload_expert",
+    "compute",
+    "submit",
+    "done",
+)
+
+
+def _call(target, method: str, *args):
+    fn = getattr(target, method)
+    if hasattr(fn, "remote"):
+        from dume_dist.dist.cluster import get
+
+        return get(fn.remote(*args))
+    return fn(*args)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def submission_id(data_hashes: list[str], expert_fp: str, backbone_fp: str, settings: dict) -> str:
+    """Names a contribution by what determines it: a rerun gets the same id."""
+    blob = json.dumps([data_hashes, expert_fp, backbone_fp, settings], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def local_workers(requested: int | None) -> tuple[int, str]:
+    """(number of workers, backend): one per visible GPU with NCCL, else one CPU worker."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--workers must be >= 1, got {requested}")
+        if gpus and requested > gpus:
+            raise ValueError(f"--workers {requested} but this node has {gpus} GPUs")
+        return requested, "nccl" if gpus else "gloo"
+    return (gpus, "nccl") if gpus else (1, "gloo")
+
+
+class NodeAgent:
+    def __init__(
+        self, coordinator, name: str, domain: str, secret: str, cache_dir: str | None = None
+    ):
+        self.coordinator = coordinator
+        self.name, self.domain, self._secret = name, domain, secret
+        self.cache_dir = Path(cache_dir or os.path.join(tempfile.gettempdir(), "dume-node-cache"))
+        self._lock = threading.Lock()
+        self._stage = "idle"
+        self._workers: list = []
+        self._info: dict | None = None
+
+    # -- observation ------------------------------------------------------------------------
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def progress(self) -> dict:
+        """Current stage and statistics tokens done/total over all workers (polled by the CLI)."""
+        with self._lock:
+            stage, workers = self._stage, list(self._workers)
+        done = total = 0
+        if workers:
+            import ray
+
+            for d, t in ray.get([w.progress.remote() for w in workers]):
+                done, total = done + d, total + t
+        return {"stage": stage, "tokens_done": done, "tokens_total": total}
+
+    def _enter(self, stage: str) -> None:
+        with self._lock:
+            self._stage = stage
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def authenticate(self) -> dict:
+        self._enter("authenticate")
+        self._info = _call(self.coordinator, "node_info", self._secret, self.name, self.domain)
+        return self._info
+
+    def fetch_backbone(self) -> Path:
+        """The backbone directory in the node's cache; downloaded once, checksums verified."""
+        self._enter("fetch_backbone")
+        record = self._info["backbone"]
+        local = self.cache_dir / "backbones" / record["fingerprint"]
+        if local.is_dir():
+            return local
+        files = _call(self.coordinator, "backbone_files", self._secret, self.name, self.domain)
+        tmp = local.with_name(f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            for rel, data in files.items():
+                want = record["files"].get(rel)
+                if want is None or hashlib.sha256(data).hexdigest() != want["sha256"]:
+                    raise ValueError(f"backbone file {rel} from the coordinator fails its checksum")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            os.rename(tmp, local)
+        except FileExistsError:
+            pass  # another agent on this node got there first
+        except OSError as exc:
+            if not local.is_dir():
+                raise ValueError(f"cannot cache the backbone in {local}: {exc}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return local
+
+    def check_expert(self, expert_dir: str):
+        """Load the expert, check it fits the backbone; returns (spec, fingerprint)."""
+        from dume_dist.dist.artifacts import check_expert_fits
+        from dume_dist.model.experts import expert_fingerprint, load_expert_spec
+
+        self._enter("check_expert")
+        spec = load_expert_spec(self.name, expert_dir)
+        check_expert_fits(spec, self._info["backbone"])
+        return spec, expert_fingerprint(spec)
+
+    def upload_expert(self, spec, fingerprint: str) -> dict:
+        from dume_dist.dist.artifacts import mlp_blob
+
+        self._enter("upload_expert")
+        registered = self._info.get("expert")
+        if registered is not None and registered["fingerprint"] == fingerprint:
+            return {"expert": registered, "changed": False}
+        blob = mlp_blob(spec)
+        result = _call(self.coordinator, "register_expert", self._secret, self.name, self.domain,
+                       self._put(blob), fingerprint)  # fmt: skip
+        self._info["submissions"] = [] if result["changed"] else self._info["submissions"]
+        return result
+
+    def job(
+        self, backbone_dir: Path, expert_dir: str, fingerprint: str, data: list[str], opts: dict
+    ) -> dict:
+        settings = self._info["settings"]
+        max_tps = settings["max_tokens_per_seq"]
+        stats_settings = {
+            "batch_size": opts.get("batch_size", 8),
+            "seq_len": opts.get("seq_len") or max_tps,
+            "max_tokens_per_seq": max_tps,
+            "max_tokens": opts.get("max_tokens"),
+        }
+        for path in data:
+            if not Path(path).is_file():
+                raise ValueError(f"data file {path} does not exist on node {self.name}")
+        hashes = [file_sha256(p) for p in data]
+        backbone_fp = self._info["backbone"]["fingerprint"]
+        return {
+            "name": self.name,
+            "domain": self.domain,
+            "backbone_dir": str(backbone_dir),
+            "expert_dir": str(expert_dir),
+            "data": [str(p) for p in data],
+            "backbone_fingerprint": backbone_fp,
+            "expert_fingerprint": fingerprint,
+            "submission_id": submission_id(hashes, fingerprint, backbone_fp, stats_settings),
+            **stats_settings,
+        }
+
+    def compute(self, job: dict, workers: int | None = None, threads: int | None = None) -> bytes:
+        """Summed statistics of the node's data from its worker group."""
+        self._enter("compute")
+        num, backend = local_workers(workers)
+        if not self._in_ray():
+            from dume_dist.dist.workers import StatsWorker
+
+            if num != 1:
+                raise ValueError("more than one worker needs Ray")
+            return StatsWorker(0, 1, backend, threads).compute(job)
+        return self._compute_in_ray(job, num, backend, threads)
+
+    def _compute_in_ray(self, job: dict, num: int, backend: str, threads: int | None) -> bytes:
+        import ray
+
+        from dume_dist.dist.cluster import get, remote_worker
+
+        node = self.node_id()
+        workers = [
+            remote_worker(node, backend).remote(r, num, backend, threads) for r in range(num)
+        ]
+        with self._lock:
+            self._workers = workers
+        try:
+            rendezvous = get(workers[0].open_rendezvous.remote()) if num > 1 else None
+            results = get([w.compute.remote(job, rendezvous) for w in workers])
+            return results[0]
+        finally:
+            with self._lock:
+                self._workers = []
+            for w in workers:
+                ray.kill(w)
+
+    def submit(self, job: dict, stats: bytes) -> dict:
+        from dume_dist.core.stats import stats_from_bytes
+
+        self._enter("submit")
+        num_tokens = stats_from_bytes(stats).num_tokens
+        return _call(self.coordinator, "submit_stats", self._secret, self.name, self.domain,
+                     self._put(stats), job["submission_id"], num_tokens)  # fmt: skip
+
+    # -- the whole join ---------------------------------------------------------------------
+
+    def join(
+        self,
+        expert_dir: str,
+        data: list[str],
+        workers: int | None = None,
+        max_tokens: int | None = None,
+        batch_size: int = 8,
+        seq_len: int | None = None,
+        threads: int | None = None,
+        crash_after: str | None = None,
+    ) -> dict:
+        """Every step of a join; ``crash_after`` (tests) kills the process after that step."""
+        t0 = time.perf_counter()
+        seconds = {}
+        self.authenticate()
+        backbone_dir = self.fetch_backbone()
+        spec, fingerprint = self.check_expert(expert_dir)
+        uploaded = self.upload_expert(spec, fingerprint)
+        self._maybe_crash(crash_after, "upload_expert")
+        opts = {"max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len}
+        job = self.job(backbone_dir, expert_dir, fingerprint, list(data), opts)
+        seconds["prepare"] = time.perf_counter() - t0
+        if job["submission_id"] in self._info["submissions"]:
+            result = {
+                "status": "duplicate",
+                "version": self._info.get("latest"),
+                "skipped_compute": True,
+            }
+        else:
+            t1 = time.perf_counter()
+            stats = self.compute(job, workers, threads)
+            seconds["compute"] = time.perf_counter() - t1
+            self._maybe_crash(crash_after, "compute")
+            t2 = time.perf_counter()
+            result = self.submit(job, stats)
+            seconds["submit"] = time.perf_counter() - t2
+            result["stats_bytes"] = len(stats)
+            self._maybe_crash(crash_after, "submit")
+        self._enter("done")
+        result.update(
+            node=self.name,
+            expert_fingerprint=fingerprint,
+            expert_uploaded=uploaded["changed"],
+            expert_bytes=uploaded["expert"]["size"],
+            submission_id=job["submission_id"],
+            seconds=seconds,
+        )
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _in_ray() -> bool:
+        try:
+            import ray
+
+            return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        except Exception:
+            return False
+
+    def _put(self, data: bytes):
+        """Large payloads go to the coordinator as one object ref (stored once)."""
+        if self._in_ray() and hasattr(getattr(self.coordinator, "ping", None), "remote"):
+            import ray
+
+            return ray.put(data)
+        return data
+
+    @staticmethod
+    def _maybe_crash(crash_after: str | None, step: str) -> None:
+        if crash_after == step:
+            os._exit(17)  # simulate a node dying mid-join (tests)

@@ -1,0 +1,121 @@
+"""What travels between nodes and the coordinator, besides statistics: the backbone and an
+expert's MLP weights. Thin adapters over `dume_dist.model` (no math, no Ray).
+
+* The **backbone** is saved once at genesis (`Backbone.save` plus the tokenizer files) under
+  ``backbone/<fingerprint>/`` in the store; its *record* (fingerprint, shapes, MLP layout,
+  tokenizer hash) lives in the registry and is what every expert and statistics blob is checked
+  against.
+* An expert's **MLP weights** travel as one safetensors blob holding exactly its
+  ``model.layers.{l}.mlp.*`` tensors, byte for byte, so `expert_fingerprint` of the blob equals
+  the fingerprint of the expert directory it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save as st_save
+
+from dume_dist.model.backbone import Backbone
+from dume_dist.model.experts import (
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+    ExpertSpec,
+    expert_fingerprint,
+    load_config,
+    read_safetensors_header,
+    semantic_config,
+)
+
+BACKBONE_PREFIX = "backbone"
+FEATURE_MAP = "token"
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def mlp_layout(spec: ExpertSpec) -> dict[str, list]:
+    """``{MLP tensor name: [safetensors dtype, shape]}`` of an expert."""
+    return {n: [spec.index[n].dtype, list(spec.index[n].shape)] for n in spec.mlp_names()}
+
+
+def backbone_record(backbone: Backbone, ref: ExpertSpec) -> dict:
+    """Registry entry of a backbone; ``ref`` is a founding expert (or the base) whose MLP layout
+    and tokenizer every later expert must share."""
+    config = backbone.config
+    return {
+        "fingerprint": backbone.fingerprint,
+        "kind": backbone.kind,
+        "sources": backbone.sources,
+        "prefix": f"{BACKBONE_PREFIX}/{backbone.fingerprint}",
+        "num_layers": int(config.num_hidden_layers),
+        "feature_dim": int(config.hidden_size),
+        "architectures": list(config.architectures or []),
+        "semantic_config": _jsonable(semantic_config(config)),
+        "tokenizer_hash": ref.tokenizer_hash,
+        "mlp_layout": mlp_layout(ref),
+    }
+
+
+def save_backbone_dir(backbone: Backbone, tokenizer_dir: Path, out_dir: Path) -> None:
+    """The backbone's files plus the tokenizer (versions and node agents need it)."""
+    backbone.save(out_dir)
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, Path(out_dir) / name)
+
+
+def check_expert_fits(spec: ExpertSpec, record: dict) -> None:
+    """ValueError naming the first way ``spec`` cannot join a model on this backbone."""
+    who = f"expert {spec.name} ({spec.path})"
+    if list(spec.config.architectures or []) != record["architectures"]:
+        raise ValueError(
+            f"{who} has architecture {spec.config.architectures}, the backbone {record['architectures']}"
+        )
+    ours = _jsonable(semantic_config(spec.config))
+    for key, want in record["semantic_config"].items():
+        if ours.get(key) != want:
+            raise ValueError(
+                f"{who} differs from the backbone in config {key}: {ours.get(key)!r} vs {want!r}"
+            )
+    layout, want = mlp_layout(spec), record["mlp_layout"]
+    if layout != want:
+        names = sorted(set(layout) ^ set(want)) or sorted(n for n in layout if layout[n] != want[n])
+        raise ValueError(f"{who}: MLP tensor {names[0]} does not fit the backbone")
+    if spec.tokenizer_hash != record["tokenizer_hash"]:
+        raise ValueError(f"{who} has a different tokenizer from the backbone's")
+
+
+def mlp_blob(spec: ExpertSpec) -> bytes:
+    """The expert's MLP tensors as one safetensors blob (stored dtypes, raw bytes unchanged)."""
+    return st_save({name: spec.tensor(name) for name in spec.mlp_names()})
+
+
+def mlp_spec(name: str, expert_dir: Path, backbone_dir: Path, tokenizer_hash: str) -> ExpertSpec:
+    """An `ExpertSpec` over a directory holding only ``model.safetensors`` (the MLP blob) and
+    the backbone's config and tokenizer: what the checkpoint writer needs from an expert."""
+    expert_dir = Path(expert_dir)
+    for fname in ("config.json", *TOKENIZER_FILES, "generation_config.json"):
+        src = Path(backbone_dir) / fname
+        if src.is_file() and not (expert_dir / fname).is_file():
+            shutil.copyfile(src, expert_dir / fname)
+    file = expert_dir / WEIGHTS_NAME
+    index = read_safetensors_header(file)
+    return ExpertSpec(name, expert_dir, load_config(expert_dir), (file,), index, tokenizer_hash)
+
+
+def check_mlp_blob(spec: ExpertSpec, record: dict, fingerprint: str) -> None:
+    """The uploaded MLP blob must have the backbone's MLP layout and the claimed fingerprint."""
+    layout = {n: [i.dtype, list(i.shape)] for n, i in spec.index.items()}
+    if layout != record["mlp_layout"]:
+        raise ValueError(
+            f"expert {spec.name}: uploaded MLP tensors do not match the backbone's layout"
+        )
+    got = expert_fingerprint(spec)
+    if got != fingerprint:
+        raise ValueError(
+            f"expert {spec.name}: uploaded MLP weights have fingerprint {got[:12]}, not the claimed {fingerprint[:12]}"
+        )

@@ -1,0 +1,84 @@
+"""Founding a store (client side, run by the operator): build the backbone, upload it, create
+the registry with the operator's credential.
+
+The backbone is built where the founding experts are (the machine running
+``dume coordinator start``), saved with its tokenizer, and uploaded to ``backbone/<fingerprint>/``
+in the store. The coordinator then only records it; node agents get it from the coordinator.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from dume_dist.dist.agent import _call
+from dume_dist.dist.artifacts import backbone_record, save_backbone_dir
+from dume_dist.dist.coordinator import node_material, operator_material
+from dume_dist.store import ObjectStore, hash_secret, new_secret
+
+
+def build_backbone(spec: str, founding: dict[str, str]):
+    """(Backbone, reference ExpertSpec) for ``"average"`` of ``founding`` experts or ``"base:DIR"``."""
+    from dume_dist.model.backbone import Backbone
+    from dume_dist.model.experts import load_expert_spec, load_expert_specs
+
+    if spec == "average":
+        if not founding:
+            raise ValueError(
+                "backbone 'average' needs the founding experts (--founding-expert NAME=DIR)"
+            )
+        specs = load_expert_specs(founding)
+        return Backbone.average(specs), specs[0]
+    if spec.startswith("base:") and len(spec) > len("base:"):
+        base_dir = spec[len("base:") :]
+        specs = (
+            load_expert_specs(founding)
+            if founding
+            else [load_expert_spec("base", base_dir, what="base model")]
+        )
+        return Backbone.from_base(base_dir, specs), specs[0]
+    raise ValueError(f"backbone must be 'average' or 'base:DIR', got {spec!r}")
+
+
+def upload_backbone(store: ObjectStore, backbone, ref) -> dict:
+    """Save the backbone (and the tokenizer) and upload it; returns its registry record."""
+    record = backbone_record(backbone, ref)
+    with tempfile.TemporaryDirectory(prefix="dume-backbone-") as tmp:
+        local = Path(tmp) / "backbone"
+        save_backbone_dir(backbone, ref.path, local)
+        record["files"] = store.put_dir(str(local), record["prefix"])
+    return record
+
+
+def found(
+    coordinator,
+    store: ObjectStore,
+    *,
+    backbone: str,
+    founding: dict[str, str],
+    settings: dict,
+    operator_secret: str | None = None,
+    hold: bool = False,
+) -> tuple[dict, str | None]:
+    """Found the store unless it already is; returns (result, operator secret if new)."""
+    status = _call(coordinator, "status")
+    if status["registry"]:
+        return {"founded": False, "revision": status["revision"]}, None
+    secret = operator_secret or new_secret()
+    bb, ref = build_backbone(backbone, founding)
+    record = upload_backbone(store, bb, ref)
+    result = _call(
+        coordinator, "found", hash_secret(operator_material(secret)), record, settings, hold
+    )
+    return result, secret
+
+
+def rebase_record(store: ObjectStore, backbone: str, founding: dict[str, str]) -> dict:
+    bb, ref = build_backbone(backbone, founding)
+    return upload_backbone(store, bb, ref)
+
+
+def issue_node_credential(name: str, domain: str) -> tuple[str, str]:
+    """(secret for the node, the hash the coordinator stores)."""
+    secret = new_secret()
+    return secret, hash_secret(node_material(name, domain, secret))

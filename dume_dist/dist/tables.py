@@ -1,0 +1,90 @@
+"""Rich tables for `dume status`, `dume versions list` and the demo."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _console() -> Console:
+    return Console(width=max(Console().width, 110))
+
+
+def versions_table(manifests: list[dict], title: str = "versions") -> Table:
+    table = Table(title=title)
+    for col in ("version", "parent", "trigger", "experts (index: node/domain)", "tokens", "marks"):
+        table.add_column(col)
+    for m in manifests:
+        if m.get("purged"):
+            table.add_row(m["version"], "", "", "[dim](purged)[/dim]", "", "")
+            continue
+        contributors = m.get("contributors", [])
+        experts = ", ".join(f"{c['expert_index']}: {c['name']}/{c['domain']}" for c in contributors)
+        tokens = sum(c.get("num_tokens", 0) for c in contributors)
+        marks = "; ".join(f"{k}={v}" for k, v in (m.get("marks") or {}).items())
+        table.add_row(
+            m["version"], m.get("parent") or "", m.get("trigger", ""), experts, f"{tokens:,}", marks
+        )
+    return table
+
+
+def print_versions(manifests: list[dict]) -> None:
+    _console().print(versions_table(manifests))
+
+
+def nodes_table(registry: dict) -> Table:
+    table = Table(title="contributors")
+    for col in ("node", "domain", "state", "expert", "submissions", "tokens"):
+        table.add_column(col)
+    active = sorted(n for n, r in registry.get("nodes", {}).items() if r["state"] == "active")
+    for name, rec in sorted(registry.get("nodes", {}).items()):
+        expert = rec["expert"]["fingerprint"][:12] if rec.get("expert") else ""
+        index = f" (expert {active.index(name)})" if name in active else ""
+        tokens = sum(s["num_tokens"] for s in rec["stats"])
+        table.add_row(
+            name, rec["domain"], rec["state"] + index, expert, str(len(rec["stats"])), f"{tokens:,}"
+        )
+    return table
+
+
+def print_status(status: dict) -> None:
+    console = _console()
+    registry = status["registry"]
+    if not registry:
+        console.print(f"store {status['store']}: not founded yet")
+        return
+    bb = registry["backbone"]
+    settings = registry["settings"]
+    console.print(
+        f"store {status['store']}  registry revision {status['revision']}  "
+        f"backbone {bb['kind']} {bb['fingerprint'][:12]}  "
+        f"λ={settings['lam']} T={settings['temperature']} k={settings['top_k']}  "
+        f"publication {'HELD' if registry['hold'] else 'automatic'}"
+    )
+    console.print(nodes_table(registry))
+    table = Table(title="versions (registry)")
+    for col in ("version", "parent", "trigger", "contributors", "unlearned since", "purged"):
+        table.add_column(col)
+    for v in registry["versions"]:
+        table.add_row(v["version"], v["parent"] or "", v["trigger"], ", ".join(v["contributors"]),
+                      ", ".join(v["marked"]), "yes" if v["purged"] else "")  # fmt: skip
+    console.print(table)
+
+
+def ppl_table(ppl: dict[str, dict[str, float]], title: str = "held-out perplexity") -> Table:
+    """``ppl[row][domain]``; the best value of each column in bold."""
+    domains = sorted({d for row in ppl.values() for d in row})
+    table = Table(title=title)
+    table.add_column("model")
+    for d in domains:
+        table.add_column(d, justify="right")
+    best = {d: min(row[d] for row in ppl.values() if d in row) for d in domains}
+    for name, row in ppl.items():
+        cells = []
+        for d in domains:
+            v = row.get(d)
+            cells.append(
+                "" if v is None else (f"[bold]{v:.2f}[/bold]" if v == best[d] else f"{v:.2f}")
+            )
+        table.add_row(name, *cells)
+    return table
