@@ -1,0 +1,144 @@
+"""Router statistics from a model run (DESIGN §2, steps 1-2).
+
+``collect_stats`` hooks the input of every decoder layer's ``mlp`` (the output of
+``post_attention_layernorm``), keeps the real tokens (attention mask, and the first
+``max_tokens_per_seq`` of each sequence) and adds them to a ``GramAccumulator``. The forward runs
+the base model only (no LM head) and stops as soon as the last layer's MLP input is seen.
+
+It works on any model whose base model has ``layers[*].mlp``: a dense HF model, or a
+``DumeForCausalLM`` with an expert forced. ``dense_model_for`` builds the dense model that equals
+the MoE with one expert forced — all a contributor needs is the backbone and its own expert.
+
+Shape legend: B batch, T sequence, D hidden size, N real tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from dume_dist.core.stats import GramAccumulator, RouterStats
+from dume_dist.model.experts import ExpertSpec
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the last MLP input is needed."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+        raise ValueError(f"{type(model).__name__} has no decoder layers with an `mlp` to hook")
+    return list(layers)
+
+
+def collect_stats(
+    model,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    max_tokens_per_seq: int,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> RouterStats:
+    """Per-layer Gram statistics of the MLP inputs over the real tokens of ``batches``.
+
+    ``batches`` yields ``(input_ids_BT, attention_mask_BT)`` (right or left padding). The model is
+    moved to ``device`` (default: CUDA if available, else CPU) and put in eval mode.
+    """
+    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+    if any(block.forced_expert is None for block in blocks):
+        raise ValueError("statistics of a DUME model need an expert forced (set_forced_expert)")
+    device = resolve_device(device)
+    model.to(device).eval()
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = decoder_layers(model)
+    state: dict = {"keep_BT": None, "acc": None}
+
+    def make_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            x_BTD = args[0] if args else next(iter(kwargs.values()))
+            if state["acc"] is None:
+                state["acc"] = GramAccumulator(len(layers), x_BTD.shape[-1], device=device)
+            state["acc"].add(layer_idx, x_BTD[state["keep_BT"]])
+            if layer_idx == len(layers) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [
+        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    bar = tqdm(disable=not progress, unit="tok", desc="statistics")
+    try:
+        with torch.inference_mode():
+            for ids_BT, mask_BT in batches:
+                ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+                state["keep_BT"] = _keep_mask(mask_BT, max_tokens_per_seq)
+                try:
+                    base(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+                except _StopForward:
+                    pass
+                bar.update(int(state["keep_BT"].sum()))
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+    if state["acc"] is None:
+        raise ValueError("no tokens to collect statistics from")
+    return state["acc"].result()
+
+
+def _keep_mask(mask_BT: torch.Tensor, max_tokens_per_seq: int) -> torch.Tensor:
+    """Real tokens among the first ``max_tokens_per_seq`` real tokens of each sequence (so left
+    padding is handled too)."""
+    real_BT = mask_BT.bool()
+    rank_BT = real_BT.long().cumsum(dim=1)  # 1-based position among the real tokens
+    return real_BT & (rank_BT <= max_tokens_per_seq)
+
+
+def dense_model_for(
+    backbone,
+    expert: ExpertSpec,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """The dense HF model with the backbone's non-MLP tensors and ``expert``'s MLP tensors: the
+    MoE with that expert forced. Tensors are copied in one at a time (no second copy of the
+    model), into a model allocated without random initialisation."""
+    config = copy.deepcopy(backbone.config)
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = dict(model.named_parameters())  # tied weights appear once
+    state_keys = set(model.state_dict())
+    targets.update({n: b for n, b in model.named_buffers() if n in state_keys})
+    sources = {n: backbone for n in backbone.names()}
+    sources.update({n: expert for n in expert.mlp_names()})
+    unexpected = sorted(set(sources) - state_keys)
+    missing = sorted(set(targets) - set(sources))
+    if unexpected or missing:
+        what = (
+            f"unexpected tensor {unexpected[0]}" if unexpected else f"missing tensor {missing[0]}"
+        )
+        raise ValueError(f"expert {expert.name} does not fit {type(model).__name__}: {what}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            src = sources[name].tensor(name)
+            if src.shape != target.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(src.shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(src)
+    return model.eval()

@@ -1,0 +1,184 @@
+"""Domain text: loading documents, batching tokens for statistics, windows for perplexity.
+
+Documents come from ``.txt`` files (documents separated by blank lines) or ``.jsonl`` files (one
+JSON object with a ``text`` field per line). Everything here is deterministic: the same texts and
+settings give the same batches, and ``shard`` splits work between workers without overlap.
+
+Shape legend: B batch, T sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+_TOKENIZE_CHUNK = 256  # documents per tokenizer call (the fast tokenizer batches in Rust)
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Non-empty documents of one ``.txt`` or ``.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        docs = _BLANK_LINES.split(text.replace("\r\n", "\n"))
+    elif path.suffix == ".jsonl":
+        docs = [
+            _jsonl_text(path, i, line)
+            for i, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
+    else:
+        raise ValueError(f"data file {path} must be .txt or .jsonl")
+    return [d.strip() for d in docs if d.strip()]
+
+
+def _jsonl_text(path: Path, lineno: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise ValueError(f"{path}:{lineno} is not valid JSON") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}:{lineno} has no string 'text' field")
+    return record["text"]
+
+
+def load_texts(paths: str | Path | Sequence[str | Path], domain: str = "data") -> list[str]:
+    """All documents of a domain's files, in file order; an empty domain is an error naming it."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    docs = [doc for path in paths for doc in read_documents(path)]
+    if not docs:
+        files = ", ".join(map(str, paths)) or "none"
+        raise ValueError(f"domain {domain} has no text (files: {files})")
+    return docs
+
+
+def load_domain_texts(domain: str, paths: str | Path | Sequence[str | Path]) -> list[str]:
+    return load_texts(paths, domain=domain)
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Round-robin share of ``rank`` among ``world`` workers (disjoint, covering, deterministic)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank} world={world}")
+    return list(items[rank::world])
+
+
+def _token_ids(tokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
+    """Token ids of each document, with the tokenizer's own special tokens (BOS for Llama)."""
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == _TOKENIZE_CHUNK:
+            yield from tokenizer(chunk)["input_ids"]
+            chunk = []
+    if chunk:
+        yield from tokenizer(chunk)["input_ids"]
+
+
+def pad_id_of(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _sequences(tokenizer, texts, seq_len, max_tokens_per_seq, max_tokens) -> Iterator[list[int]]:
+    """Each document cut into windows of ``seq_len``; each window keeps its leading
+    ``max_tokens_per_seq`` tokens (later ones cannot influence them: the model is causal)."""
+    keep = min(seq_len, max_tokens_per_seq)
+    budget = max_tokens
+    for ids in _token_ids(tokenizer, texts):
+        for start in range(0, len(ids), seq_len):
+            seq = ids[start : start + keep]
+            if budget is not None:
+                seq = seq[:budget]
+                budget -= len(seq)
+            if seq:
+                yield seq
+            if budget is not None and budget <= 0:
+                return
+
+
+def token_batches(
+    tokenizer,
+    texts: Iterable[str],
+    batch_size: int,
+    seq_len: int,
+    max_tokens_per_seq: int,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids_BT, attention_mask_BT)`` batches, right-padded with the pad token masked out.
+
+    Batches are padded to their longest sequence; ``max_tokens`` caps the total of real tokens.
+    """
+    for key, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("max_tokens_per_seq", max_tokens_per_seq),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    pad = pad_id_of(tokenizer)
+    batch: list[list[int]] = []
+    for seq in _sequences(tokenizer, texts, seq_len, max_tokens_per_seq, max_tokens):
+        batch.append(seq)
+        if len(batch) == batch_size:
+            yield _pad(batch, pad)
+            batch = []
+    if batch:
+        yield _pad(batch, pad)
+
+
+def _pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in batch)
+    ids_BT = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, seq in enumerate(batch):
+        ids_BT[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask_BT[i, : len(seq)] = 1
+    return ids_BT, mask_BT
+
+
+def eval_windows(
+    tokenizer,
+    texts: Iterable[str],
+    seq_len: int,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Perplexity batches ``(input_ids_BT, attention_mask_BT)`` of fixed, non-overlapping windows
+    of ``seq_len`` tokens over the concatenated documents (the last window may be shorter: it is
+    right-padded and masked).
+
+    With ``max_tokens``, ``max_tokens // seq_len`` windows (at least one) spread evenly over the
+    whole text: the first windows of a corpus are rarely representative. Deterministic.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 for perplexity, got {seq_len!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    stream = [t for ids in _token_ids(tokenizer, texts) for t in ids]
+    windows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise ValueError(f"text has {len(stream)} tokens: too short to evaluate")
+    if max_tokens is not None:
+        wanted = max(1, max_tokens // seq_len)
+        if wanted < len(windows):
+            pick = torch.linspace(0, len(windows) - 1, wanted).round().long().unique().tolist()
+            windows = [windows[i] for i in pick]
+    pad = pad_id_of(tokenizer)
+    for i in range(0, len(windows), batch_size):
+        yield _pad(windows[i : i + batch_size], pad)
