@@ -1,0 +1,307 @@
+"""The coordinator's state machine, driven in-process (no Ray): found, join, improve, leave,
+unlearn (bit-identical to a build that never had the node), restarts, duplicates, bad input.
+
+The node agent runs in-process too (one worker, no process group); `test_dist_ray.py` runs
+the same classes as Ray actors on a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from dist_helpers import make_experts
+
+from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
+from dume_dist.dist import genesis
+from dume_dist.dist.agent import NodeAgent
+from dume_dist.dist.coordinator import Coordinator, routers_of
+from dume_dist.store import BlobStore, ObjectStore, StoreError, StoreNotFound, VersionStore
+
+SETTINGS = {"max_tokens_per_seq": 16, "lam": 1e-2}
+JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on shared cores; also makes runs bit-reproducible
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    return make_experts(tmp_path_factory.mktemp("experts"))
+
+
+class Flow:
+    """A store, an in-process coordinator and credentials for some nodes."""
+
+    def __init__(self, url, experts, tmp, backbone=None, storage_options=None, hold=False):
+        self.url, self.experts, self.tmp = url, experts, tmp
+        self.options = storage_options or {}
+        self.store = ObjectStore(url, self.options)
+        self.coord = Coordinator(url, self.options, work_dir=str(tmp / "coord"))
+        backbone = backbone or f"base:{experts['base']}"
+        self.founded, self.op = genesis.found(
+            self.coord, self.store, backbone=backbone, founding={}, settings=SETTINGS, hold=hold
+        )
+        self.creds: dict[str, str] = {}
+
+    def add(self, *names):
+        for name in names:
+            secret, hashed = genesis.issue_node_credential(name, name)
+            self.coord.add_node(self.op, name, name, hashed)
+            self.creds[name] = secret
+
+    def agent(self, name):
+        return NodeAgent(self.coord, name, name, self.creds[name], cache_dir=str(self.tmp / "cache"))
+
+    def join(self, name, data=None, expert=None, **kw):
+        agent = self.agent(name)
+        expert = expert or self.experts[name]["expert"]
+        data = data or [self.experts[name]["data"]]
+        return agent.join(str(expert), [str(d) for d in data], **{**JOIN, **kw})
+
+    def status(self):
+        return self.coord.status()
+
+    def versions(self):
+        return VersionStore(self.store)
+
+    def routers(self, vid):
+        dest = self.tmp / f"pull-{hashlib.sha1(self.url.encode()).hexdigest()[:6]}-{vid}"
+        if not dest.exists():
+            self.versions().pull(vid, str(dest))
+        return routers_of(dest)
+
+
+def assert_same_routers(a: dict, b: dict):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta", "gamma")
+    versions = [flow.join(n)["version"] for n in ("alpha", "beta", "gamma")]
+    assert versions == ["v1", "v2", "v3"]
+    manifest = flow.versions().get_manifest("v3")
+    assert [c["name"] for c in manifest["contributors"]] == ["alpha", "beta", "gamma"]
+    assert [c["expert_index"] for c in manifest["contributors"]] == [0, 1, 2]
+    assert manifest["parent"] == "v2" and manifest["lam"] == SETTINGS["lam"]
+    assert manifest["backbone"]["fingerprint"] == flow.status()["registry"]["backbone"]["fingerprint"]
+
+    result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
+    assert result["version"] == "v4" and result["affected_versions"] == ["v2", "v3"]
+    blobs = BlobStore(flow.store)
+    assert blobs.list_blobs("stats", "beta") == [] and blobs.list_blobs("expert", "beta") == []
+    assert not any("/beta/" in k for k in flow.store.list("blobs"))
+    assert flow.versions().get_manifest("v2")["marks"]["contains_unlearned"] == ["beta"]
+    assert "contains_unlearned" not in flow.versions().get_manifest("v1")["marks"]
+
+    fresh = Flow(str(tmp_path / "fresh"), experts, tmp_path / "f")
+    fresh.add("alpha", "gamma")
+    fresh.join("alpha")
+    assert fresh.join("gamma")["version"] == "v2"
+    assert_same_routers(flow.routers("v4"), fresh.routers("v2"))
+
+    # ... and to the single-machine build of the same two experts on the same backbone.
+    from dume_dist.model.build import build_dume
+
+    names = ("alpha", "gamma")
+    build_dume(
+        {n: str(experts[n]["expert"]) for n in names},
+        {n: [str(experts[n]["data"])] for n in names},
+        tmp_path / "single",
+        backbone=f"base:{experts['base']}",
+        max_tokens_per_seq=16, seq_len=16, max_tokens=240, batch_size=4, progress=False,
+    )  # fmt: skip
+    assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
+
+
+def test_unlearn_purge_deletes_earlier_versions(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta")
+    flow.join("beta")
+    flow.join("alpha")
+    result = flow.coord.unlearn(flow.op, "beta", "legal request", purge=True)
+    assert result["version"] == "v3" and result["affected_versions"] == ["v1", "v2"]
+    assert flow.versions().list_versions() == ["v3"]
+    with pytest.raises(StoreNotFound):
+        flow.versions().get_manifest("v1")
+    assert not flow.store.list("versions/v1/files")
+    registry = flow.status()["registry"]
+    assert [v["purged"] for v in registry["versions"]] == [True, True, False]
+    assert registry["nodes"]["beta"]["state"] == "unlearned"
+    # Idempotent (a replayed call): nothing new.
+    again = flow.coord.unlearn(flow.op, "beta", "legal request", purge=True)
+    assert again["version"] == "v3" and flow.versions().list_versions() == ["v3"]
+    # Its credential is revoked.
+    with pytest.raises(PermissionError):
+        flow.join("beta")
+
+
+def test_restarted_coordinator_has_the_same_registry_and_next_version_is_correct(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "gamma")
+    flow.join("alpha")
+    before = flow.status()
+    flow.coord = Coordinator(flow.url, work_dir=str(tmp_path / "coord2"))  # a new actor, same store
+    assert flow.coord.status() == before
+    assert flow.join("gamma")["version"] == "v2"
+
+    fresh = Flow(str(tmp_path / "fresh"), experts, tmp_path / "f")
+    fresh.add("alpha", "gamma")
+    fresh.join("gamma")
+    fresh.join("alpha")
+    assert_same_routers(flow.routers("v2"), fresh.routers("v2"))
+
+
+def test_duplicate_submission_is_counted_once(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha")
+    first = flow.join("alpha")
+    tokens = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["num_tokens"]
+    assert first["status"] == "accepted"
+    rerun = flow.join("alpha")  # same data, expert, backbone and settings: same submission id
+    assert rerun["status"] == "duplicate" and rerun["version"] == "v1"
+    # The same bytes under another submission id (a retried push): counted once as well.
+    blob = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["blob"]
+    data = BlobStore(flow.store).get_blob(blob)
+    again = flow.coord.submit_stats(flow.creds["alpha"], "alpha", "alpha", data, "other-id", tokens)
+    assert again["status"] == "duplicate"
+    registry = flow.status()["registry"]
+    assert len(registry["nodes"]["alpha"]["stats"]) == 1 and len(registry["versions"]) == 1
+
+
+def test_improving_a_domain_adds_and_a_new_expert_invalidates(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    flow.join("beta")
+    more = flow.join("alpha", data=[experts["alpha"]["valid"]])
+    assert more["status"] == "accepted" and more["version"] == "v3"
+    alpha = flow.status()["registry"]["nodes"]["alpha"]
+    assert len(alpha["stats"]) == 2
+    assert flow.versions().get_manifest("v3")["trigger"] == "improve alpha"
+    # alpha replaces its expert (gamma's weights): old statistics are stale and dropped.
+    old_blobs = [s["blob"] for s in alpha["stats"]]
+    replaced = flow.join("alpha", expert=experts["gamma"]["expert"])
+    assert replaced["expert_uploaded"] and replaced["version"] == "v4"
+    alpha = flow.status()["registry"]["nodes"]["alpha"]
+    assert len(alpha["stats"]) == 1 and alpha["stats"][0]["blob"] not in old_blobs
+    assert all(not flow.store.exists(f"blobs/{b}.bin") for b in old_blobs)
+
+
+def test_hold_publish_and_leave(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, hold=True)
+    flow.add("alpha", "beta", "gamma")
+    for name in ("alpha", "beta", "gamma"):
+        assert flow.join(name)["version"] is None  # held
+    assert flow.versions().list_versions() == []
+    assert flow.coord.publish(flow.op)["version"] == "v1"
+    assert flow.coord.publish(flow.op)["version"] == "v1"  # nothing changed: no new version
+    flow.coord.set_hold(flow.op, False)
+    left = flow.coord.leave(flow.creds["gamma"], "gamma", "gamma")
+    assert left["version"] == "v2"
+    assert [c["name"] for c in flow.versions().get_manifest("v2")["contributors"]] == ["alpha", "beta"]
+    assert not flow.store.list("blobs/stats/gamma")
+    # Leaving does not mark old versions (the node withdrew; unlearning marks).
+    assert "contains_unlearned" not in flow.versions().get_manifest("v1")["marks"]
+
+
+# -- bad input: a clear error and nothing changed --------------------------------------------------
+
+
+@pytest.fixture
+def founded(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    agent = flow.agent("beta")
+    agent.authenticate()
+    spec, fingerprint = agent.check_expert(str(experts["beta"]["expert"]))
+    agent.upload_expert(spec, fingerprint)
+    data = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["blob"]
+    good = stats_from_bytes(BlobStore(flow.store).get_blob(data))
+    flow.good = good.with_meta(expert_fingerprint=fingerprint)  # beta's fingerprint, alpha's numbers
+    return flow
+
+
+def _snapshot(flow):
+    return (flow.status(), flow.store.list())
+
+
+def _bad_stats(kind, good: RouterStats):
+    g = good.gram_LPP.clone()
+    if kind == "wrong_shape":
+        g = torch.zeros(g.shape[0], g.shape[1] + 1, g.shape[2] + 1, dtype=torch.float64)
+        g[:, -1, -1] = 5
+        return stats_to_bytes(good.with_meta(gram_LPP=g)), 5
+    if kind == "wrong_backbone":
+        return stats_to_bytes(good.with_meta(backbone_fingerprint="0" * 64)), good.num_tokens
+    if kind == "wrong_expert":
+        return stats_to_bytes(good.with_meta(expert_fingerprint="1" * 64)), good.num_tokens
+    if kind == "nan":
+        g[0, 0, 0] = float("nan")
+        return stats_to_bytes(good.with_meta(gram_LPP=g)), good.num_tokens
+    if kind == "non_symmetric":
+        g[0, 0, 1] += 1.0
+        return good.with_meta(gram_LPP=g), good.num_tokens  # as a tensor: bytes are always symmetric
+    if kind == "wrong_token_count":
+        return stats_to_bytes(good), good.num_tokens + 1
+    if kind == "garbage":
+        return b"not safetensors at all", 1
+    raise AssertionError(kind)
+
+
+BAD = ["wrong_shape", "wrong_backbone", "wrong_expert", "nan", "non_symmetric", "wrong_token_count", "garbage"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_statistics_change_nothing(founded, kind):
+    before = _snapshot(founded)
+    stats, tokens = _bad_stats(kind, founded.good)
+    with pytest.raises(ValueError) as err:
+        founded.coord.submit_stats(founded.creds["beta"], "beta", "beta", stats, f"sub-{kind}", tokens)
+    assert "\n" not in str(err.value)
+    assert _snapshot(founded) == before
+
+
+def test_bad_requests_change_nothing(founded, experts):
+    flow = founded
+    before = _snapshot(flow)
+    stats = stats_to_bytes(flow.good)
+    with pytest.raises(PermissionError, match="credential rejected"):
+        flow.coord.submit_stats("wrong-secret", "beta", "beta", stats, "x", flow.good.num_tokens)
+    with pytest.raises(PermissionError, match="registered for domain"):
+        flow.coord.submit_stats(flow.creds["beta"], "beta", "alpha", stats, "x", flow.good.num_tokens)
+    with pytest.raises(PermissionError, match="credential rejected"):  # bound to its own name
+        flow.coord.submit_stats(flow.creds["beta"], "alpha", "alpha", stats, "x", flow.good.num_tokens)
+    with pytest.raises(ValueError, match="unknown node 'nobody'"):
+        flow.coord.unlearn(flow.op, "nobody", "why")
+    with pytest.raises(PermissionError, match="operator credential rejected"):
+        flow.coord.unlearn(flow.creds["alpha"], "alpha", "a node cannot unlearn")
+    with pytest.raises(PermissionError, match="operator credential rejected"):
+        flow.coord.add_node("nope", "eve", "eve", "x")
+    with pytest.raises(ValueError, match="fingerprint"):
+        mlp = BlobStore(flow.store).get_blob(flow.status()["registry"]["nodes"]["alpha"]["expert"]["blob"])
+        flow.coord.register_expert(flow.creds["beta"], "beta", "beta", mlp, "2" * 64)
+    assert _snapshot(flow) == before
+
+
+def test_unreachable_store_is_one_clear_error(tmp_path):
+    coord = Coordinator("s3://dume-nowhere/x", {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
+    with pytest.raises(StoreError) as err:
+        coord.status()
+    assert "cannot connect" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_status_has_no_secrets(founded):
+    text = json.dumps(founded.status())
+    assert "scrypt$" not in text and founded.creds["alpha"] not in text
