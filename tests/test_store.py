@@ -6,6 +6,7 @@ and a real S3 API (moto's server on 127.0.0.1, see s3server.py).
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -112,6 +113,13 @@ def test_bytes_round_trip(open_store):
         store.read_bytes("a/b.bin")
     store.delete_prefix("a")
     assert store.list("") == []
+
+
+def test_store_pickles_to_a_working_copy(open_store):
+    store = open_store()
+    store.write_bytes("k", b"v")
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.url == store.url and copy.read_bytes("k") == b"v"
 
 
 def test_bad_keys_are_value_errors(open_store):

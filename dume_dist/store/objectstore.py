@@ -93,12 +93,17 @@ class ObjectStore:
         if not url:
             raise ValueError("store URL is empty")
         self.url = url
-        self.backend = _open_backend(url, dict(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.backend = _open_backend(url, dict(self.storage_options))
         if check:
             self.check()
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
+
+    def __reduce__(self):
+        # Sent to another process (a Ray actor), a store reopens with a fresh client.
+        return _reopen, (self.url, self.storage_options)
 
     # -- errors -----------------------------------------------------------------------
 
@@ -289,6 +294,10 @@ class ObjectStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _reopen(url: str, storage_options: dict) -> ObjectStore:
+    return ObjectStore(url, storage_options, check=False)
 
 
 def local_files(local_dir: str) -> list[str]:
