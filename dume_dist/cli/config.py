@@ -14,16 +14,21 @@ from pathlib import Path
 import yaml
 
 
-def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    node = parser
-    for name in _command_path(args):
-        action = next(a for a in node._actions if isinstance(a, argparse._SubParsersAction))
-        node = action.choices[name]
-    return node
+def _subparsers_action(node: argparse.ArgumentParser):
+    return next((a for a in node._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
-def _command_path(args: argparse.Namespace) -> list[str]:
-    return [getattr(args, key) for key in sorted(vars(args)) if key.startswith("command")]
+def _target(parser: argparse.ArgumentParser, argv: list[str]):
+    """The (sub)parser the command line selects, and its command words."""
+    node, words = parser, []
+    for token in argv:
+        action = _subparsers_action(node)
+        if action is None:
+            break
+        if token in action.choices:
+            node = action.choices[token]
+            words.append(token)
+    return node, words
 
 
 def _convert(action: argparse.Action, key: str, value):
@@ -66,19 +71,17 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def apply_config_file(parser, args, argv):
-    data = load_yaml(args.config)
-    sub = _subparser(parser, args)
+def apply_config_defaults(parser: argparse.ArgumentParser, argv: list[str], path: str) -> None:
+    """Turn the file's keys into defaults of the selected subcommand (before parsing)."""
+    data = load_yaml(path)
+    sub, words = _target(parser, argv)
     by_key = {a.dest: a for a in sub._actions if a.option_strings and a.dest != "help"}
     defaults = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in by_key:
-            raise ValueError(
-                f"config key {raw_key!r} is not a flag of 'dume {' '.join(_command_path(args))}'"
-            )
-        defaults[key] = _convert(by_key[key], raw_key, value)
+            raise ValueError(f"config key {raw_key!r} is not a flag of 'dume {' '.join(words)}'")
+        defaults[key] = _convert(by_key[key], str(raw_key), value)
     sub.set_defaults(**defaults)
     for key in defaults:  # required flags satisfied by the file
         by_key[key].required = False
-    return parser.parse_args(argv)

@@ -45,17 +45,23 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        from dume_dist.cli.config import apply_config_file
-
-        args = apply_config_file(parser, args, argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    command = "config"
     try:
+        if config_path:
+            from dume_dist.cli.config import apply_config_defaults
+
+            apply_config_defaults(parser, argv, config_path)
+        args = parser.parse_args(argv)
+        command = args.command
         return int(args.func(args) or 0)
     except _user_error_types() as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"dume {args.command}: error: {msg}", file=sys.stderr)
+        print(f"dume {command}: error: {msg}", file=sys.stderr)
         if os.environ.get("DUME_TRACEBACK"):
             raise
         return 2

@@ -121,6 +121,7 @@ def dense_model_for(
     config = copy.deepcopy(backbone.config)
     with no_init_weights(), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights skips the tying that post_init would do
     targets = dict(model.named_parameters())  # tied weights appear once
     state_keys = set(model.state_dict())
     targets.update({n: b for n, b in model.named_buffers() if n in state_keys})

@@ -265,27 +265,28 @@ def compare(
                 table, f"dume k={k}", evaluate_model(model, batches, device=device, label=f"k={k}")
             )
     set_top_k(model, k0)
-    _add_bias_free(table, model, model_dir, batches, device)
+    _add_bias_free(table, model_dir, batches, device)
     randomise_routers(model)
     _record(table, "random routers", evaluate_model(model, batches, device=device, label="random"))
     return table
 
 
-def _add_bias_free(table, model, model_dir, batches, device) -> None:
-    """Routers solved without intercept (what --format mixtral ships)."""
-    try:
-        from dume_dist.model.export_mixtral import apply_bias_free_routers
-    except ImportError:
-        return
-    try:
-        apply_bias_free_routers(model, model_dir)
-    except ValueError:
-        return  # no statistics saved with this model
-    _record(
-        table,
-        "dume no-bias (mixtral)",
-        evaluate_model(model, batches, device=device, label="no-bias"),
+def _add_bias_free(table, model_dir, batches, device) -> None:
+    """Routers solved without intercept (what ``--format mixtral`` ships), when the
+    checkpoint carries its statistics and the family is Mixtral-compatible."""
+    from dume_dist.model.export_mixtral import (
+        check_mixtral_compatible,
+        load_dume_with_bias_free_routers,
+        read_dume_checkpoint,
     )
+
+    try:
+        check_mixtral_compatible(read_dume_checkpoint(model_dir))
+        model = load_dume_with_bias_free_routers(model_dir, dtype=torch.float32).to(device).eval()
+    except (ValueError, FileNotFoundError):
+        return  # no statistics saved with this model, or not exportable
+    label = "dume no-bias (mixtral)"
+    _record(table, label, evaluate_model(model, batches, device=device, label="no-bias"))
 
 
 def print_table(table: EvalTable, console=None) -> None:
