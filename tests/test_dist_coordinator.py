@@ -58,7 +58,9 @@ class Flow:
             self.creds[name] = secret
 
     def agent(self, name):
-        return NodeAgent(self.coord, name, name, self.creds[name], cache_dir=str(self.tmp / "cache"))
+        return NodeAgent(
+            self.coord, name, name, self.creds[name], cache_dir=str(self.tmp / "cache")
+        )
 
     def join(self, name, data=None, expert=None, **kw):
         agent = self.agent(name)
@@ -94,7 +96,9 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
     assert [c["name"] for c in manifest["contributors"]] == ["alpha", "beta", "gamma"]
     assert [c["expert_index"] for c in manifest["contributors"]] == [0, 1, 2]
     assert manifest["parent"] == "v2" and manifest["lam"] == SETTINGS["lam"]
-    assert manifest["backbone"]["fingerprint"] == flow.status()["registry"]["backbone"]["fingerprint"]
+    assert (
+        manifest["backbone"]["fingerprint"] == flow.status()["registry"]["backbone"]["fingerprint"]
+    )
 
     result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
     assert result["version"] == "v4" and result["affected_versions"] == ["v2", "v3"]
@@ -209,7 +213,10 @@ def test_hold_publish_and_leave(experts, tmp_path):
     flow.coord.set_hold(flow.op, False)
     left = flow.coord.leave(flow.creds["gamma"], "gamma", "gamma")
     assert left["version"] == "v2"
-    assert [c["name"] for c in flow.versions().get_manifest("v2")["contributors"]] == ["alpha", "beta"]
+    assert [c["name"] for c in flow.versions().get_manifest("v2")["contributors"]] == [
+        "alpha",
+        "beta",
+    ]
     assert not flow.store.list("blobs/stats/gamma")
     # Leaving does not mark old versions (the node withdrew; unlearning marks).
     assert "contains_unlearned" not in flow.versions().get_manifest("v1")["marks"]
@@ -229,7 +236,9 @@ def founded(experts, tmp_path):
     agent.upload_expert(spec, fingerprint)
     data = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["blob"]
     good = stats_from_bytes(BlobStore(flow.store).get_blob(data))
-    flow.good = good.with_meta(expert_fingerprint=fingerprint)  # beta's fingerprint, alpha's numbers
+    flow.good = good.with_meta(
+        expert_fingerprint=fingerprint
+    )  # beta's fingerprint, alpha's numbers
     return flow
 
 
@@ -252,7 +261,9 @@ def _bad_stats(kind, good: RouterStats):
         return stats_to_bytes(good.with_meta(gram_LPP=g)), good.num_tokens
     if kind == "non_symmetric":
         g[0, 0, 1] += 1.0
-        return good.with_meta(gram_LPP=g), good.num_tokens  # as a tensor: bytes are always symmetric
+        return good.with_meta(
+            gram_LPP=g
+        ), good.num_tokens  # as a tensor: bytes are always symmetric
     if kind == "wrong_token_count":
         return stats_to_bytes(good), good.num_tokens + 1
     if kind == "garbage":
@@ -260,7 +271,15 @@ def _bad_stats(kind, good: RouterStats):
     raise AssertionError(kind)
 
 
-BAD = ["wrong_shape", "wrong_backbone", "wrong_expert", "nan", "non_symmetric", "wrong_token_count", "garbage"]
+BAD = [
+    "wrong_shape",
+    "wrong_backbone",
+    "wrong_expert",
+    "nan",
+    "non_symmetric",
+    "wrong_token_count",
+    "garbage",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -268,7 +287,9 @@ def test_bad_statistics_change_nothing(founded, kind):
     before = _snapshot(founded)
     stats, tokens = _bad_stats(kind, founded.good)
     with pytest.raises(ValueError) as err:
-        founded.coord.submit_stats(founded.creds["beta"], "beta", "beta", stats, f"sub-{kind}", tokens)
+        founded.coord.submit_stats(
+            founded.creds["beta"], "beta", "beta", stats, f"sub-{kind}", tokens
+        )
     assert "\n" not in str(err.value)
     assert _snapshot(founded) == before
 
@@ -280,9 +301,13 @@ def test_bad_requests_change_nothing(founded, experts):
     with pytest.raises(PermissionError, match="credential rejected"):
         flow.coord.submit_stats("wrong-secret", "beta", "beta", stats, "x", flow.good.num_tokens)
     with pytest.raises(PermissionError, match="registered for domain"):
-        flow.coord.submit_stats(flow.creds["beta"], "beta", "alpha", stats, "x", flow.good.num_tokens)
+        flow.coord.submit_stats(
+            flow.creds["beta"], "beta", "alpha", stats, "x", flow.good.num_tokens
+        )
     with pytest.raises(PermissionError, match="credential rejected"):  # bound to its own name
-        flow.coord.submit_stats(flow.creds["beta"], "alpha", "alpha", stats, "x", flow.good.num_tokens)
+        flow.coord.submit_stats(
+            flow.creds["beta"], "alpha", "alpha", stats, "x", flow.good.num_tokens
+        )
     with pytest.raises(ValueError, match="unknown node 'nobody'"):
         flow.coord.unlearn(flow.op, "nobody", "why")
     with pytest.raises(PermissionError, match="operator credential rejected"):
@@ -290,13 +315,17 @@ def test_bad_requests_change_nothing(founded, experts):
     with pytest.raises(PermissionError, match="operator credential rejected"):
         flow.coord.add_node("nope", "eve", "eve", "x")
     with pytest.raises(ValueError, match="fingerprint"):
-        mlp = BlobStore(flow.store).get_blob(flow.status()["registry"]["nodes"]["alpha"]["expert"]["blob"])
+        mlp = BlobStore(flow.store).get_blob(
+            flow.status()["registry"]["nodes"]["alpha"]["expert"]["blob"]
+        )
         flow.coord.register_expert(flow.creds["beta"], "beta", "beta", mlp, "2" * 64)
     assert _snapshot(flow) == before
 
 
 def test_unreachable_store_is_one_clear_error(tmp_path):
-    coord = Coordinator("s3://dume-nowhere/x", {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
+    coord = Coordinator(
+        "s3://dume-nowhere/x", {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
+    )
     with pytest.raises(StoreError) as err:
         coord.status()
     assert "cannot connect" in str(err.value) and "\n" not in str(err.value)

@@ -91,6 +91,7 @@ class NodeAgent:
         self._stage = "idle"
         self._workers: list = []
         self._info: dict | None = None
+        self.worker_nodes: list[str] = []  # where the last compute ran (tests check pinning)
 
     # -- observation ------------------------------------------------------------------------
 
@@ -224,6 +225,7 @@ class NodeAgent:
         with self._lock:
             self._workers = workers
         try:
+            self.worker_nodes = get([w.node_id.remote() for w in workers])
             rendezvous = get(workers[0].open_rendezvous.remote()) if num > 1 else None
             results = get([w.compute.remote(job, rendezvous) for w in workers])
             return results[0]
@@ -287,6 +289,7 @@ class NodeAgent:
             expert_fingerprint=fingerprint,
             expert_uploaded=uploaded["changed"],
             expert_bytes=uploaded["expert"]["size"],
+            worker_nodes=self.worker_nodes,
             submission_id=job["submission_id"],
             seconds=seconds,
         )

@@ -57,6 +57,11 @@ class StatsWorker:
         self._store = dist.TCPStore(host, 0, self.world_size, True, wait_for_workers=False)
         return host, self._store.port
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def progress(self) -> tuple[int, int]:
         with self._lock:
             return self._done, self._total

@@ -1,0 +1,244 @@
+"""The distributed layer on a real local Ray cluster: a head and two worker nodes on this
+machine (`ray.cluster_utils.Cluster`), a detached coordinator actor, node agents pinned to
+different nodes, gloo worker groups, a real S3 API server (moto) and file:// stores.
+
+One cluster for the whole module (~5-10 s to start); every test uses its own coordinator name
+and store, so they do not see each other.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+from dist_helpers import make_experts, short_ray_tmpdir
+from s3server import S3Server
+
+from dume_dist.core.stats import stats_from_bytes
+from dume_dist.dist import cluster, genesis
+from dume_dist.dist.coordinator import Coordinator, routers_of
+from dume_dist.store import BlobStore, ObjectStore, VersionStore
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray")
+
+SETTINGS = {"max_tokens_per_seq": 16}
+JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = short_ray_tmpdir()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = [c.add_node(num_cpus=2, resources={f"dume_node_{i}": 1}) for i in range(2)]
+    ray.init(address=c.address, namespace="dume-test", log_to_driver=False)
+    c.wait_for_nodes()
+    yield {"cluster": c, "node_ids": [n.node_id for n in nodes]}
+    ray.shutdown()
+    c.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = saved
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    return make_experts(tmp_path_factory.mktemp("experts"))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server:
+        yield server
+
+
+class RayFlow:
+    """A detached coordinator actor on a store, plus node agents pinned to cluster nodes."""
+
+    def __init__(self, url, options, experts, tmp, node_ids):
+        self.url, self.options, self.experts, self.tmp, self.node_ids = (
+            url,
+            options,
+            experts,
+            tmp,
+            node_ids,
+        )
+        self.name = f"coord-{uuid.uuid4().hex[:8]}"
+        self.store = ObjectStore(url, options)
+        self.coord = cluster.start_coordinator(url, options, name=self.name, namespace="dume-test")
+        _, self.op = genesis.found(self.coord, self.store, backbone=f"base:{experts['base']}",
+                                   founding={}, settings=SETTINGS)  # fmt: skip
+        self.creds = {}
+
+    def call(self, method, *args):
+        return cluster.get(getattr(self.coord, method).remote(*args))
+
+    def add(self, *names):
+        for name in names:
+            secret, hashed = genesis.issue_node_credential(name, name)
+            self.call("add_node", self.op, name, name, hashed)
+            self.creds[name] = secret
+
+    def agent(self, name, node):
+        return cluster.launch_agent(self.coord, name, name, self.creds[name], node_id=self.node_ids[node],
+                                    cache_dir=str(self.tmp / f"cache-{node}"))  # fmt: skip
+
+    def join(self, name, node, agent=None, **kw):
+        agent = agent or self.agent(name, node)
+        kwargs = {"expert_dir": str(self.experts[name]["expert"]), "data": [str(self.experts[name]["data"])],
+                  **JOIN, **kw}  # fmt: skip
+        try:
+            return cluster.run_join(agent, kwargs, show_progress=False), agent
+        finally:
+            ray.kill(agent)
+
+    def routers(self, vid):
+        dest = self.tmp / f"pull-{self.name}-{vid}"
+        VersionStore(self.store).pull(vid, str(dest))
+        return routers_of(dest), dest
+
+    def stop(self):
+        cluster.stop_coordinator(self.name, "dume-test")
+
+
+def _in_process_build(experts, tmp, names):
+    """The reference: the same contributions through an in-process coordinator on a new store."""
+    from dume_dist.dist.agent import NodeAgent
+
+    url = str(tmp / f"ref-{uuid.uuid4().hex[:6]}")
+    coord = Coordinator(url, work_dir=str(tmp / "ref-coord"))
+    _, op = genesis.found(coord, ObjectStore(url), backbone=f"base:{experts['base']}", founding={},
+                          settings=SETTINGS)  # fmt: skip
+    for name in names:
+        secret, hashed = genesis.issue_node_credential(name, name)
+        coord.add_node(op, name, name, hashed)
+        NodeAgent(coord, name, name, secret, cache_dir=str(tmp / "ref-cache")).join(
+            str(experts[name]["expert"]), [str(experts[name]["data"])], **JOIN
+        )
+    vid = VersionStore(ObjectStore(url)).latest()
+    VersionStore(ObjectStore(url)).pull(vid, str(tmp / f"{url.rsplit('/', 1)[-1]}-model"))
+    return routers_of(tmp / f"{url.rsplit('/', 1)[-1]}-model")
+
+
+def assert_same_routers(a, b):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_agents_are_pinned_to_their_nodes(ray_cluster, experts, tmp_path):
+    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
+    try:
+        flow.add("alpha", "beta")
+        for name, node in (("alpha", 0), ("beta", 1)):
+            agent = flow.agent(name, node)
+            assert cluster.get(agent.node_id.remote()) == ray_cluster["node_ids"][node]
+            result, _ = flow.join(name, node, agent=agent)
+            assert result["worker_nodes"] == [ray_cluster["node_ids"][node]]
+        assert result["version"] == "v2"
+    finally:
+        flow.stop()
+
+
+def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path):
+    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
+    try:
+        flow.add("alpha")
+        agent = flow.agent("alpha", 1)
+        cluster.get(agent.authenticate.remote())
+        backbone_dir = cluster.get(agent.fetch_backbone.remote())
+        expert = str(experts["alpha"]["expert"])
+        _, fingerprint = cluster.get(agent.check_expert.remote(expert))
+        job = cluster.get(agent.job.remote(backbone_dir, expert, fingerprint, [str(experts["alpha"]["data"])],
+                                           {"max_tokens": None, "seq_len": 16, "batch_size": 2}))  # fmt: skip
+        one = stats_from_bytes(cluster.get(agent.compute.remote(job, 1, 1)))
+        two = stats_from_bytes(cluster.get(agent.compute.remote(job, 2, 1)))
+        ray.kill(agent)
+        assert one.num_tokens == two.num_tokens > 200
+        scale = one.gram_LPP.abs().max()
+        torch.testing.assert_close(
+            two.gram_LPP, one.gram_LPP, rtol=1e-13, atol=1e-13 * float(scale)
+        )
+        assert not torch.equal(one.gram_LPP, torch.zeros_like(one.gram_LPP))
+    finally:
+        flow.stop()
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_found_join_unlearn_on_the_cluster(ray_cluster, experts, tmp_path, kind, request):
+    if kind == "s3":
+        s3 = request.getfixturevalue("s3")
+        url, options = s3.url(), s3.storage_options
+    else:
+        url, options = f"file://{tmp_path / 'store'}", {}
+    flow = RayFlow(url, options, experts, tmp_path, ray_cluster["node_ids"])
+    try:
+        flow.add("alpha", "beta", "gamma")
+        for i, name in enumerate(("alpha", "beta", "gamma")):
+            result, _ = flow.join(name, i % 2)
+            assert result["status"] == "accepted" and result["version"] == f"v{i + 1}"
+        unlearned = flow.call("unlearn", flow.op, "beta", "test")
+        assert unlearned["version"] == "v4" and unlearned["affected_versions"] == ["v2", "v3"]
+        assert not BlobStore(flow.store).list_blobs("stats", "beta")
+        assert not BlobStore(flow.store).list_blobs("expert", "beta")
+        versions = VersionStore(flow.store)
+        assert versions.get_manifest("v3")["marks"]["contains_unlearned"] == ["beta"]
+        routers, model_dir = flow.routers("v4")
+        assert_same_routers(routers, _in_process_build(experts, tmp_path, ["alpha", "gamma"]))
+
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
+        assert model.config.expert_names == ["alpha", "gamma"]
+    finally:
+        flow.stop()
+
+
+def test_coordinator_killed_between_submissions(ray_cluster, experts, tmp_path):
+    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
+    try:
+        flow.add("alpha", "gamma")
+        flow.join("alpha", 0)
+        before = flow.call("status")
+        ray.kill(flow.coord, no_restart=False)  # Ray restarts it (max_restarts=-1)
+        assert cluster.wait_for(lambda: _alive(flow), timeout_s=60)
+        assert flow.call("status") == before
+        result, _ = flow.join("gamma", 1)
+        assert result["version"] == "v2"
+        assert_same_routers(
+            flow.routers("v2")[0], _in_process_build(experts, tmp_path, ["alpha", "gamma"])
+        )
+    finally:
+        flow.stop()
+
+
+def _alive(flow) -> bool:
+    try:
+        return flow.call("ping") == "ok"
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("crash_after", ["compute", "submit"])
+def test_agent_killed_midway_reruns_without_double_counting(
+    ray_cluster, experts, tmp_path, crash_after
+):
+    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
+    try:
+        flow.add("alpha")
+        with pytest.raises(RuntimeError, match="actor died"):
+            flow.join("alpha", 0, crash_after=crash_after)
+        result, _ = flow.join("alpha", 0)
+        assert result["status"] == ("duplicate" if crash_after == "submit" else "accepted")
+        registry = flow.call("status")["registry"]
+        assert len(registry["nodes"]["alpha"]["stats"]) == 1
+        assert 0 < registry["nodes"]["alpha"]["stats"][0]["num_tokens"] <= JOIN["max_tokens"]
+        assert [v["version"] for v in registry["versions"]] == ["v1"]
+    finally:
+        flow.stop()
