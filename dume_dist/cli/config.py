@@ -32,6 +32,9 @@ def _target(parser: argparse.ArgumentParser, argv: list[str]):
 
 
 def _convert(action: argparse.Action, key: str, value):
+    if value is None:  # `key: null` keeps the flag's own default (None)
+        return action.default
+
     def one(v):
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(v, bool):

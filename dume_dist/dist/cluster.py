@@ -63,8 +63,10 @@ def start_coordinator(
     name: str = COORDINATOR_NAME,
     namespace: str = NAMESPACE,
     work_dir: str | None = None,
+    resources: dict | None = None,
 ):
-    """The named detached coordinator actor (created, or found if it already runs)."""
+    """The named detached coordinator actor (created, or found if it already runs).
+    ``resources`` (e.g. ``{"dume_coordinator": 0.01}``) places it on a node that has them."""
     from dume_dist.dist.coordinator import Coordinator
 
     actor = ray.remote(Coordinator).options(
@@ -75,6 +77,7 @@ def start_coordinator(
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
+        resources=resources or {},
     )
     handle = actor.remote(store_url, storage_options, work_dir)
     get(handle.ping.remote())
@@ -139,26 +142,42 @@ def remote_worker(node_id: str, backend: str):
 
 def run_join(agent, join_kwargs: dict, show_progress: bool = True, poll_s: float = 0.5) -> dict:
     """Run ``agent.join`` and show its stage and statistics progress on this terminal."""
-    ref = agent.join.remote(**join_kwargs)
-    if not show_progress:
-        return get(ref)
+    return run_joins({"join": (agent, join_kwargs)}, show_progress, poll_s)["join"]
+
+
+def run_joins(jobs: dict, show_progress: bool = True, poll_s: float = 0.5) -> dict:
+    """Run several ``{label: (agent, join kwargs)}`` joins at once, one progress bar each."""
+    refs = {label: agent.join.remote(**kwargs) for label, (agent, kwargs) in jobs.items()}
+    if show_progress:
+        _show_progress(jobs, refs, poll_s)
+    return {label: get(ref) for label, ref in refs.items()}
+
+
+def _show_progress(jobs: dict, refs: dict, poll_s: float) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tok"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        TextColumn("{task.fields[tokens]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("join", total=None)
-        while True:
-            ready, _ = ray.wait([ref], timeout=poll_s)
-            if ready:
-                break
-            try:
-                p = get(agent.progress.remote(), timeout=poll_s * 4)
-            except Exception:
-                continue
-            bar.update(task, description=f"{join_kwargs.get('name', '')}{p['stage']}",
-                       completed=p["tokens_done"], total=p["tokens_total"] or None)  # fmt: skip
-    return get(ref)
+        tasks = {label: bar.add_task(label, total=None, tokens="") for label in jobs}
+        pending = dict(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=poll_s)
+            for label in [lab for lab, ref in pending.items() if ref in ready]:
+                bar.update(tasks[label], description=f"{label}: done")
+                del pending[label]
+            for label in pending:
+                try:
+                    p = get(jobs[label][0].progress.remote(), timeout=poll_s * 4)
+                except Exception:
+                    continue
+                done, total = p["tokens_done"], p["tokens_total"]
+                bar.update(tasks[label], description=f"{label}: {p['stage']}", completed=done,
+                           total=total or None, tokens=f"{done:,}/{total:,} tokens" if total else "")  # fmt: skip
 
 
 def wait_for(predicate, timeout_s: float = 30.0, poll_s: float = 0.2) -> bool:
@@ -168,3 +187,74 @@ def wait_for(predicate, timeout_s: float = 30.0, poll_s: float = 0.2) -> bool:
             return True
         time.sleep(poll_s)
     return False
+
+
+class LocalCluster:
+    """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head and
+    ``num_nodes`` nodes, node *i* carrying the custom resource ``dume_node_<i>``. Connects this
+    process to it; `shutdown` stops exactly what it started. Ray's temp dir is a short fresh dir
+    (socket paths are limited to 107 bytes) so nothing lands in the shared /tmp/ray."""
+
+    def __init__(self, num_nodes: int, cpus_per_node: int = 1, namespace: str = NAMESPACE):
+        import tempfile
+
+        from ray.cluster_utils import Cluster
+
+        self._tmp = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
+        os.makedirs(os.path.join(self._tmp, "ray"))
+        self._saved_tmpdir = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self._tmp
+        head = {"num_cpus": 1, "include_dashboard": False, "resources": {"dume_coordinator": 1}}
+        try:
+            self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        except BaseException:
+            self._restore_env()
+            raise
+        self.cpus_per_node = cpus_per_node
+        self.nodes = []
+        for _ in range(num_nodes):
+            self.add_node()
+        ray.init(
+            address=self.cluster.address,
+            namespace=namespace,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
+        self.cluster.wait_for_nodes()
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [n.node_id for n in self.nodes]
+
+    def add_node(self) -> str:
+        node = self.cluster.add_node(
+            num_cpus=self.cpus_per_node, resources={f"dume_node_{len(self.nodes)}": 1}
+        )
+        self.nodes.append(node)
+        return node.node_id
+
+    def remove_node(self, node_id: str) -> None:
+        node = next(n for n in self.nodes if n.node_id == node_id)
+        self.cluster.remove_node(node)
+
+    def shutdown(self) -> None:
+        import shutil
+
+        try:
+            ray.shutdown()
+            self.cluster.shutdown()
+        finally:
+            self._restore_env()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _restore_env(self) -> None:
+        if self._saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = self._saved_tmpdir
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

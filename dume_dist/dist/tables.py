@@ -6,20 +6,24 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _console() -> Console:
+def console() -> Console:
+    """A console at least 110 columns wide (tables stay readable in logs and pipes)."""
     return Console(width=max(Console().width, 110))
 
 
 def versions_table(manifests: list[dict], title: str = "versions") -> Table:
     table = Table(title=title)
-    for col in ("version", "parent", "trigger", "experts (index: node/domain)", "tokens", "marks"):
-        table.add_column(col)
+    for col in ("version", "parent", "trigger", "experts (index order)", "tokens", "marks"):
+        table.add_column(col, overflow="fold")
     for m in manifests:
         if m.get("purged"):
             table.add_row(m["version"], "", "", "[dim](purged)[/dim]", "", "")
             continue
         contributors = m.get("contributors", [])
-        experts = ", ".join(f"{c['expert_index']}: {c['name']}/{c['domain']}" for c in contributors)
+        experts = ", ".join(
+            c["name"] if c["name"] == c["domain"] else f"{c['name']} ({c['domain']})"
+            for c in contributors
+        )
         tokens = sum(c.get("num_tokens", 0) for c in contributors)
         marks = "; ".join(f"{k}={v}" for k, v in (m.get("marks") or {}).items())
         table.add_row(
@@ -29,7 +33,7 @@ def versions_table(manifests: list[dict], title: str = "versions") -> Table:
 
 
 def print_versions(manifests: list[dict]) -> None:
-    _console().print(versions_table(manifests))
+    console().print(versions_table(manifests))
 
 
 def nodes_table(registry: dict) -> Table:
@@ -48,32 +52,33 @@ def nodes_table(registry: dict) -> Table:
 
 
 def print_status(status: dict) -> None:
-    console = _console()
+    out = console()
     registry = status["registry"]
     if not registry:
-        console.print(f"store {status['store']}: not founded yet")
+        out.print(f"store {status['store']}: not founded yet")
         return
     bb = registry["backbone"]
     settings = registry["settings"]
-    console.print(
+    out.print(
         f"store {status['store']}  registry revision {status['revision']}  "
         f"backbone {bb['kind']} {bb['fingerprint'][:12]}  "
         f"λ={settings['lam']} T={settings['temperature']} k={settings['top_k']}  "
         f"publication {'HELD' if registry['hold'] else 'automatic'}"
     )
-    console.print(nodes_table(registry))
+    out.print(nodes_table(registry))
     table = Table(title="versions (registry)")
     for col in ("version", "parent", "trigger", "contributors", "unlearned since", "purged"):
         table.add_column(col)
     for v in registry["versions"]:
         table.add_row(v["version"], v["parent"] or "", v["trigger"], ", ".join(v["contributors"]),
                       ", ".join(v["marked"]), "yes" if v["purged"] else "")  # fmt: skip
-    console.print(table)
+    out.print(table)
 
 
-def ppl_table(ppl: dict[str, dict[str, float]], title: str = "held-out perplexity") -> Table:
+def ppl_table(
+    ppl: dict[str, dict[str, float]], domains: list[str], title: str = "held-out perplexity"
+) -> Table:
     """``ppl[row][domain]``; the best value of each column in bold."""
-    domains = sorted({d for row in ppl.values() for d in row})
     table = Table(title=title)
     table.add_column("model")
     for d in domains:

@@ -1,0 +1,122 @@
+"""The distributed CLI without a cluster: config files cover every flag, the readers
+(`versions list|show|pull`, `status --store`) on a store built in-process, and one-line errors.
+The commands that talk to the coordinator run in `test_dist_ray.py`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dist_helpers import make_experts
+
+from dume_dist.cli.config import apply_config_defaults
+from dume_dist.cli.main import main, make_parser
+from dume_dist.dist import genesis
+from dume_dist.dist.agent import NodeAgent
+from dume_dist.dist.coordinator import Coordinator
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _subparser(parser: argparse.ArgumentParser, *words: str) -> argparse.ArgumentParser:
+    for word in words:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[word]
+    return parser
+
+
+def _flag_keys(sub: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in sub._actions if a.option_strings and a.dest != "help"}
+
+
+@pytest.mark.parametrize(
+    "words,config",
+    [(("coordinator", "start"), "coordinator.yaml"), (("node", "join"), "node.yaml")],
+)
+def test_every_flag_has_a_config_key(words, config):
+    keys = set(yaml.safe_load((CONFIGS / config).read_text()))
+    flags = _flag_keys(_subparser(make_parser(), *words))
+    assert flags - keys == set(), f"flags without a key in configs/{config}"
+    assert keys - flags == set(), f"keys of configs/{config} that are no flags"
+    # The file parses into the command's arguments.
+    parser = make_parser()
+    argv = list(words)
+    apply_config_defaults(parser, argv, str(CONFIGS / config))
+    args = parser.parse_args(argv)
+    for key in keys:
+        assert hasattr(args, key)
+    if config == "node.yaml":
+        assert args.data == ["/data/python/train.txt"] and args.workers is None
+    else:
+        assert args.lam == 0.01 and args.backbone == "average" and args.hold is False
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with two versions (alpha, then alpha + beta), built in-process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("cli")
+    experts = make_experts(tmp / "experts", domains=("alpha", "beta"))
+    url = str(tmp / "store")
+    coord = Coordinator(url, work_dir=str(tmp / "coord"))
+    from dume_dist.store import ObjectStore
+
+    _, op = genesis.found(coord, ObjectStore(url), backbone="average",
+                          founding={d: str(experts[d]["expert"]) for d in ("alpha", "beta")},
+                          settings={"max_tokens_per_seq": 16})  # fmt: skip
+    for name in ("alpha", "beta"):
+        secret, hashed = genesis.issue_node_credential(name, name)
+        coord.add_node(op, name, name, hashed)
+        NodeAgent(coord, name, name, secret, cache_dir=str(tmp / "cache")).join(
+            str(experts[name]["expert"]), [str(experts[name]["data"])], max_tokens=120, seq_len=16
+        )
+    torch.set_num_threads(before)
+    return url
+
+
+def test_versions_list_show_pull_and_status(store, tmp_path, capsys):
+    assert main(["versions", "list", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "v1" in out and "v2" in out and "join beta" in out
+    assert main(["versions", "show", "v2", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert '"content_digest"' in out and '"parent": "v1"' in out
+    assert main(["versions", "pull", "v2", str(tmp_path / "model"), "--store", store]) == 0
+    assert (tmp_path / "model" / "dume_manifest.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), trust_remote_code=True)
+    assert model.config.expert_names == ["alpha", "beta"]
+    assert main(["status", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "active" in out and "scrypt" not in out
+
+
+def test_reader_errors_are_one_line(store, tmp_path, capsys):
+    assert main(["versions", "show", "v9", "--store", store]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "v9" in err and len(err.splitlines()) == 1
+    assert main(["versions", "pull", "v1", str(tmp_path), "--store", store]) == 2  # exists
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    bad = ["--store", "s3://dume-nowhere/x", "--storage-option", "endpoint_url=http://127.0.0.1:9"]
+    assert main(["versions", "list", *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot connect" in err and len(err.splitlines()) == 1
+    assert main(["status", *bad]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_coordinator_start_refuses_an_unreachable_store_before_touching_ray(tmp_path, capsys):
+    argv = ["coordinator", "start", "--store", "s3://dume-nowhere/x", "--storage-option",
+            "endpoint_url=http://127.0.0.1:9", "--operator-credential-file", str(tmp_path / "op")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot connect" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "op").exists()
+    import ray
+
+    assert not ray.is_initialized()
