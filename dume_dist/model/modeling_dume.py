@@ -24,7 +24,7 @@ writes (that call also copies this file next to it). It contains:
   qwen2, qwen3, ... — any family whose decoder layers call ``self.mlp(hidden_states)``);
 * ``"num_experts"`` (E), ``"num_experts_per_tok"`` (k, default 1), ``"router_temperature"``
   (T > 0, default 1.0), ``"router_bias"`` (default true), ``"expert_names"`` (E strings),
-  ``"routing"`` (default ``{"features": "token"}``; only token features exist for now);
+  ``"routing"`` (default ``{"features": "token"}``, see *Routing* below);
 * ``"dtype"`` and ``"transformers_version"``;
 * a flat copy of ``base_config``'s model keys (``vocab_size``, ``hidden_size``,
   ``num_hidden_layers``, ``tie_word_embeddings``, ``rope_parameters``, token ids, ...), so that
@@ -35,15 +35,35 @@ State-dict keys: the dense family's keys for everything outside the MLPs
 (``model.embed_tokens.weight``, ``model.layers.{l}.self_attn.q_proj.weight``, ...,
 ``model.norm.weight``, ``lm_head.weight`` — absent when ``tie_word_embeddings``), and per layer
 
-* ``model.layers.{l}.mlp.router.weight`` [E, hidden], ``model.layers.{l}.mlp.router.bias`` [E]
+* ``model.layers.{l}.mlp.router.weight`` [E, F] (F = the router feature dim: hidden for
+  ``token`` features, 2*hidden for ``prefix_mean``), ``model.layers.{l}.mlp.router.bias`` [E]
   (only when ``router_bias``);
 * ``model.layers.{l}.mlp.experts.{j}.<the family's MLP keys>``, e.g. ``gate_proj.weight``.
 
-Routing (per token x, the input of the MLP): ``logits = (W x + b) / T`` in fp32; top-k;
-weights = softmax over those k logits (fp32); output = sum_i weight_i * expert_i(x), cast back to
-x's dtype. Only the chosen experts run, each on its own tokens only.
+Routing
+-------
+Per token t of a sequence, with x_t the input of the MLP (the output of
+``post_attention_layernorm``) and only the sequence's *real* tokens counted (attention mask):
 
-Shape legend: B batch, T sequence, N = B*T tokens, D hidden size, E experts, K experts per token.
+* features ``f_t`` (``routing.features``, the one definition statistics and inference share:
+  ``causal_features``): ``token`` -> ``f_t = x_t`` (the paper); ``prefix_mean`` ->
+  ``f_t = [x_t, mean_{s<=t} x_s]`` over the real tokens of the sequence so far;
+* ``z_t = (W f_t + b) / T`` in fp32;
+* smoothing (``routing.smoothing`` = decay beta in [0, 1], default 0 = off): the causal, normalised
+  exponential moving average over real tokens ``zbar_t = sum_s beta^(r_t - r_s) z_s /
+  sum_s beta^(r_t - r_s)`` (``causal_ema``; r = index among real tokens; beta = 1 is the running
+  mean);
+* top-k of the (smoothed) logits; weights = softmax over those k logits (fp32); output =
+  sum_i weight_i * expert_i(x), cast back to x's dtype. Only the chosen experts run.
+
+Context-aware routing (``prefix_mean`` or smoothing > 0) carries per-layer running sums per
+sequence. With a KV cache they live on the ``past_key_values`` Cache object (attribute
+``dume_routing``) and follow it (beam reordering, batch selection), so decoding with a cache gives
+the same routing as a full forward. ``routing`` may also hold informational keys the model does
+not read (``solver``, ``lam``, ``preset``).
+
+Shape legend: B batch, T sequence, N = B*T tokens, D hidden size, F router features, E experts,
+K experts per token, C channels of a smoothed quantity.
 """
 
 from __future__ import annotations
@@ -57,6 +77,7 @@ from torch import nn
 from transformers import (
     MODEL_MAPPING,
     AutoConfig,
+    DynamicCache,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
@@ -65,7 +86,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
 DISPATCH_MODES = ("sparse", "all")
-ROUTING_FEATURES = ("token",)
+ROUTING_FEATURES = ("token", "prefix_mean")
+ROUTING_SOLVERS = ("ridge", "lda")
+# Keys of DumeConfig.routing: the model reads `features` and `smoothing`; the others record how
+# the routers were solved.
+ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset")
+CACHE_ATTR = "dume_routing"
 
 # base_config keys that are not copied onto DumeConfig: identity/bookkeeping of the dense
 # checkpoint, and the generic PretrainedConfig fields that DumeConfig owns itself.
@@ -97,6 +123,113 @@ def _canonical_base_config(base_config: dict) -> dict:
 
     plain = json.loads(json.dumps(base_config, default=dtype_name))
     return {k: v for k, v in plain.items() if not k.startswith("_")}
+
+
+# -- routing features and smoothing: the one definition statistics and inference share ----------
+
+
+def routing_feature_dim(features: str, hidden_size: int) -> int:
+    """F, the router's input size, for ``features`` on a model of ``hidden_size``."""
+    if features == "token":
+        return hidden_size
+    if features == "prefix_mean":
+        return 2 * hidden_size
+    raise ValueError(f"routing.features must be one of {ROUTING_FEATURES}, got {features!r}")
+
+
+def causal_features(
+    features: str,
+    hidden_BTD: torch.Tensor,
+    real_BT: torch.Tensor | None = None,
+    state: dict | None = None,
+) -> tuple[torch.Tensor, dict | None]:
+    """Router features (fp32) of every position of ``hidden_BTD``, and the running state after it.
+
+    ``real_BT`` (bool; None: all real) marks the sequences' real tokens: padding never enters a
+    running sum. ``state`` is what the previous call returned for the same sequences (None: they
+    start here), so feeding a sequence in pieces gives the features of feeding it whole.
+    ``prefix_mean``: ``[x_t, mean of x_s over the real s <= t]`` (zeros before the first real
+    token); the running sums are fp64.
+    """
+    x_BTD = hidden_BTD.float()
+    if features == "token":
+        return x_BTD, None
+    if features != "prefix_mean":
+        raise ValueError(f"routing.features must be one of {ROUTING_FEATURES}, got {features!r}")
+    real_BT = _real_mask(hidden_BTD, real_BT).double()
+    sum_BTD = (hidden_BTD.double() * real_BT[..., None]).cumsum(dim=1)
+    count_BT = real_BT.cumsum(dim=1)
+    if state is not None:
+        sum_BTD = sum_BTD + state["sum"][:, None]
+        count_BT = count_BT + state["count"][:, None]
+    mean_BTD = (sum_BTD / count_BT.clamp_min(1.0)[..., None]).float()
+    feats_BTF = torch.cat([x_BTD, mean_BTD], dim=-1)
+    return feats_BTF, {"sum": sum_BTD[:, -1], "count": count_BT[:, -1]}
+
+
+_EMA_CHUNK = 128  # positions per block of the smoothing scan (bounds its [B, t, t] weights)
+
+
+def causal_ema(
+    values_BTC: torch.Tensor,
+    decay: float,
+    real_BT: torch.Tensor | None = None,
+    state: dict | None = None,
+) -> tuple[torch.Tensor, dict | None]:
+    """Normalised causal exponential moving average over real tokens, and the state after it.
+
+    ``out_t = sum_s decay^(r_t - r_s) v_s / sum_s decay^(r_t - r_s)`` over the real ``s <= t``
+    (``r`` = index among real tokens; padding neither contributes nor decays). ``decay`` 0 is the
+    identity (no state), 1 the running mean. Linear, and 1 on a constant 1, so smoothing router
+    logits equals the router applied to smoothed features. fp64 inside, fp32 out.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"routing.smoothing must be in [0, 1], got {decay!r}")
+    if decay == 0.0:
+        return values_BTC.float(), None
+    batch, length, channels = values_BTC.shape
+    real_BT = _real_mask(values_BTC, real_BT).double()
+    values_BTC = values_BTC.double() * real_BT[..., None]
+    if state is None:
+        num_BC = values_BTC.new_zeros(batch, channels)
+        den_B = values_BTC.new_zeros(batch)
+    else:
+        num_BC, den_B = state["num"], state["den"]
+    out = []
+    for start in range(0, length, _EMA_CHUNK):
+        v_BtC = values_BTC[:, start : start + _EMA_CHUNK]
+        m_Bt = real_BT[:, start : start + _EMA_CHUNK]
+        if decay == 1.0:
+            num_BtC = num_BC[:, None] + v_BtC.cumsum(dim=1)
+            den_Bt = den_B[:, None] + m_Bt.cumsum(dim=1)
+        else:
+            rank_Bt = m_Bt.cumsum(dim=1)  # real tokens so far in this block
+            t = m_Bt.shape[1]
+            causal_tt = torch.ones(t, t, dtype=torch.bool, device=m_Bt.device).tril()
+            lag_Btt = (rank_Bt[:, :, None] - rank_Bt[:, None, :]).clamp_min(0)
+            weight_Btt = torch.pow(decay, lag_Btt) * causal_tt * m_Bt[:, None, :]
+            carry_Bt = torch.pow(decay, rank_Bt)
+            num_BtC = carry_Bt[..., None] * num_BC[:, None] + weight_Btt @ v_BtC
+            den_Bt = carry_Bt * den_B[:, None] + weight_Btt.sum(dim=-1)
+        out.append(num_BtC / den_Bt.clamp_min(torch.finfo(torch.float64).tiny)[..., None])
+        num_BC, den_B = num_BtC[:, -1], den_Bt[:, -1]
+    return torch.cat(out, dim=1).float(), {"num": num_BC, "den": den_B}
+
+
+def _real_mask(like_BT_: torch.Tensor, real_BT: torch.Tensor | None) -> torch.Tensor:
+    if real_BT is None:
+        return torch.ones(like_BT_.shape[:2], dtype=torch.bool, device=like_BT_.device)
+    if real_BT.shape != like_BT_.shape[:2]:
+        raise ValueError(
+            f"attention mask has shape {tuple(real_BT.shape)}, expected {tuple(like_BT_.shape[:2])}"
+        )
+    return real_BT.to(like_BT_.device).bool()
+
+
+def routing_is_stateful(routing: dict | None) -> bool:
+    """Whether routing depends on earlier tokens (and so keeps running state per sequence)."""
+    routing = routing or {}
+    return routing.get("features", "token") != "token" or routing.get("smoothing", 0.0) > 0
 
 
 class DumeConfig(PretrainedConfig):
@@ -151,15 +284,7 @@ class DumeConfig(PretrainedConfig):
                 f"expert_names must have num_experts={self.num_experts} entries, "
                 f"got {self.expert_names!r}"
             )
-        if not isinstance(self.routing, dict):
-            raise ValueError(f"routing must be a dict, got {self.routing!r}")
-        for key in self.routing:
-            if key != "features":
-                raise ValueError(f"routing.{key} is not a known routing option")
-        if self.routing.get("features", "token") not in ROUTING_FEATURES:
-            raise ValueError(
-                f"routing.features must be one of {ROUTING_FEATURES}, got {self.routing['features']!r}"
-            )
+        self._validate_routing()
         if isinstance(self.base_config, PretrainedConfig):
             self.base_config = self.base_config.to_dict()
         if self.base_config is not None:
@@ -167,6 +292,32 @@ class DumeConfig(PretrainedConfig):
                 raise ValueError("base_config must be a dense config's to_dict() with a model_type")
             if self.base_config["model_type"] == self.model_type:
                 raise ValueError("base_config.model_type must be a dense family, not 'dume'")
+
+    def _validate_routing(self) -> None:
+        routing = self.routing
+        if not isinstance(routing, dict):
+            raise ValueError(f"routing must be a dict, got {routing!r}")
+        for key in routing:
+            if key not in ROUTING_KEYS:
+                raise ValueError(
+                    f"routing.{key} is not a known routing option (known: {', '.join(ROUTING_KEYS)})"
+                )
+        if routing.get("features", "token") not in ROUTING_FEATURES:
+            raise ValueError(
+                f"routing.features must be one of {ROUTING_FEATURES}, got {routing['features']!r}"
+            )
+        smoothing = routing.get("smoothing", 0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+            raise ValueError(f"routing.smoothing must be a number in [0, 1], got {smoothing!r}")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"routing.smoothing must be in [0, 1], got {smoothing!r}")
+        if routing.get("solver", "ridge") not in ROUTING_SOLVERS:
+            raise ValueError(
+                f"routing.solver must be one of {ROUTING_SOLVERS}, got {routing['solver']!r}"
+            )
+        lam = routing.get("lam", 1.0)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+            raise ValueError(f"routing.lam must be a number > 0, got {lam!r}")
 
     def _copy_base_attributes(self) -> None:
         own_fields = {f.name for f in dataclasses.fields(self)}
@@ -228,6 +379,16 @@ class DumeExperts(nn.ModuleList):
         return out_ND
 
 
+class RoutingContext:
+    """What one forward call tells every MoE block: which of its positions are real tokens
+    (``real_BT``; None: all), and the per-layer running routing state of the sequences
+    (``layers``: ``{layer index: state}``, updated in place; None: nothing is carried over)."""
+
+    def __init__(self, real_BT: torch.Tensor | None, layers: dict | None):
+        self.real_BT = real_BT
+        self.layers = layers
+
+
 class DumeMoeBlock(nn.Module):
     """Router + experts replacing one decoder layer's MLP."""
 
@@ -238,32 +399,71 @@ class DumeMoeBlock(nn.Module):
         top_k: int,
         temperature: float,
         router_bias: bool,
+        features: str = "token",
+        smoothing: float = 0.0,
+        layer_idx: int = 0,
     ):
         super().__init__()
         self.top_k = top_k
         self.temperature = float(temperature)
-        self.router = nn.Linear(hidden_size, len(experts), bias=router_bias)
+        self.features = features
+        self.smoothing = float(smoothing)
+        self.layer_idx = layer_idx
+        self.router = nn.Linear(
+            routing_feature_dim(features, hidden_size), len(experts), bias=router_bias
+        )
         self.experts = DumeExperts(experts)
         self.dispatch = "sparse"
         # None: route; int j: expert j everywhere; LongTensor [B]: expert per sequence.
         self.forced_expert: int | torch.Tensor | None = None
         self.record_routing = False
         self.last_topk_index: torch.Tensor | None = None  # [B, T, K] when record_routing
+        self.routing_context: RoutingContext | None = None  # set by DumeForCausalLM.forward
 
-    def route(self, hidden_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert indices [N, K] and their softmax weights [N, K] (fp32)."""
+    def router_logits(self, feats_NF: torch.Tensor) -> torch.Tensor:
+        """``(W f + b) / T`` in fp32, before any smoothing."""
         bias = None if self.router.bias is None else self.router.bias.float()
-        logits_NE = F.linear(hidden_ND.float(), self.router.weight.float(), bias) / self.temperature
+        return F.linear(feats_NF.float(), self.router.weight.float(), bias) / self.temperature
+
+    def _top_k(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         topk_logit_NK, topk_index_NK = logits_NE.topk(self.top_k, dim=-1)
         return topk_index_NK, topk_logit_NK.softmax(dim=-1)
+
+    def route(self, hidden_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert indices [N, K] and their softmax weights [N, K] (fp32) of independent
+        tokens: token features without smoothing only (see ``route_sequences``)."""
+        if self.features != "token" or self.smoothing > 0:
+            raise ValueError("context-aware routing needs whole sequences: use route_sequences")
+        return self._top_k(self.router_logits(hidden_ND))
+
+    def route_sequences(self, hidden_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k indices [B, T, K] and weights [B, T, K] of every position, reading and updating
+        the running state of the current ``routing_context`` (fresh sequences without one)."""
+        ctx = self.routing_context
+        real_BT = ctx.real_BT if ctx is not None else None
+        carried = (
+            ctx.layers.get(self.layer_idx, {}) if ctx is not None and ctx.layers is not None else {}
+        )
+        feats_BTF, feat_state = causal_features(
+            self.features, hidden_BTD, real_BT, carried.get("features")
+        )
+        logits_BTE = self.router_logits(feats_BTF)
+        logits_BTE, smooth_state = causal_ema(
+            logits_BTE, self.smoothing, real_BT, carried.get("smoothing")
+        )
+        if ctx is not None and ctx.layers is not None:
+            ctx.layers[self.layer_idx] = {"features": feat_state, "smoothing": smooth_state}
+        return self._top_k(logits_BTE)
 
     def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         if self.forced_expert is not None:
             return self._forward_forced(hidden_BTD)
-        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
-        topk_index_NK, topk_weight_NK = self.route(hidden_ND)
+        topk_index_BTK, topk_weight_BTK = self.route_sequences(hidden_BTD)
         if self.record_routing:
-            self.last_topk_index = topk_index_NK.reshape(*hidden_BTD.shape[:-1], self.top_k)
+            self.last_topk_index = topk_index_BTK
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+        topk_index_NK = topk_index_BTK.reshape(-1, self.top_k)
+        topk_weight_NK = topk_weight_BTK.reshape(-1, self.top_k)
         if self.dispatch == "sparse":
             out_ND = self.experts(hidden_ND, topk_index_NK, topk_weight_NK)
         else:
@@ -316,7 +516,8 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 f"base_config.model_type={base_config.model_type!r}: its base model has no "
                 "`layers[*].mlp` to replace"
             )
-        for layer in layers:
+        routing = config.routing or {}
+        for layer_idx, layer in enumerate(layers):
             mlp_cls = type(layer.mlp)
             layer.mlp = DumeMoeBlock(
                 [mlp_cls(base_config) for _ in range(config.num_experts)],
@@ -324,6 +525,9 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 top_k=config.num_experts_per_tok,
                 temperature=config.router_temperature,
                 router_bias=config.router_bias,
+                features=routing.get("features", "token"),
+                smoothing=routing.get("smoothing", 0.0),
+                layer_idx=layer_idx,
             )
         self.vocab_size = base_config.vocab_size
         self.lm_head = nn.Linear(base_config.hidden_size, base_config.vocab_size, bias=False)
@@ -374,15 +578,34 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        routing_state = None
+        if routing_is_stateful(self.config.routing):
+            past_key_values, routing_state, ctx = self._routing_context(
+                input_ids if input_ids is not None else inputs_embeds,
+                attention_mask,
+                past_key_values,
+                use_cache,
+            )
+            for block in self.moe_blocks():
+                block.routing_context = ctx
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            if routing_is_stateful(self.config.routing):
+                for block in self.moe_blocks():
+                    block.routing_context = None
+        if routing_state is not None:
+            routing_state["seen"] += (input_ids if input_ids is not None else inputs_embeds).shape[
+                1
+            ]
         hidden_BTD = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_BTD)
         loss = None
@@ -397,6 +620,75 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _routing_context(self, tokens_BT_, attention_mask, past_key_values, use_cache):
+        """The routing context of one forward: the new positions' real-token mask, and the running
+        state kept on the KV cache (created here when a cache is wanted and none was given)."""
+        length = tokens_BT_.shape[1]
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        if past_key_values is None and use_cache:
+            past_key_values = DynamicCache(config=self.model.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        real_BT = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("context-aware routing needs a 2-D attention mask [batch, length]")
+            if attention_mask.shape[1] not in (length, past + length):
+                raise ValueError(
+                    f"attention mask covers {attention_mask.shape[1]} positions: expected the "
+                    f"{length} new ones or all {past + length}"
+                )
+            real_BT = attention_mask[:, -length:].bool()
+        if past_key_values is None:
+            return None, None, RoutingContext(real_BT, None)
+        state = getattr(past_key_values, CACHE_ATTR, None)
+        if state is None:
+            if past:
+                raise ValueError(
+                    f"the KV cache holds {past} tokens but no DUME routing state: context-aware "
+                    "routing needs a cache that this model filled from the first token"
+                )
+            state = attach_routing_state(past_key_values)
+        elif state["seen"] != past:
+            raise ValueError(
+                f"the DUME routing state covers {state['seen']} tokens, the KV cache {past}: a "
+                "cropped or edited cache cannot continue context-aware routing"
+            )
+        return past_key_values, state, RoutingContext(real_BT, state["layers"])
+
+
+def _map_state(layers: dict, fn) -> dict:
+    return {
+        layer: {
+            part: None if st is None else {k: fn(v) for k, v in st.items()}
+            for part, st in parts.items()
+        }
+        for layer, parts in layers.items()
+    }
+
+
+def attach_routing_state(cache) -> dict:
+    """Attach an empty routing state to ``cache`` (attribute ``dume_routing``), and make the
+    cache's batch operations (beam reordering, selection, repetition) apply to it too."""
+    state = {"seen": 0, "layers": {}}
+    setattr(cache, CACHE_ATTR, state)
+    batch_ops = {
+        "reorder_cache": lambda t, idx: t.index_select(0, idx.to(t.device)),
+        "batch_select_indices": lambda t, idx: t[idx.to(t.device)],
+        "batch_repeat_interleave": lambda t, repeats: t.repeat_interleave(repeats, dim=0),
+    }
+    for name, op in batch_ops.items():
+        original = getattr(cache, name, None)
+        if original is None:
+            continue
+
+        def wrapped(arg, _original=original, _op=op):
+            out = _original(arg)
+            state["layers"] = _map_state(state["layers"], lambda t: _op(t, arg))
+            return out
+
+        setattr(cache, name, wrapped)
+    return state
 
 
 # save_pretrained then writes `auto_map` and copies this file next to config.json.
