@@ -242,3 +242,60 @@ def test_agent_killed_midway_reruns_without_double_counting(
         assert [v["version"] for v in registry["versions"]] == ["v1"]
     finally:
         flow.stop()
+
+
+def test_cli_flow_on_the_cluster(ray_cluster, experts, tmp_path, capsys):
+    from dume_dist.cli.main import main
+
+    ray_flags = ["--namespace", "dume-test", "--coordinator-name", f"cli-{uuid.uuid4().hex[:6]}"]
+    op = ["--operator-credential-file", str(tmp_path / "operator.cred"), *ray_flags]
+    start = ["coordinator", "start", "--store", str(tmp_path / "store"), "--backbone",
+             f"base:{experts['base']}", "--max-tokens-per-seq", "16", "--hold", *op]  # fmt: skip
+    assert main(start) == 0
+    assert (tmp_path / "operator.cred").stat().st_mode & 0o777 == 0o600
+    for name in ("alpha", "beta"):
+        argv = [
+            "admin",
+            "add-node",
+            "--name",
+            name,
+            "--domain",
+            name,
+            "--credential-out",
+            str(tmp_path / name),
+            *op,
+        ]
+        assert main(argv) == 0
+    capsys.readouterr()
+
+    def join(name, node, cred=None):
+        return main(["node", "join", "--name", name, "--domain", name, "--expert", str(experts[name]["expert"]),
+                     "--data", str(experts[name]["data"]), "--credential-file", cred or str(tmp_path / name),
+                     "--max-tokens", "240", "--seq-len", "16", "--node-id", ray_cluster["node_ids"][node],
+                     "--no-progress", *ray_flags])  # fmt: skip
+
+    assert join("alpha", 0) == 0 and join("beta", 1) == 0
+    out = capsys.readouterr().out
+    assert out.count("statistics accepted") == 2 and "(held)" in out
+    assert main(["coordinator", "publish", *op]) == 0
+    assert "latest version: v1" in capsys.readouterr().out
+    assert main(["coordinator", "hold", "--release", *op]) == 0
+    assert main(["unlearn", "--node", "beta", "--reason", "test", *op]) == 0
+    out = capsys.readouterr().out
+    assert "latest version v2" in out and "v1" in out
+
+    (tmp_path / "wrong").write_text("not-the-credential\n")
+    assert join("alpha", 0, cred=str(tmp_path / "wrong")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "credential rejected" in err and len(err.splitlines()) == 1
+    assert main(["unlearn", "--node", "nobody", "--reason", "x", *op]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown node 'nobody'" in err and len(err.splitlines()) == 1
+
+    assert main(["status", *ray_flags]) == 0
+    out = capsys.readouterr().out
+    assert "unlearned" in out and "alpha" in out
+    assert main(["node", "leave", "--name", "alpha", "--domain", "alpha", "--credential-file",
+                 str(tmp_path / "alpha"), *ray_flags]) == 0  # fmt: skip
+    assert main(["coordinator", "stop", *ray_flags]) == 0
+    assert "coordinator stopped" in capsys.readouterr().out

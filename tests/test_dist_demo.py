@@ -1,0 +1,46 @@
+"""`dume demo` end to end (its own local multi-node Ray cluster) on tiny random experts: v1 from
+four founding nodes, v2 when a fifth joins, v3 after unlearning one; the cluster is cleaned up."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from dist_helpers import make_experts
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_demo_story(tmp_path, capsys):
+    import ray
+
+    from dume_dist.dist.demo import run_demo
+
+    experts = make_experts(tmp_path)
+    domains = ["alpha", "beta", "gamma", "delta", "omega"]
+    inputs = {
+        "founding": domains[:4],
+        "joining": "omega",
+        "experts": {d: str(experts[d]["expert"]) for d in domains},
+        "train": {d: str(experts[d]["data"]) for d in domains},
+        "valid": {d: str(experts[d]["valid"]) for d in domains},
+    }
+    tmpdir_before = os.environ.get("RAY_TMPDIR")
+    result = run_demo(inputs=inputs, settings={"max_tokens_per_seq": 16}, max_tokens=200,
+                      eval_tokens=64, seq_len=16, unlearn="gamma", show_progress=False)  # fmt: skip
+    versions = {m["version"]: m for m in result["versions"]}
+    assert list(versions) == ["v1", "v2", "v3"]
+    names = {v: [c["name"] for c in m["contributors"]] for v, m in versions.items()}
+    assert names == {
+        "v1": ["alpha", "beta", "delta", "gamma"],
+        "v2": ["alpha", "beta", "delta", "gamma", "omega"],
+        "v3": ["alpha", "beta", "delta", "omega"],
+    }
+    assert versions["v1"]["marks"]["contains_unlearned"] == ["gamma"]
+    assert versions["v2"]["marks"]["contains_unlearned"] == ["gamma"]
+    assert "contains_unlearned" not in versions["v3"]["marks"]
+    assert set(result["ppl"]) == {"v1", "v2", "v3", "own dense expert"}
+    assert set(result["ppl"]["v3"]) == set(domains)
+    out = capsys.readouterr().out
+    assert "held-out perplexity" in out and "unlearn gamma" in out
+    assert not ray.is_initialized() and os.environ.get("RAY_TMPDIR") == tmpdir_before
