@@ -120,3 +120,31 @@ def test_coordinator_start_refuses_an_unreachable_store_before_touching_ray(tmp_
     import ray
 
     assert not ray.is_initialized()
+
+
+def _containers(obj):
+    """Every container spec in a Kubernetes object (walks the whole tree)."""
+    if isinstance(obj, dict):
+        if "containers" in obj and isinstance(obj["containers"], list):
+            yield from obj["containers"]
+        for value in obj.values():
+            yield from _containers(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _containers(value)
+
+
+def test_deploy_manifests_turn_ray_token_auth_on():
+    deploy = CONFIGS.parent / "deploy"
+    for path in sorted((deploy / "kuberay").glob("*.yaml")):
+        containers = [c for doc in yaml.safe_load_all(path.read_text()) for c in _containers(doc)]
+        assert containers, path
+        for c in containers:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE") == "token", (path.name, c["name"])
+            assert env.get("RAY_AUTH_TOKEN_PATH"), (path.name, c["name"])
+    launcher = yaml.safe_load((deploy / "cluster-launcher.yaml").read_text())
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    for cmd in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
+        assert "ray stop" == cmd or "RAY_AUTH_MODE=token" in cmd
+    assert "RAY_AUTH_MODE=token" in (deploy / "Dockerfile").read_text()

@@ -9,6 +9,7 @@ and store, so they do not see each other.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
@@ -33,7 +34,8 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = short_ray_tmpdir()
+    tmpdir = short_ray_tmpdir()
+    os.environ["RAY_TMPDIR"] = tmpdir
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = [c.add_node(num_cpus=2, resources={f"dume_node_{i}": 1}) for i in range(2)]
     ray.init(address=c.address, namespace="dume-test", log_to_driver=False)
@@ -41,6 +43,7 @@ def ray_cluster():
     yield {"cluster": c, "node_ids": [n.node_id for n in nodes]}
     ray.shutdown()
     c.shutdown()
+    shutil.rmtree(tmpdir, ignore_errors=True)
     if saved is None:
         os.environ.pop("RAY_TMPDIR", None)
     else:

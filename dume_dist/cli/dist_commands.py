@@ -171,6 +171,11 @@ def _register_coordinator(sub) -> None:
         help="start with publication held (publish with `coordinator publish`)",
     )
     p.add_argument(
+        "--resource",
+        default=None,
+        help="place the coordinator on a node offering this custom resource (deploy/ gives the head 'dume_coordinator')",
+    )
+    p.add_argument(
         "--work-dir",
         default=None,
         help="the coordinator's local cache (default: a temp dir on its node)",
@@ -358,8 +363,15 @@ def run_coordinator_start(args) -> int:
         else None
     )
     connect(args.address, args.namespace)
+    resources = None
+    if args.resource:
+        import ray
+
+        if ray.cluster_resources().get(args.resource, 0) <= 0:
+            raise ValueError(f"no node of the Ray cluster offers resource {args.resource!r}")
+        resources = {args.resource: 0.01}
     handle = start_coordinator(args.store, options, name=args.coordinator_name, namespace=args.namespace,
-                               work_dir=args.work_dir)  # fmt: skip
+                               work_dir=args.work_dir, resources=resources)  # fmt: skip
     result, secret = genesis.found(handle, store, backbone=args.backbone, founding=founding,
                                    settings=_settings(args), operator_secret=existing, hold=args.hold)  # fmt: skip
     if result["founded"]:
