@@ -7,6 +7,20 @@ import json
 from pathlib import Path
 
 BACKBONE_HELP = "'average' of the experts' non-MLP weights (the paper) or 'base:DIR'"
+# Kept literal so that `dume --help` does not import torch; tests check them against
+# dume_dist.model.routing / modeling_dume.
+ROUTING_PRESETS = ("paper", "context")
+ROUTING_FEATURES = ("token", "prefix_mean")
+ROUTING_SOLVERS = ("ridge", "lda")
+
+
+def number_or_auto(value: str) -> float | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number or 'auto', got {value!r}") from None
 
 
 def parse_named(values: list[str] | None, flag: str) -> dict[str, list[str]]:
@@ -46,9 +60,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
-    p.add_argument("--lam", type=float, default=1e-2, help="ridge regulariser λ")
+    p.add_argument(
+        "--routing",
+        choices=ROUTING_PRESETS,
+        default=None,
+        help="named routing setting: 'paper' (token features, ridge, λ=1e-2, k=1; the default) "
+        "or 'context' (prefix-mean features, lda, λ and smoothing chosen on held-out statistics); "
+        "the flags below override it (docs/routing.md)",
+    )
+    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
+    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
+    p.add_argument(
+        "--lam",
+        type=number_or_auto,
+        default=None,
+        help="ridge λ (lda: covariance shrinkage in (0, 1]), or 'auto': chosen on held-out "
+        "statistics",
+    )
+    p.add_argument(
+        "--smoothing",
+        type=number_or_auto,
+        default=None,
+        help="decay in [0, 1] of the causal moving average of router logits (0 off, 1 running "
+        "mean), or 'auto'",
+    )
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=None,
+        help="share of each expert's documents held out to choose 'auto' settings (default 0.1)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
-    p.add_argument("--top-k", type=int, default=1, help="experts per token k")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token k (default 1)")
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
@@ -100,11 +143,12 @@ def run_build(args) -> int:
     experts = parse_experts(args.expert)
     data = parse_named(args.data, "--data")
     out = Path(args.out)
+    routing = routing_spec(args)
     if args.format == "mixtral":
-        return _build_mixtral(args, experts, data, out)
+        return _build_mixtral(args, experts, data, out, routing)
     result = build_dume(
         experts, data, out,
-        backbone=args.backbone, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
+        backbone=args.backbone, routing=routing, temperature=args.temperature,
         max_tokens_per_seq=args.max_tokens_per_seq, max_tokens=args.max_tokens,
         batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
         overwrite=args.overwrite,
@@ -114,7 +158,17 @@ def run_build(args) -> int:
     return 0
 
 
-def _build_mixtral(args, experts, data, out: Path) -> int:
+def routing_spec(args):
+    """The build's RoutingSpec: the --routing preset with the individual flags on top."""
+    from dume_dist.model.routing import resolve_routing
+
+    return resolve_routing(
+        args.routing, features=args.features, solver=args.solver, lam=args.lam,
+        smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
+    )  # fmt: skip
+
+
+def _build_mixtral(args, experts, data, out: Path, routing) -> int:
     import tempfile
 
     from dume_dist.model.build import build_dume
@@ -122,11 +176,17 @@ def _build_mixtral(args, experts, data, out: Path) -> int:
 
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"output directory {out} exists and is not empty (use --overwrite)")
+    if routing.features != "token" or routing.smoothing != 0 or routing.solver != "ridge":
+        raise ValueError(
+            "--format mixtral needs token features, no smoothing and the ridge solver "
+            f"(got features={routing.features}, smoothing={routing.smoothing}, "
+            f"solver={routing.solver}): Mixtral's gate is a linear map of the MLP input"
+        )
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         dume_dir = Path(tmp) / "dume"
         build_dume(
             experts, data, dume_dir,
-            backbone=args.backbone, lam=args.lam, temperature=args.temperature, top_k=args.top_k,
+            backbone=args.backbone, routing=routing, temperature=args.temperature,
             max_tokens_per_seq=args.max_tokens_per_seq, max_tokens=args.max_tokens,
             batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
         )  # fmt: skip
@@ -148,6 +208,19 @@ def _print_build_summary(result) -> None:
     for name, count in stats.items():
         table.add_row(name, f"{count:,}")
     Console().print(table)
+    solved = getattr(result, "routing", None)
+    if solved is not None:
+        spec = solved.spec
+        line = (
+            f"routing: features={spec.features} solver={spec.solver} lam={solved.lam:g} "
+            f"smoothing={solved.smoothing:g} k={spec.top_k}"
+        )
+        if solved.selection is not None:
+            line += (
+                f" (chosen on {solved.selection.num_holdout_tokens:,} held-out tokens by "
+                f"{solved.selection.criterion})"
+            )
+        print(line)
 
 
 def run_eval(args) -> int:

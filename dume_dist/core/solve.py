@@ -1,9 +1,18 @@
-"""Closed-form ridge routers from summed statistics (DESIGN §2, steps 3-4).
+"""Closed-form routers from summed statistics (DESIGN §2, steps 3-4).
 
 ``A = Σ_c G_c`` over every contribution; column ``j`` of ``B`` is ``Σ_{c: e(c)=j} G_c[:, F]``
-(the feature sums of the tokens whose label is expert ``j``). ``W = (A + λI)⁻¹ B`` by
-Cholesky in fp64. The router of a layer is ``weight = W[:F]ᵀ`` and ``bias = W[F]``, each
-expert's row divided by the L2 norm of its weight part.
+(the feature sums of the tokens whose label is expert ``j``). Two solvers read only ``A`` and
+``B``, so both stay additive per contributor:
+
+* ``ridge`` (the paper): ``W = (A + λI)⁻¹ B`` by Cholesky in fp64. The router of a layer is
+  ``weight = W[:F]ᵀ`` and ``bias = W[F]``, each expert's row divided by the L2 norm of its
+  weight part.
+* ``lda`` (linear discriminant): class counts ``n_j = B[F, j]``, means ``μ_j = B[:F, j] / n_j``,
+  pooled within-class covariance ``Σ = (A[:F, :F] - Σ_j n_j μ_j μ_jᵀ) / N`` shrunk towards its
+  mean variance, ``Σ_λ = (1-λ) Σ + λ (tr Σ / F) I`` (``λ`` in (0, 1]); router row ``j`` is
+  ``Σ_λ⁻¹ μ_j`` with bias ``-½ μ_jᵀ Σ_λ⁻¹ μ_j`` (equal priors: a contributor's amount of data
+  does not buy it traffic). Logits are Gaussian log-likelihoods up to a shared constant; rows are
+  not normalised.
 
 Shapes: ``P = F + 1`` (features and the constant), ``E`` experts, ``L`` layers.
 """
@@ -16,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from dume_dist.core.stats import RouterStats, sum_stats
+
+SOLVERS = ("ridge", "lda")
 
 
 @dataclass(frozen=True)
@@ -69,21 +80,68 @@ def _normalised(w_PE: torch.Tensor, with_bias: bool) -> Router:
     return Router(weight_EF, bias_E)
 
 
+def lda_solve(a_PP: torch.Tensor, b_PE: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Linear discriminant ``W`` [P, E] (weights over the features, bias in the last row) from
+    ``A`` and ``B``; see the module docstring."""
+    if not 0 < shrinkage <= 1:
+        raise ValueError(f"lda shrinkage lam must be in (0, 1], got {shrinkage}")
+    a_PP, b_PE = a_PP.double(), b_PE.double()
+    num_f = a_PP.shape[0] - 1
+    count_E = b_PE[-1]
+    total = a_PP[-1, -1]
+    mean_FE = b_PE[:-1] / count_E
+    scatter_FF = a_PP[:-1, :-1] - (mean_FE * count_E) @ mean_FE.T
+    cov_FF = (scatter_FF + scatter_FF.T) / (2 * total)
+    scale = cov_FF.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(num_f, dtype=torch.float64, device=a_PP.device)
+    shrunk_FF = (1 - shrinkage) * cov_FF + shrinkage * scale * eye
+    chol_FF, info = torch.linalg.cholesky_ex(shrunk_FF)
+    if info.item() != 0:
+        raise ValueError("the pooled covariance is not positive definite: raise the shrinkage lam")
+    weight_FE = torch.cholesky_solve(mean_FE, chol_FF)
+    bias_E = -0.5 * (mean_FE * weight_FE).sum(dim=0)
+    return torch.cat([weight_FE, bias_E[None]], dim=0)
+
+
+def solve_layer(
+    a_PP: torch.Tensor, b_PE: torch.Tensor, lam: float, solver: str = "ridge", bias: bool = True
+) -> torch.Tensor:
+    """The unnormalised solution ``W`` [P, E] (or [F, E] without bias) of one layer."""
+    if solver == "ridge":
+        if not bias:
+            a_PP, b_PE = a_PP[:-1, :-1], b_PE[:-1]
+        return ridge_solve(a_PP, b_PE, lam)
+    if solver == "lda":
+        if not bias:
+            raise ValueError("the lda solver needs a router bias")
+        return lda_solve(a_PP, b_PE, lam)
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def router_from_solution(w_PE: torch.Tensor, solver: str = "ridge", bias: bool = True) -> Router:
+    """Router of a layer: ridge rows normalised (the paper), lda rows as they are."""
+    if solver == "ridge":
+        return _normalised(w_PE, bias)
+    return Router(w_PE[:-1].T.contiguous(), w_PE[-1].contiguous())
+
+
 def solve_routers(
     contributions: Mapping[str, tuple[int, RouterStats]],
     num_experts: int,
     lam: float = 1e-2,
     bias: bool = True,
+    solver: str = "ridge",
 ) -> list[Router]:
     """Routers for every layer from ``{contributor: (expert_index, stats)}``.
 
     ``bias=False`` solves the ridge problem without intercept (the ``F×F`` block of A and
-    the feature rows of B), for router formats that have no bias (Mixtral).
+    the feature rows of B), for router formats that have no bias (Mixtral). ``solver`` is
+    ``ridge`` (the paper; ``lam`` = λ) or ``lda`` (``lam`` = covariance shrinkage in (0, 1]).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     a_LPP, b_LPE = normal_equations(contributions, num_experts)
-    routers = []
-    for a_PP, b_PE in zip(a_LPP, b_LPE):
-        if not bias:
-            a_PP, b_PE = a_PP[:-1, :-1], b_PE[:-1]
-        routers.append(_normalised(ridge_solve(a_PP, b_PE, lam), bias))
-    return routers
+    return [
+        router_from_solution(solve_layer(a_PP, b_PE, lam, solver, bias), solver, bias)
+        for a_PP, b_PE in zip(a_LPP, b_LPE)
+    ]

@@ -5,8 +5,14 @@ written; build the backbone; for each expert in order run its dense model (backb
 = the MoE with it forced) over its data and collect statistics; solve the routers in closed form;
 write the checkpoint atomically.
 
-Statistics: returned in ``BuildResult.stats`` and, unless ``save_stats=False``, stored in the
-output directory as ``stats/<name>.safetensors`` (``dume_dist.core.stats`` blobs, listed in the
+Routing (``dume_dist.model.routing.RoutingSpec``: features, solver, λ, smoothing, k): with an
+``"auto"`` setting each expert's documents are split (by a hash of each document, so the split is
+stable) into a fit part and a held-out part of ``holdout_fraction``; fit statistics solve the
+routers, held-out statistics (one Gram per candidate smoothing) choose λ / β (``core.select``).
+
+Statistics: returned in ``BuildResult.stats`` (fit) and ``BuildResult.holdout_stats`` and,
+unless ``save_stats=False``, stored in the output directory as ``stats/<name>.safetensors`` and
+``stats/holdout/<name>/<feature map>.safetensors`` (``dume_dist.core.stats`` blobs, listed in the
 manifest), so a later build can add or remove experts without recomputing the others. They are
 Gram matrices of the experts' data; leave them out of a model published to untrusted readers.
 """
@@ -14,6 +20,7 @@ Gram matrices of the experts' data; leave them out of a model published to untru
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +29,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dume_dist.core.solve import Router, solve_routers
+from dume_dist.core.solve import Router
 from dume_dist.core.stats import RouterStats
 from dume_dist.model.backbone import Backbone
-from dume_dist.model.collect import collect_stats, dense_model_for, resolve_device
+from dume_dist.model.collect import collect_smoothed_stats, dense_model_for, resolve_device
 from dume_dist.model.data import load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
+from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
 from dume_dist.model.writer import check_output_dir, write_dume_checkpoint
 
 
@@ -41,13 +49,13 @@ class BuildResult:
     expert_fingerprints: dict[str, str]
     num_tokens: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    holdout_stats: dict[float, dict[str, RouterStats]] = field(default_factory=dict)
+    routing: SolvedRouting | None = None
 
 
 def _check_options(
-    *, lam, temperature, top_k, num_experts, max_tokens_per_seq, max_tokens, batch_size, seq_len
+    *, temperature, top_k, num_experts, max_tokens_per_seq, max_tokens, batch_size, seq_len
 ) -> None:
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -76,15 +84,82 @@ def _load_data(experts: Sequence[ExpertSpec], data: Mapping[str, Sequence]) -> d
     return {n: load_domain_texts(n, data[n]) for n in names}
 
 
+def split_holdout(texts: Sequence[str], fraction: float, name: str) -> tuple[list, list]:
+    """``(fit, held_out)`` documents: a document is held out when a hash of its text falls below
+    ``fraction`` (stable under reordering and added documents); both parts are non-empty."""
+    if fraction <= 0:
+        return list(texts), []
+    keys = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64 for t in texts]
+    held = [i for i, k in enumerate(keys) if k < fraction] or [
+        min(range(len(texts)), key=keys.__getitem__)
+    ]
+    if len(held) == len(texts):
+        raise ValueError(
+            f"expert {name} has {len(texts)} document(s): too few to hold out {fraction:.0%}"
+        )
+    held_set = set(held)
+    return [t for i, t in enumerate(texts) if i not in held_set], [texts[i] for i in held]
+
+
+def expert_statistics(
+    backbone,
+    spec: ExpertSpec,
+    tokenizer,
+    texts: Sequence[str],
+    routing: RoutingSpec,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_tokens_per_seq: int,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> tuple[RouterStats, dict[float, RouterStats]]:
+    """One contributor's statistics: fit Grams of ``routing.features`` and, when ``routing``
+    chooses a setting on held-out data, ``{β: held-out Gram}`` for ``routing.holdout_smoothings``.
+    Both carry the backbone's and the expert's fingerprints."""
+    fit_texts, held_texts = split_holdout(texts, routing.holdout_fraction, spec.name)
+    meta = dict(
+        backbone_fingerprint=backbone.fingerprint,
+        expert_fingerprint=fingerprint or expert_fingerprint(spec),
+    )
+    model = dense_model_for(backbone, spec, dtype=torch.float32, device=device)
+
+    def collect(model, part, smoothings):
+        batches = token_batches(
+            tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
+        )
+        return collect_smoothed_stats(
+            model, batches, max_tokens_per_seq=max_tokens_per_seq, smoothings=smoothings,
+            features=routing.features, device=device, progress=progress,
+        )  # fmt: skip
+
+    fit = collect(model, fit_texts, (0.0,))[0.0].with_meta(**meta)
+    held = {}
+    if routing.needs_holdout:
+        held = {
+            beta: stats.with_meta(**meta, extra={"split": "holdout"})
+            for beta, stats in collect(model, held_texts, routing.holdout_smoothings()).items()
+        }
+    del model
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return fit, held
+
+
 def build_dume(
     experts: Mapping[str, str | Path],
     data: Mapping[str, Sequence[str | Path]],
     out_dir: str | Path,
     *,
     backbone: str = "average",
-    lam: float = 1e-2,
+    lam: float | str | None = None,
     temperature: float = 1.0,
-    top_k: int = 1,
+    top_k: int | None = None,
+    routing: str | RoutingSpec | Mapping | None = None,
+    holdout_fraction: float | None = None,
     max_tokens_per_seq: int = 1024,
     max_tokens: int | None = None,
     batch_size: int = 8,
@@ -98,15 +173,18 @@ def build_dume(
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
 
+    ``routing`` is a preset name (``paper``, the default; ``context``), a ``RoutingSpec`` or a dict
+    of its fields; ``lam`` (a number or ``"auto"``), ``top_k`` and ``holdout_fraction`` override it.
     ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run in fp32 on
     ``device``; ``dtype`` casts the written weights (default: keep the experts' dtype).
     """
     t0 = time.perf_counter()
     check_output_dir(out_dir, overwrite)
+    spec_routing = resolve_routing(routing, lam=lam, top_k=top_k, holdout_fraction=holdout_fraction)
     specs = load_expert_specs(experts)
     seq_len = seq_len if seq_len is not None else max_tokens_per_seq
     _check_options(
-        lam=lam, temperature=temperature, top_k=top_k, num_experts=len(specs),
+        temperature=temperature, top_k=spec_routing.top_k, num_experts=len(specs),
         max_tokens_per_seq=max_tokens_per_seq, max_tokens=max_tokens,
         batch_size=batch_size, seq_len=seq_len,
     )  # fmt: skip
@@ -123,46 +201,51 @@ def build_dume(
     seconds = {"validate_and_backbone": time.perf_counter() - t0}
 
     stats: dict[str, RouterStats] = {}
+    holdout: dict[float, dict[str, RouterStats]] = {}
     fingerprints: dict[str, str] = {}
     for spec in specs:
         t1 = time.perf_counter()
         fingerprints[spec.name] = expert_fingerprint(spec)
-        model = dense_model_for(bb, spec, dtype=torch.float32, device=device)
-        batches = token_batches(
-            tokenizer, texts[spec.name], batch_size, seq_len, max_tokens_per_seq, max_tokens
-        )
-        collected = collect_stats(
-            model, batches, max_tokens_per_seq=max_tokens_per_seq, device=device, progress=progress
-        )
-        stats[spec.name] = collected.with_meta(
-            backbone_fingerprint=bb.fingerprint, expert_fingerprint=fingerprints[spec.name]
-        )
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        stats[spec.name], held = expert_statistics(
+            bb, spec, tokenizer, texts[spec.name], spec_routing,
+            batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=max_tokens_per_seq,
+            max_tokens=max_tokens, device=device, progress=progress,
+            fingerprint=fingerprints[spec.name],
+        )  # fmt: skip
+        for beta, held_stats in held.items():
+            holdout.setdefault(beta, {})[spec.name] = held_stats
         seconds[f"stats:{spec.name}"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    routers = solve_routers(
-        {s.name: (j, stats[s.name]) for j, s in enumerate(specs)}, len(specs), lam=lam
+    index = {s.name: j for j, s in enumerate(specs)}
+    solved = solve_routing(
+        spec_routing,
+        {n: (index[n], st) for n, st in stats.items()},
+        len(specs),
+        {b: {n: (index[n], st) for n, st in per.items()} for b, per in holdout.items()},
     )
     seconds["solve"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     manifest = write_dume_checkpoint(
-        out_dir, bb, specs, routers,
-        top_k=top_k, temperature=temperature, lam=lam, dtype=dtype, stats=stats,
+        out_dir, bb, specs, solved.routers,
+        top_k=spec_routing.top_k, temperature=temperature, lam=solved.lam, dtype=dtype,
+        stats=stats, holdout_stats=holdout, routing=solved.config_routing(),
         expert_fingerprints=fingerprints, save_stats=save_stats, overwrite=overwrite,
-        extra_manifest={"build": {"max_tokens_per_seq": max_tokens_per_seq, "seq_len": seq_len, "max_tokens": max_tokens}},
+        extra_manifest={
+            "build": {"max_tokens_per_seq": max_tokens_per_seq, "seq_len": seq_len, "max_tokens": max_tokens},
+            "routing": solved.manifest_routing(),
+        },
     )  # fmt: skip
     seconds["write"] = time.perf_counter() - t3
     return BuildResult(
         out_dir=Path(out_dir),
         manifest=manifest,
         stats=stats,
-        routers=routers,
+        routers=solved.routers,
         backbone_fingerprint=bb.fingerprint,
         expert_fingerprints=fingerprints,
         num_tokens={n: s.num_tokens for n, s in stats.items()},
         seconds=seconds,
+        holdout_stats=holdout,
+        routing=solved,
     )

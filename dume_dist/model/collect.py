@@ -1,9 +1,13 @@
 """Router statistics from a model run (DESIGN §2, steps 1-2).
 
 ``collect_stats`` hooks the input of every decoder layer's ``mlp`` (the output of
-``post_attention_layernorm``), keeps the real tokens (attention mask, and the first
+``post_attention_layernorm``), turns it into router features with
+``modeling_dume.causal_features`` (the very function the model routes with, so statistics and
+inference cannot diverge), keeps the real tokens (attention mask, and the first
 ``max_tokens_per_seq`` of each sequence) and adds them to a ``GramAccumulator``. The forward runs
 the base model only (no LM head) and stops as soon as the last layer's MLP input is seen.
+``collect_smoothed_stats`` does the same for several smoothing decays at once (the held-out
+statistics that choose λ and β, see ``dume_dist.core.select``).
 
 It works on any model whose base model has ``layers[*].mlp``: a dense HF model, or a
 ``DumeForCausalLM`` with an expert forced. ``dense_model_for`` builds the dense model that equals
@@ -15,7 +19,7 @@ Shape legend: B batch, T sequence, D hidden size, N real tokens.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +28,8 @@ from transformers.initialization import no_init_weights
 
 from dume_dist.core.stats import GramAccumulator, RouterStats
 from dume_dist.model.experts import ExpertSpec
+from dume_dist.model.modeling_dume import causal_ema, causal_features
+from dume_dist.model.routing import feature_map_name
 
 
 class _StopForward(Exception):
@@ -51,12 +57,36 @@ def collect_stats(
     max_tokens_per_seq: int,
     device: str | torch.device | None = None,
     progress: bool = True,
+    features: str = "token",
 ) -> RouterStats:
-    """Per-layer Gram statistics of the MLP inputs over the real tokens of ``batches``.
+    """Per-layer Gram statistics of the router features (``features``: ``token``, the MLP inputs,
+    or ``prefix_mean``) over the real tokens of ``batches``; ``feature_map`` records ``features``.
 
     ``batches`` yields ``(input_ids_BT, attention_mask_BT)`` (right or left padding). The model is
     moved to ``device`` (default: CUDA if available, else CPU) and put in eval mode.
     """
+    stats = collect_smoothed_stats(
+        model, batches, max_tokens_per_seq=max_tokens_per_seq, device=device, progress=progress,
+        features=features, smoothings=(0.0,),
+    )  # fmt: skip
+    return stats[0.0]
+
+
+def collect_smoothed_stats(
+    model,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    max_tokens_per_seq: int,
+    smoothings: Sequence[float],
+    features: str = "token",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[float, RouterStats]:
+    """``{β: statistics}``: for each decay β, the Gram of the router features smoothed with
+    ``modeling_dume.causal_ema`` (β = 0: the plain features), in one pass over ``batches``.
+    ``feature_map`` is ``features`` for β = 0 and ``"<features>+ema:<β>"`` otherwise."""
+    smoothings = sorted({float(b) for b in smoothings})
+    names = {beta: feature_map_name(features, beta) for beta in smoothings}
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
     if any(block.forced_expert is None for block in blocks):
         raise ValueError("statistics of a DUME model need an expert forced (set_forced_expert)")
@@ -64,14 +94,20 @@ def collect_stats(
     model.to(device).eval()
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = decoder_layers(model)
-    state: dict = {"keep_BT": None, "acc": None}
+    state: dict = {"real_BT": None, "keep_BT": None, "acc": None}
 
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
             x_BTD = args[0] if args else next(iter(kwargs.values()))
+            feats_BTF, _ = causal_features(features, x_BTD, state["real_BT"])
             if state["acc"] is None:
-                state["acc"] = GramAccumulator(len(layers), x_BTD.shape[-1], device=device)
-            state["acc"].add(layer_idx, x_BTD[state["keep_BT"]])
+                state["acc"] = {
+                    beta: GramAccumulator(len(layers), feats_BTF.shape[-1], device=device)
+                    for beta in smoothings
+                }
+            for beta, acc in state["acc"].items():
+                smoothed_BTF, _ = causal_ema(feats_BTF, beta, state["real_BT"])
+                acc.add(layer_idx, smoothed_BTF[state["keep_BT"]])
             if layer_idx == len(layers) - 1:
                 raise _StopForward
 
@@ -86,6 +122,7 @@ def collect_stats(
         with torch.inference_mode():
             for ids_BT, mask_BT in batches:
                 ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+                state["real_BT"] = mask_BT.bool()
                 state["keep_BT"] = _keep_mask(mask_BT, max_tokens_per_seq)
                 try:
                     base(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
@@ -98,7 +135,7 @@ def collect_stats(
         bar.close()
     if state["acc"] is None:
         raise ValueError("no tokens to collect statistics from")
-    return state["acc"].result()
+    return {beta: acc.result(feature_map=names[beta]) for beta, acc in state["acc"].items()}
 
 
 def _keep_mask(mask_BT: torch.Tensor, max_tokens_per_seq: int) -> torch.Tensor:

@@ -174,6 +174,12 @@ def check_mixtral_compatible(ckpt: DumeCheckpoint) -> None:
             f"cannot export to Mixtral: routing features {routing.get('features')!r} "
             "(Mixtral's gate reads the MLP input: only 'token' features)"
         )
+    if routing.get("smoothing", 0.0) or routing.get("solver", "ridge") != "ridge":
+        raise ValueError(
+            "cannot export to Mixtral: routing with smoothing or a non-ridge solver "
+            f"(smoothing={routing.get('smoothing', 0.0)}, solver={routing.get('solver', 'ridge')!r}); "
+            "Mixtral's gate is a plain linear map of the MLP input"
+        )
     _check_tensor_names(ckpt)
 
 

@@ -203,6 +203,7 @@ def dume_config_dict(
     top_k: int,
     temperature: float,
     dtype: torch.dtype,
+    routing: Mapping | None = None,
 ) -> dict:
     """config.json of a DUME checkpoint, from ``DumeConfig`` (modeling_dume.py)."""
     from dume_dist.model.modeling_dume import DumeConfig
@@ -215,7 +216,7 @@ def dume_config_dict(
         router_temperature=float(temperature),
         router_bias=True,
         expert_names=list(expert_names),
-        routing={"features": "token"},
+        routing=dict(routing or {"features": "token"}),
         dtype=dtype,
     )
     return json.loads(config.to_json_string(use_diff=True))
@@ -245,20 +246,31 @@ def _write_weights(
     return writer.close()
 
 
-def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature) -> None:
+def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature, routing):
+    from dume_dist.model.modeling_dume import routing_feature_dim
+
     if not experts:
         raise ValueError("no experts to write")
     num_layers = backbone.config.num_hidden_layers
     if len(routers) != num_layers:
         raise ValueError(f"got {len(routers)} routers for {num_layers} layers")
-    hidden = backbone.config.hidden_size
+    features = routing.get("features", "token")
+    dim = routing_feature_dim(features, backbone.config.hidden_size)
     for router in routers:
         if router.bias_E is None:
             raise ValueError("DUME checkpoints need routers with a bias (solve with bias=True)")
-        if tuple(router.weight_EF.shape) != (len(experts), hidden):
+        if tuple(router.weight_EF.shape) != (len(experts), dim):
             raise ValueError(
-                f"router weight has shape {tuple(router.weight_EF.shape)}, expected ({len(experts)}, {hidden})"
+                f"router weight has shape {tuple(router.weight_EF.shape)}, expected "
+                f"({len(experts)}, {dim}) for {features!r} features"
             )
+    if stats is not None:
+        for name, st in stats.items():
+            if st.feature_map != features:
+                raise ValueError(
+                    f"statistics of {name!r} are of feature map {st.feature_map!r}, the routers "
+                    f"use {features!r}"
+                )
     if not 1 <= top_k <= len(experts):
         raise ValueError(f"top_k must be in [1, {len(experts)}], got {top_k}")
     if not temperature > 0:
@@ -278,6 +290,8 @@ def write_dume_checkpoint(
     lam: float = 1e-2,
     dtype: torch.dtype | None = None,
     stats: Mapping[str, RouterStats] | None = None,
+    holdout_stats: Mapping[float, Mapping[str, RouterStats]] | None = None,
+    routing: Mapping | None = None,
     domains: Mapping[str, str] | None = None,
     expert_fingerprints: Mapping[str, str] | None = None,
     extra_manifest: Mapping | None = None,
@@ -290,9 +304,12 @@ def write_dume_checkpoint(
     ``backbone`` is a ``dume_dist.model.backbone.Backbone``. ``dtype`` casts backbone and expert
     tensors (None keeps the stored dtype); routers are always fp32. With ``stats`` and
     ``save_stats`` the per-expert statistics blobs go to ``stats/<name>.safetensors`` (they are
-    Gram matrices of the experts' data: leave them out of models published to untrusted readers).
+    Gram matrices of the experts' data: leave them out of models published to untrusted readers);
+    ``holdout_stats`` (``{β: {name: stats}}``) go to ``stats/holdout/<name>/<feature map>``.
+    ``routing`` is the config's ``routing`` dict (default ``{"features": "token"}``, the paper).
     """
-    _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature)
+    routing = dict(routing or {"features": "token"})
+    _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature, routing)
     extra = dict(extra_manifest or {})
     if _RESERVED_MANIFEST_KEYS & set(extra):
         raise ValueError(
@@ -303,8 +320,9 @@ def write_dume_checkpoint(
     names = [s.name for s in experts]
     out_dtype = dtype or SAFETENSORS_DTYPES[experts[0].index[experts[0].mlp_names()[0]].dtype]
     config = dume_config_dict(
-        backbone.config.to_dict(), names, top_k=top_k, temperature=temperature, dtype=out_dtype
-    )
+        backbone.config.to_dict(), names, top_k=top_k, temperature=temperature, dtype=out_dtype,
+        routing=routing,
+    )  # fmt: skip
     with atomic_directory(out_dir, overwrite) as tmp:
         _write_weights(tmp, backbone, experts, routers, dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -313,10 +331,18 @@ def write_dume_checkpoint(
             if (experts[0].path / fname).is_file():
                 shutil.copyfile(experts[0].path / fname, tmp / fname)
         stats_blobs = {n: stats_to_bytes(s) for n, s in (stats or {}).items()}
+        held_blobs = {
+            (name, st.feature_map): stats_to_bytes(st)
+            for per_beta in (holdout_stats or {}).values()
+            for name, st in per_beta.items()
+        }
         if save_stats and stats_blobs:
             (tmp / "stats").mkdir()
             for name, blob in stats_blobs.items():
                 (tmp / "stats" / f"{name}.safetensors").write_bytes(blob)
+            for (name, feature_map), blob in held_blobs.items():
+                (tmp / "stats" / "holdout" / name).mkdir(parents=True, exist_ok=True)
+                (tmp / "stats" / "holdout" / name / f"{feature_map}.safetensors").write_bytes(blob)
         manifest = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "format": "dume",
@@ -325,10 +351,11 @@ def write_dume_checkpoint(
             "top_k": top_k,
             "temperature": float(temperature),
             "lam": float(lam),
-            "feature_map": "token",
+            "feature_map": routing.get("features", "token"),
+            "routing": routing,
             "backbone": backbone.provenance(),
             "experts": [
-                _expert_entry(j, spec, stats, stats_blobs, domains, expert_fingerprints)
+                _expert_entry(j, spec, stats, stats_blobs, domains, expert_fingerprints, held_blobs)
                 for j, spec in enumerate(experts)
             ],
             **extra,
@@ -338,7 +365,7 @@ def write_dume_checkpoint(
     return manifest
 
 
-def _expert_entry(j, spec, stats, blobs, domains, fingerprints) -> dict:
+def _expert_entry(j, spec, stats, blobs, domains, fingerprints, held_blobs=None) -> dict:
     entry = {
         "index": j,
         "name": spec.name,
@@ -348,4 +375,9 @@ def _expert_entry(j, spec, stats, blobs, domains, fingerprints) -> dict:
     if stats is not None:
         entry["stats_fingerprint"] = hashlib.sha256(blobs[spec.name]).hexdigest()
         entry["num_tokens"] = stats[spec.name].num_tokens
+    held = {fm: blob for (name, fm), blob in (held_blobs or {}).items() if name == spec.name}
+    if held:
+        entry["holdout_stats_fingerprints"] = {
+            fm: hashlib.sha256(blob).hexdigest() for fm, blob in sorted(held.items())
+        }
     return entry

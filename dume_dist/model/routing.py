@@ -1,0 +1,235 @@
+"""Routing options: what the routers see, how they are solved, and how λ / β are chosen.
+
+A ``RoutingSpec`` is everything a build needs to know about routing:
+
+* ``features``: the router's feature map (``token``: the MLP input, the paper; ``prefix_mean``:
+  ``[x_t, mean of x over the sequence's real tokens so far]``). The formula lives in
+  ``modeling_dume.causal_features``, shared by statistics and inference.
+* ``solver``: ``ridge`` (the paper) or ``lda`` (see ``dume_dist.core.solve``).
+* ``lam``: ridge λ or lda shrinkage, a number or ``"auto"`` (chosen from held-out statistics).
+* ``smoothing``: decay β of the causal moving average of router logits (0 off, 1 running mean),
+  a number or ``"auto"`` (chosen from held-out statistics on ``smoothing_grid``).
+* ``top_k``, and ``holdout_fraction``: the share of each contributor's documents kept out of the
+  fit statistics for choosing the ``"auto"`` settings (needed when any is ``"auto"``).
+
+Statistics identity (``RouterStats.feature_map``): the feature map's name for fit statistics, and
+``"<features>+ema:<β>"`` for held-out Grams of features smoothed with decay β > 0. Statistics of
+different identities never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
+from dume_dist.core.solve import SOLVERS, Router, solve_routers
+from dume_dist.core.stats import RouterStats
+from dume_dist.model.modeling_dume import ROUTING_FEATURES, routing_feature_dim
+
+AUTO = "auto"
+DEFAULT_SMOOTHING_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
+DEFAULT_HOLDOUT_FRACTION = 0.1
+
+Contributions = Mapping[str, tuple[int, RouterStats]]
+
+
+def feature_map_name(features: str, smoothing: float = 0.0) -> str:
+    """Identity of statistics computed on ``features`` smoothed with decay ``smoothing``."""
+    if features not in ROUTING_FEATURES:
+        raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {features!r}")
+    smoothing = float(smoothing)
+    return features if smoothing == 0.0 else f"{features}+ema:{smoothing!r}"
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    features: str = "token"
+    solver: str = "ridge"
+    lam: float | str = 1e-2
+    smoothing: float | str = 0.0
+    top_k: int = 1
+    holdout_fraction: float = 0.0
+    smoothing_grid: tuple[float, ...] = DEFAULT_SMOOTHING_GRID
+    lam_grid: tuple[float, ...] | None = None
+    preset: str | None = None
+
+    def __post_init__(self):
+        if self.features not in ROUTING_FEATURES:
+            raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {self.features!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        _check_setting("lam", self.lam, lambda v: v > 0 and (self.solver != "lda" or v <= 1))
+        _check_setting("smoothing", self.smoothing, lambda v: 0 <= v <= 1)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.needs_holdout and self.holdout_fraction == 0:
+            raise ValueError("lam or smoothing 'auto' needs a holdout_fraction > 0")
+        grid = tuple(float(b) for b in self.smoothing_grid)
+        if not grid or any(not 0 <= b <= 1 for b in grid):
+            raise ValueError(f"smoothing_grid must be values in [0, 1], got {self.smoothing_grid}")
+        object.__setattr__(self, "smoothing_grid", grid)
+
+    @property
+    def needs_holdout(self) -> bool:
+        return AUTO in (self.lam, self.smoothing)
+
+    @property
+    def feature_map(self) -> str:
+        """Identity of this spec's fit statistics."""
+        return feature_map_name(self.features)
+
+    def feature_dim(self, hidden_size: int) -> int:
+        return routing_feature_dim(self.features, hidden_size)
+
+    def holdout_smoothings(self) -> tuple[float, ...]:
+        """Decays whose held-out Grams a contributor computes (none when nothing is 'auto')."""
+        if not self.needs_holdout:
+            return ()
+        if self.smoothing == AUTO:
+            return tuple(sorted(set(self.smoothing_grid) | {0.0}))
+        return (float(self.smoothing),)
+
+    def replace(self, **changes) -> RoutingSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["smoothing_grid"] = list(self.smoothing_grid)
+        out["lam_grid"] = None if self.lam_grid is None else list(self.lam_grid)
+        return out
+
+
+def _check_setting(key: str, value, ok) -> None:
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+        raise ValueError(f"{key} has a bad value {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{key} must be finite, got {value!r}")
+
+
+# Named settings. `paper` is the paper's exact routing; `context` the best measured one
+# (docs/routing.md).
+PRESETS: dict[str, RoutingSpec] = {
+    "paper": RoutingSpec(preset="paper"),
+    "context": RoutingSpec(
+        features="prefix_mean",
+        solver="lda",
+        lam=AUTO,
+        smoothing=AUTO,
+        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
+        preset="context",
+    ),
+}
+DEFAULT_PRESET = "paper"
+
+
+def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overrides) -> RoutingSpec:
+    """A spec from a preset name, a spec or a dict of fields, with ``overrides`` (None ignored).
+
+    Overriding ``lam`` or ``smoothing`` with ``"auto"`` turns on the default holdout fraction
+    unless one is given."""
+    if routing is None:
+        routing = DEFAULT_PRESET
+    if isinstance(routing, str):
+        if routing not in PRESETS:
+            raise ValueError(f"routing preset must be one of {sorted(PRESETS)}, got {routing!r}")
+        spec = PRESETS[routing]
+    elif isinstance(routing, RoutingSpec):
+        spec = routing
+    elif isinstance(routing, Mapping):
+        unknown = set(routing) - {f.name for f in dataclasses.fields(RoutingSpec)}
+        if unknown:
+            raise ValueError(f"unknown routing option {sorted(unknown)[0]!r}")
+        spec = RoutingSpec(**routing)
+    else:
+        raise ValueError(f"routing must be a preset name, a RoutingSpec or a dict, got {routing!r}")
+    changes = {k: v for k, v in overrides.items() if v is not None and v != getattr(spec, k)}
+    if not changes:
+        return spec
+    if changes.get("solver", spec.solver) != spec.solver and "lam" not in changes:
+        changes["lam"] = AUTO  # λ means something else for another solver: choose it
+    if AUTO in (changes.get("lam", spec.lam), changes.get("smoothing", spec.smoothing)):
+        if "holdout_fraction" not in changes and spec.holdout_fraction == 0:
+            changes["holdout_fraction"] = DEFAULT_HOLDOUT_FRACTION
+    changes.setdefault("preset", None)  # no longer the named setting
+    return spec.replace(**changes)
+
+
+@dataclass(frozen=True)
+class SolvedRouting:
+    """Routers of a build, the settings they were solved with, and how those were chosen."""
+
+    routers: list[Router]
+    spec: RoutingSpec
+    lam: float
+    smoothing: float
+    selection: Selection | None
+
+    def config_routing(self) -> dict:
+        """``DumeConfig.routing`` of the model (what inference reads, and how it was solved)."""
+        out = {"features": self.spec.features, "solver": self.spec.solver, "lam": self.lam}
+        if self.smoothing:
+            out["smoothing"] = self.smoothing
+        if self.spec.preset:
+            out["preset"] = self.spec.preset
+        return out
+
+    def manifest_routing(self) -> dict:
+        """The manifest's record: the spec as asked, the values used, and the held-out curves."""
+        return {
+            "spec": self.spec.to_json(),
+            "features": self.spec.features,
+            "solver": self.spec.solver,
+            "lam": self.lam,
+            "smoothing": self.smoothing,
+            "top_k": self.spec.top_k,
+            "feature_map": self.spec.feature_map,
+            "selection": None if self.selection is None else self.selection.to_json(),
+        }
+
+
+def check_contributions(contributions: Contributions, feature_map: str, what: str) -> None:
+    """Every statistic must carry ``feature_map``: a one-line error names the first that does not."""
+    for name in sorted(contributions):
+        got = contributions[name][1].feature_map
+        if got != feature_map:
+            raise ValueError(
+                f"{what} statistics of {name!r} are of feature map {got!r}, expected {feature_map!r}"
+                " (statistics of different feature maps cannot be mixed)"
+            )
+
+
+def solve_routing(
+    spec: RoutingSpec,
+    fit: Contributions,
+    num_experts: int,
+    holdout: Mapping[float, Contributions] | None = None,
+) -> SolvedRouting:
+    """Routers for ``spec`` from fit statistics ``{name: (expert, stats)}`` and, for ``"auto"``
+    settings, held-out statistics ``{β: {name: (expert, stats)}}`` (see
+    ``RoutingSpec.holdout_smoothings``). The routers are solved on the fit statistics only."""
+    check_contributions(fit, spec.feature_map, "fit")
+    selection = None
+    lam, smoothing = spec.lam, spec.smoothing
+    if spec.needs_holdout:
+        holdout = dict(holdout or {})
+        missing = [b for b in spec.holdout_smoothings() if b not in holdout]
+        if missing:
+            raise ValueError(f"held-out statistics for smoothing {missing[0]} are missing")
+        betas = spec.holdout_smoothings()
+        for beta in betas:
+            check_contributions(holdout[beta], feature_map_name(spec.features, beta), "held-out")
+        lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
+        selection = select_routing(
+            fit, {b: holdout[b] for b in betas}, num_experts, solver=spec.solver, lam_grid=lam_grid
+        )
+        lam = selection.lam if lam == AUTO else float(lam)
+        smoothing = selection.smoothing if smoothing == AUTO else float(smoothing)
+    routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
+    return SolvedRouting(routers, spec, float(lam), float(smoothing), selection)
