@@ -224,9 +224,24 @@ def _report(
             ppl, domains, title=f"held-out perplexity (≤{eval_tokens:,} tokens per domain)"
         )
     )
+    _explain(console, manifests)
     for m in manifests:
         m.pop("files", None)
     return {"versions": manifests, "ppl": ppl}
+
+
+def _explain(console: Console, manifests: list[dict]) -> None:
+    """One line per version: which domains it gained or lost against its parent."""
+    experts = {m["version"]: {c["domain"] for c in m["contributors"]} for m in manifests}
+    for m in manifests:
+        parent = m.get("parent")
+        if parent in experts:
+            gained = sorted(experts[m["version"]] - experts[parent])
+            lost = sorted(experts[parent] - experts[m["version"]])
+            change = ", ".join([f"+{d}" for d in gained] + [f"-{d}" for d in lost])
+            console.print(
+                f"  {m['version']} vs {parent}: {change or 'same experts'} ({m.get('trigger', '')})"
+            )
 
 
 def evaluate_ppl(

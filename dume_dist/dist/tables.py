@@ -25,7 +25,10 @@ def versions_table(manifests: list[dict], title: str = "versions") -> Table:
             for c in contributors
         )
         tokens = sum(c.get("num_tokens", 0) for c in contributors)
-        marks = "; ".join(f"{k}={v}" for k, v in (m.get("marks") or {}).items())
+        marks = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(v) if isinstance(v, list) else v}"
+            for k, v in (m.get("marks") or {}).items()
+        )
         table.add_row(
             m["version"], m.get("parent") or "", m.get("trigger", ""), experts, f"{tokens:,}", marks
         )
