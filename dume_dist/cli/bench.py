@@ -26,6 +26,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     inf.add_argument("--device", default=None)
     inf.set_defaults(func=run_inference)
 
+    rt = kinds.add_parser(
+        "routing", help="routing options vs oracle routing: quality, statistics, solve, speed"
+    )
+    rt.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    rt.add_argument(
+        "--expert",
+        action="append",
+        metavar="NAME=DIR",
+        help="an expert (repeat; default: the shipped founding demo experts)",
+    )
+    rt.add_argument(
+        "--train", action="append", metavar="NAME=PATH", help="statistics text of NAME (repeat)"
+    )
+    rt.add_argument(
+        "--valid", action="append", metavar="NAME=PATH", help="held-out text of NAME (repeat)"
+    )
+    rt.add_argument(
+        "--option",
+        action="append",
+        metavar="LABEL",
+        help="run only the options whose label contains LABEL (repeat; default: all)",
+    )
+    rt.add_argument("--holdout-fraction", type=float, default=0.1)
+    rt.add_argument("--seq-len", type=int, default=512, help="statistics window length")
+    rt.add_argument("--max-tokens", type=int, default=None, help="statistics tokens per expert")
+    rt.add_argument("--eval-seq-len", type=int, default=256)
+    rt.add_argument("--max-eval-tokens", type=int, default=32768, help="per domain")
+    rt.add_argument("--batch-size", type=int, default=8)
+    rt.add_argument("--repeats", type=int, default=7)
+    rt.add_argument("--threads", type=int, default=None)
+    rt.add_argument("--device", default="cpu")
+    rt.set_defaults(func=run_routing)
+
     try:
         from dume_dist.cli import dist_commands
     except ImportError:
@@ -48,5 +81,45 @@ def run_inference(args) -> int:
     )  # fmt: skip
     md = write_results(result, args.json)
     print(markdown_table(result))
+    print(f"wrote {args.json} and {md}")
+    return 0
+
+
+def run_routing(args) -> int:
+    from dume_dist.bench.routing import (
+        DEFAULT_OPTIONS,
+        markdown_table,
+        run_routing_bench,
+        write_results,
+    )
+    from dume_dist.cli.build import parse_experts, parse_named
+
+    if args.expert:
+        experts = parse_experts(args.expert)
+        train, valid = parse_named(args.train, "--train"), parse_named(args.valid, "--valid")
+        if set(train) != set(experts) or not set(valid) <= set(experts) or not valid:
+            raise ValueError("--train needs every --expert name, --valid a subset of them")
+    else:
+        from dume_dist.demo import FOUNDING_DOMAINS, data_path, expert_dir
+
+        experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
+        train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
+        valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
+    options = DEFAULT_OPTIONS
+    if args.option:
+        options = [(label, o) for label, o in options if any(w in label for w in args.option)]
+        if not options:
+            raise ValueError(f"no routing option matches {args.option}")
+        if options[0] is not DEFAULT_OPTIONS[0]:
+            options = [DEFAULT_OPTIONS[0], *options]  # the paper is the speed reference
+    result = run_routing_bench(
+        experts, train, valid, options=options, holdout_fraction=args.holdout_fraction,
+        seq_len=args.seq_len, max_tokens=args.max_tokens, eval_seq_len=args.eval_seq_len,
+        max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, repeats=args.repeats,
+        threads=args.threads, device=args.device,
+    )  # fmt: skip
+    md = write_results(result, args.json)
+    print(markdown_table(result))
+    print(f"best: {result['best']}")
     print(f"wrote {args.json} and {md}")
     return 0

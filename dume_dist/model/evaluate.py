@@ -222,7 +222,9 @@ def compare(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # The model directory's config names remote code (auto_map): without trust_remote_code the
+    # tokenizer load would prompt on a terminal (15 s) before the model loads it anyway.
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
     batches = _domain_batches(tokenizer, data, seq_len, batch_size, max_eval_tokens)
     table = EvalTable()
     model = load_causal_lm(model_dir, device)

@@ -1,0 +1,296 @@
+"""`dume bench routing`: what each routing option costs and gains, measured on real experts.
+
+For every option (a ``RoutingSpec``): held-out perplexity per domain against **oracle routing**
+(each domain forced to its own expert: the best any router can do with these experts), per-layer
+routing accuracy, the size of one contributor's statistics, the solve time (λ / β selection
+included), and inference speed relative to the paper's routing (a full forward without cache, and
+cached greedy decoding).
+
+Statistics are collected once per feature map and expert, split by document into a fit part and a
+held-out part; an option without ``"auto"`` settings solves on both parts summed (all the data,
+exactly what a build without held-out data would use: Grams add), an option with ``"auto"``
+settings solves on the fit part and chooses on the held-out part. Every option's model is written
+with the real checkpoint writer and loaded back through ``trust_remote_code``.
+
+Timings: the fastest of ``repeats`` interleaved runs (options take turns, so load from other
+processes hits them alike; the fastest run is the one least disturbed), after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from dume_dist.core.stats import stats_to_bytes
+from dume_dist.model.backbone import Backbone
+from dume_dist.model.build import expert_statistics
+from dume_dist.model.data import eval_windows, load_texts
+from dume_dist.model.evaluate import evaluate_model, load_causal_lm, routing_summary
+from dume_dist.model.experts import expert_fingerprint, load_expert_specs
+from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, solve_routing
+from dume_dist.model.writer import write_dume_checkpoint
+
+CONTEXT = PRESETS["context"]
+# (label, spec): the paper first (the speed reference), then what we tried beyond it.
+DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
+    ("paper (token, ridge λ=1e-2, k=1)", PRESETS["paper"]),
+    ("paper, k=2", PRESETS["paper"].replace(top_k=2, preset=None)),
+    ("token, ridge, λ auto", RoutingSpec(lam=AUTO, holdout_fraction=0.1)),
+    ("token, ridge, λ auto, logit running mean", RoutingSpec(lam=AUTO, smoothing=1.0,
+                                                              holdout_fraction=0.1)),
+    ("token, ridge, λ+β auto", RoutingSpec(lam=AUTO, smoothing=AUTO, holdout_fraction=0.1)),
+    ("token, lda, λ+β auto", RoutingSpec(solver="lda", lam=AUTO, smoothing=AUTO,
+                                         holdout_fraction=0.1)),
+    ("prefix_mean, ridge, λ auto", RoutingSpec(features="prefix_mean", lam=AUTO,
+                                               holdout_fraction=0.1)),
+    ("prefix_mean, ridge, λ+β auto", RoutingSpec(features="prefix_mean", lam=AUTO,
+                                                 smoothing=AUTO, holdout_fraction=0.1)),
+    ("prefix_mean, lda, λ auto", RoutingSpec(features="prefix_mean", solver="lda", lam=AUTO,
+                                             holdout_fraction=0.1)),
+    ("context: prefix_mean, lda, λ+β auto", CONTEXT),
+    ("context, k=2", CONTEXT.replace(top_k=2, preset=None)),
+]  # fmt: skip
+
+
+def _seconds(fn, model) -> float:
+    t0 = time.perf_counter()
+    fn(model)
+    return time.perf_counter() - t0
+
+
+def _collect(backbone, specs, tokenizer, train, features, holdout_fraction, smoothings, kw):
+    """``{name: (fit, {β: held-out})}`` and seconds, for one feature map."""
+    spec = RoutingSpec(
+        features=features,
+        lam=AUTO,
+        smoothing=AUTO,
+        holdout_fraction=holdout_fraction,
+        smoothing_grid=tuple(smoothings),
+    )
+    out, t0 = {}, time.perf_counter()
+    for s in specs:
+        out[s.name] = expert_statistics(
+            backbone, s, tokenizer, load_texts(train[s.name], s.name), spec,
+            fingerprint=expert_fingerprint(s), progress=False, **kw,
+        )  # fmt: skip
+    return out, time.perf_counter() - t0
+
+
+def _solve(option: RoutingSpec, stats, names):
+    index = {n: j for j, n in enumerate(names)}
+    if option.needs_holdout:
+        fit = {n: (index[n], stats[n][0]) for n in names}
+        held = {
+            b: {n: (index[n], stats[n][1][b]) for n in names} for b in option.holdout_smoothings()
+        }
+    else:  # all the data: fit + held-out (plain Grams add)
+        fit = {n: (index[n], stats[n][0] + stats[n][1][0.0]) for n in names}
+        held = None
+    t0 = time.perf_counter()
+    solved = solve_routing(option, fit, len(names), held)
+    return solved, time.perf_counter() - t0, fit
+
+
+def _stats_bytes(option: RoutingSpec, stats, name) -> dict:
+    fit, held = stats[name]
+    return {
+        "fit": len(stats_to_bytes(fit)),
+        "holdout": sum(len(stats_to_bytes(held[b])) for b in option.holdout_smoothings()),
+    }
+
+
+def _timing_inputs(batches: Mapping, batch_size: int, prompt: int):
+    """One mixed batch of full windows (forward timing) and short prompts (decode timing)."""
+    rows = [
+        ids for d in batches for ids_BT, mask_BT in batches[d]()
+        for ids, mask in zip(ids_BT, mask_BT) if mask.all()
+    ]  # fmt: skip
+    pick = rows[:: max(1, len(rows) // batch_size)][:batch_size]
+    forward_BT = torch.stack(pick)
+    return forward_BT, forward_BT[: max(1, batch_size // 2), :prompt]
+
+
+def run_routing_bench(
+    experts: Mapping[str, str | Path],
+    train: Mapping[str, Sequence[str | Path]],
+    valid: Mapping[str, Sequence[str | Path]],
+    *,
+    options: Sequence[tuple[str, RoutingSpec]] | None = None,
+    holdout_fraction: float = 0.1,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    eval_seq_len: int = 256,
+    max_eval_tokens: int | None = 32768,
+    batch_size: int = 8,
+    repeats: int = 7,
+    decode_tokens: int = 32,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    options = list(options or DEFAULT_OPTIONS)
+    specs = load_expert_specs(experts)
+    names = [s.name for s in specs]
+    tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
+    backbone = Backbone.from_spec("average", specs)
+    grid = sorted({0.0} | {b for _, o in options for b in o.smoothing_grid})
+    kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len,
+              max_tokens=max_tokens, device=device)  # fmt: skip
+    stats, collect_seconds = {}, {}
+    for features in sorted({o.features for _, o in options}):
+        stats[features], collect_seconds[features] = _collect(
+            backbone, specs, tokenizer, train, features, holdout_fraction, grid, kw
+        )
+    cached = {
+        d: list(
+            eval_windows(tokenizer, load_texts(p, d), eval_seq_len, batch_size, max_eval_tokens)
+        )
+        for d, p in valid.items()
+    }
+    batches = {d: (lambda b=b: b) for d, b in cached.items()}
+    forward_BT, prompt_BT = _timing_inputs(batches, batch_size, 32)
+    results = {"oracle_ppl": {}, "expert_ppl": {}, "options": []}
+    models = []
+    with tempfile.TemporaryDirectory(prefix="dume-bench-routing-") as tmp:
+        for i, (label, option) in enumerate(options):
+            solved, solve_s, fit = _solve(option, stats[option.features], names)
+            out = Path(tmp) / f"opt{i}"
+            write_dume_checkpoint(
+                out, backbone, specs, solved.routers, top_k=option.top_k, lam=solved.lam,
+                stats={n: st for n, (_, st) in fit.items()}, routing=solved.config_routing(),
+                save_stats=False,
+            )  # fmt: skip
+            model = load_causal_lm(out, device)
+            if i == 0:
+                forced = {d: names.index(d) for d in valid if d in names}
+                oracle = evaluate_model(model, batches, device=device, forced=forced)
+                results["oracle_ppl"] = {d: r.ppl for d, r in oracle.items()}
+            evals = evaluate_model(model, batches, device=device, record_routing=True)
+            accuracy, _ = routing_summary(evals, names)
+            ppl = {d: r.ppl for d, r in evals.items()}
+            keep = {d: results["oracle_ppl"][d] / ppl[d] for d in ppl if d in names}
+            results["options"].append({
+                "label": label,
+                "spec": option.to_json(),
+                "lam": solved.lam,
+                "smoothing": solved.smoothing,
+                "selection": None if solved.selection is None else solved.selection.to_json(),
+                "ppl": ppl,
+                "retention_vs_oracle": keep,
+                "mean_retention": sum(keep.values()) / len(keep),
+                "worst_retention": min(keep.values()),
+                "routing_accuracy_layers": accuracy,
+                "routing_accuracy": {d: sum(a) / len(a) for d, a in accuracy.items()},
+                "stats_bytes_per_contributor": _stats_bytes(option, stats[option.features], names[0]),
+                "solve_seconds": solve_s,
+            })  # fmt: skip
+            models.append(model)
+        _time_models(results["options"], models, forward_BT, prompt_BT, repeats, decode_tokens)
+    for r in results["options"]:
+        r["forward_speed_vs_paper"] = (
+            r["forward_tokens_per_s"] / results["options"][0]["forward_tokens_per_s"]
+        )
+        r["decode_speed_vs_paper"] = (
+            r["decode_tokens_per_s"] / results["options"][0]["decode_tokens_per_s"]
+        )
+    results["settings"] = {
+        "experts": {n: str(p) for n, p in experts.items()},
+        "holdout_fraction": holdout_fraction,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "eval_seq_len": eval_seq_len,
+        "max_eval_tokens": max_eval_tokens,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "forward_batch": list(forward_BT.shape),
+        "decode": {"prompt": list(prompt_BT.shape), "new_tokens": decode_tokens},
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "statistics_seconds": collect_seconds,
+        "statistics_tokens": {
+            f: {n: st[0].num_tokens + st[1][0.0].num_tokens for n, st in per.items()}
+            for f, per in stats.items()
+        },
+    }
+    results["best"] = best_option(results["options"])
+    return results
+
+
+@torch.inference_mode()
+def _time_models(rows, models, forward_BT, prompt_BT, repeats, decode_tokens) -> None:
+    gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+               use_cache=True, pad_token_id=0)  # fmt: skip
+    runs = {
+        "forward": lambda m: m(input_ids=forward_BT, use_cache=False),
+        "decode": lambda m: m.generate(prompt_BT, **gen),
+    }
+    times = {(k, i): [] for k in runs for i in range(len(models))}
+    for kind, fn in runs.items():
+        for model in models:
+            fn(model)  # warm-up
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                times[(kind, i)].append(_seconds(fn, model))
+    for i, row in enumerate(rows):
+        row["forward_tokens_per_s"] = forward_BT.numel() / min(times[("forward", i)])
+        row["decode_tokens_per_s"] = (prompt_BT.shape[0] * decode_tokens) / min(
+            times[("decode", i)]
+        )
+        row["forward_seconds_runs"] = times[("forward", i)]
+        row["decode_seconds_runs"] = times[("decode", i)]
+
+
+def best_option(rows: list[dict]) -> dict:
+    """The option with the best worst-domain retention (ties: mean retention), and whether it
+    beats the paper on every domain."""
+    best = max(rows, key=lambda r: (round(r["worst_retention"], 4), r["mean_retention"]))
+    paper = rows[0]["retention_vs_oracle"]
+    beats = all(best["retention_vs_oracle"][d] >= paper[d] for d in paper)
+    return {"label": best["label"], "beats_paper_on_every_domain": beats}
+
+
+def markdown_table(results: dict) -> str:
+    domains = list(results["oracle_ppl"])
+    head = (
+        "| routing | " + " | ".join(f"{d} ppl (keep)" for d in domains)
+        + " | mean keep | worst keep | routing acc. (min–max domain) | stats / contributor "
+        "| solve | fwd speed | decode speed |"
+    )  # fmt: skip
+    lines = [head, "|" + "---|" * (len(domains) + 8)]
+    lines.append(
+        "| oracle | " + " | ".join(f"{results['oracle_ppl'][d]:.3f}" for d in domains)
+        + " | 1 | 1 | 100% | | | | |"
+    )  # fmt: skip
+    for r in results["options"]:
+        acc = r["routing_accuracy"].values()
+        size = r["stats_bytes_per_contributor"]
+        size_s = f"{size['fit'] / 1e6:.2f} MB" + (
+            f" + {size['holdout'] / 1e6:.2f} MB held-out" if size["holdout"] else ""
+        )
+        cells = [f"{r['ppl'][d]:.3f} ({r['retention_vs_oracle'][d]:.2%})" for d in domains]
+        lines.append(
+            f"| {r['label']} (λ={r['lam']:.3g}, β={r['smoothing']:g}) | " + " | ".join(cells)
+            + f" | {r['mean_retention']:.2%} | {r['worst_retention']:.2%} "
+            f"| {min(acc):.1%}–{max(acc):.1%} | {size_s} | {r['solve_seconds'] * 1e3:.0f} ms "
+            f"| {r['forward_speed_vs_paper']:.2f}× | {r['decode_speed_vs_paper']:.2f}× |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, json_path: str | Path) -> Path:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown_table(results))
+    return md
