@@ -225,8 +225,10 @@ def test_hold_publish_and_leave(experts, tmp_path):
 # -- bad input: a clear error and nothing changed --------------------------------------------------
 
 
-@pytest.fixture
-def founded(experts, tmp_path):
+@pytest.fixture(scope="module")
+def founded(experts, tmp_path_factory):
+    """One store shared by the bad-input tests: each asserts it changed nothing."""
+    tmp_path = tmp_path_factory.mktemp("founded")
     flow = Flow(str(tmp_path / "store"), experts, tmp_path)
     flow.add("alpha", "beta")
     flow.join("alpha")

@@ -135,20 +135,6 @@ def assert_same_routers(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_agents_are_pinned_to_their_nodes(ray_cluster, experts, tmp_path):
-    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
-    try:
-        flow.add("alpha", "beta")
-        for name, node in (("alpha", 0), ("beta", 1)):
-            agent = flow.agent(name, node)
-            assert cluster.get(agent.node_id.remote()) == ray_cluster["node_ids"][node]
-            result, _ = flow.join(name, node, agent=agent)
-            assert result["worker_nodes"] == [ray_cluster["node_ids"][node]]
-        assert result["version"] == "v2"
-    finally:
-        flow.stop()
-
-
 def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path):
     flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
     try:
@@ -174,18 +160,33 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["file", "s3"])
-def test_found_join_unlearn_on_the_cluster(ray_cluster, experts, tmp_path, kind, request):
+def test_found_join_restart_unlearn_on_the_cluster(ray_cluster, experts, tmp_path, kind, request):
+    """Agents pinned to different nodes join; the coordinator is killed between two submissions
+    and comes back with the same registry; the next version and the version after unlearning are
+    bit-identical to builds that never saw the restart / the unlearned node."""
     if kind == "s3":
         s3 = request.getfixturevalue("s3")
         url, options = s3.url(), s3.storage_options
     else:
         url, options = f"file://{tmp_path / 'store'}", {}
-    flow = RayFlow(url, options, experts, tmp_path, ray_cluster["node_ids"])
+    node_ids = ray_cluster["node_ids"]
+    flow = RayFlow(url, options, experts, tmp_path, node_ids)
     try:
         flow.add("alpha", "beta", "gamma")
         for i, name in enumerate(("alpha", "beta", "gamma")):
-            result, _ = flow.join(name, i % 2)
+            agent = flow.agent(name, i % 2)
+            assert cluster.get(agent.node_id.remote()) == node_ids[i % 2]
+            result, _ = flow.join(name, i % 2, agent=agent)
+            assert result["worker_nodes"] == [node_ids[i % 2]]  # its workers too
             assert result["status"] == "accepted" and result["version"] == f"v{i + 1}"
+            if name == "beta":
+                before = flow.call("status")
+                ray.kill(flow.coord, no_restart=False)  # Ray restarts it (max_restarts=-1)
+                assert cluster.wait_for(lambda: _alive(flow), timeout_s=60)
+                assert flow.call("status") == before
+        everyone = ["alpha", "beta", "gamma"]
+        assert_same_routers(flow.routers("v3")[0], _in_process_build(experts, tmp_path, everyone))
+
         unlearned = flow.call("unlearn", flow.op, "beta", "test")
         assert unlearned["version"] == "v4" and unlearned["affected_versions"] == ["v2", "v3"]
         assert not BlobStore(flow.store).list_blobs("stats", "beta")
@@ -199,24 +200,6 @@ def test_found_join_unlearn_on_the_cluster(ray_cluster, experts, tmp_path, kind,
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
         assert model.config.expert_names == ["alpha", "gamma"]
-    finally:
-        flow.stop()
-
-
-def test_coordinator_killed_between_submissions(ray_cluster, experts, tmp_path):
-    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
-    try:
-        flow.add("alpha", "gamma")
-        flow.join("alpha", 0)
-        before = flow.call("status")
-        ray.kill(flow.coord, no_restart=False)  # Ray restarts it (max_restarts=-1)
-        assert cluster.wait_for(lambda: _alive(flow), timeout_s=60)
-        assert flow.call("status") == before
-        result, _ = flow.join("gamma", 1)
-        assert result["version"] == "v2"
-        assert_same_routers(
-            flow.routers("v2")[0], _in_process_build(experts, tmp_path, ["alpha", "gamma"])
-        )
     finally:
         flow.stop()
 
