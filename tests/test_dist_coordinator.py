@@ -336,3 +336,41 @@ def test_unreachable_store_is_one_clear_error(tmp_path):
 def test_status_has_no_secrets(founded):
     text = json.dumps(founded.status())
     assert "scrypt$" not in text and founded.creds["alpha"] not in text
+
+
+def test_two_coordinators_on_one_store_do_not_overwrite_each_other(experts, tmp_path):
+    from dume_dist.store import StoreConflict
+
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    other = Coordinator(flow.url, work_dir=str(tmp_path / "other"))
+    stale = flow.coord._load()  # coordinator A read the registry ...
+    _, hashed = genesis.issue_node_credential("beta", "beta")
+    other.add_node(flow.op, "beta", "beta", hashed)  # ... B changed it meanwhile
+    flow.coord._load = lambda: stale
+    _, hashed = genesis.issue_node_credential("alpha", "alpha")
+    with pytest.raises(StoreConflict, match="another coordinator"):
+        flow.coord.add_node(flow.op, "alpha", "alpha", hashed)
+    assert set(other.status()["registry"]["nodes"]) == {"beta"}
+
+
+def test_rebase_makes_statistics_stale_until_recomputed(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    flow.join("beta")
+    old_fp = flow.status()["registry"]["backbone"]["fingerprint"]
+    with pytest.raises(PermissionError):
+        flow.coord.rebase(flow.creds["alpha"], {})
+    record = genesis.rebase_record(flow.store, f"base:{experts['delta']['expert']}", {})
+    result = flow.coord.rebase(flow.op, record)
+    assert result["rebased"] and result["stale_blobs"] == 2
+    registry = flow.status()["registry"]
+    assert registry["backbone"]["fingerprint"] == record["fingerprint"] != old_fp
+    assert {r["state"] for r in registry["nodes"].values()} == {"registered"}
+    assert not flow.store.list("blobs/stats")
+    assert flow.join("alpha")["version"] == "v3"  # each recomputation publishes (unless held)
+    again = flow.join("beta")
+    assert again["status"] == "accepted" and again["version"] == "v4"
+    manifest = flow.versions().get_manifest("v4")
+    assert manifest["backbone"]["fingerprint"] == record["fingerprint"]
+    assert [c["name"] for c in manifest["contributors"]] == ["alpha", "beta"]

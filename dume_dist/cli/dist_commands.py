@@ -428,7 +428,7 @@ def run_coordinator_rebase(args) -> int:
     result = _call(_coordinator(args), "rebase", _operator_secret(args), record)
     if result["rebased"]:
         print(f"backbone is now {record['fingerprint'][:12]}; {result['stale_blobs']} statistics blobs are stale: "
-              "every node must run `dume node join` again")  # fmt: skip
+              "every node must run `dume node join` again (hold publication to get one version with all)")  # fmt: skip
     else:
         print("the backbone is unchanged")
     return 0
