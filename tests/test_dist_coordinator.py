@@ -100,6 +100,13 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
         manifest["backbone"]["fingerprint"] == flow.status()["registry"]["backbone"]["fingerprint"]
     )
 
+    # Data never leaves the node: no store object holds any document's text.
+    docs = [d.strip().encode() for n in ("alpha", "beta", "gamma")
+            for d in experts[n]["data"].read_text().split("\n\n")]  # fmt: skip
+    for key in flow.store.list():
+        raw = flow.store.read_bytes(key)
+        assert not any(doc in raw for doc in docs), key
+
     result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
     assert result["version"] == "v4" and result["affected_versions"] == ["v2", "v3"]
     blobs = BlobStore(flow.store)
@@ -374,3 +381,16 @@ def test_rebase_makes_statistics_stale_until_recomputed(experts, tmp_path):
     manifest = flow.versions().get_manifest("v4")
     assert manifest["backbone"]["fingerprint"] == record["fingerprint"]
     assert [c["name"] for c in manifest["contributors"]] == ["alpha", "beta"]
+
+
+def test_one_worker_per_gpu_else_one_cpu_worker():
+    from dume_dist.dist.agent import local_workers
+
+    assert local_workers(None, 0) == (1, "gloo")
+    assert local_workers(None, 4) == (4, "nccl")
+    assert local_workers(2, 0) == (2, "gloo")
+    assert local_workers(2, 4) == (2, "nccl")
+    with pytest.raises(ValueError, match="has 4 GPUs"):
+        local_workers(5, 4)
+    with pytest.raises(ValueError):
+        local_workers(0, 0)

@@ -66,11 +66,8 @@ def submission_id(data_hashes: list[str], expert_fp: str, backbone_fp: str, sett
     return hashlib.sha256(blob).hexdigest()
 
 
-def local_workers(requested: int | None) -> tuple[int, str]:
-    """(number of workers, backend): one per visible GPU with NCCL, else one CPU worker."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def local_workers(requested: int | None, gpus: int) -> tuple[int, str]:
+    """(number of workers, backend): one per GPU of the node with NCCL, else one CPU worker."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--workers must be >= 1, got {requested}")
@@ -78,6 +75,21 @@ def local_workers(requested: int | None) -> tuple[int, str]:
             raise ValueError(f"--workers {requested} but this node has {gpus} GPUs")
         return requested, "nccl" if gpus else "gloo"
     return (gpus, "nccl") if gpus else (1, "gloo")
+
+
+def node_gpus(node_id: str | None) -> int:
+    """GPUs of a Ray node (from Ray's resources: an actor without GPUs sees none itself), or of
+    this machine outside Ray."""
+    if node_id is None:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    import ray
+
+    for node in ray.nodes():
+        if node["NodeID"] == node_id and node["Alive"]:
+            return int(node["Resources"].get("GPU", 0))
+    return 0
 
 
 class NodeAgent:
@@ -204,7 +216,7 @@ class NodeAgent:
     def compute(self, job: dict, workers: int | None = None, threads: int | None = None) -> bytes:
         """Summed statistics of the node's data from its worker group."""
         self._enter("compute")
-        num, backend = local_workers(workers)
+        num, backend = local_workers(workers, node_gpus(self.node_id() if self._in_ray() else None))
         if not self._in_ray():
             from dume_dist.dist.workers import StatsWorker
 
