@@ -148,3 +148,14 @@ def test_deploy_manifests_turn_ray_token_auth_on():
     for cmd in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
         assert "ray stop" == cmd or "RAY_AUTH_MODE=token" in cmd
     assert "RAY_AUTH_MODE=token" in (deploy / "Dockerfile").read_text()
+
+
+def test_coordinator_start_checks_founding_experts_before_touching_ray(tmp_path, capsys):
+    argv = ["coordinator", "start", "--store", str(tmp_path / "store"), "--founding-expert",
+            f"a={tmp_path / 'missing'}", "--operator-credential-file", str(tmp_path / "op")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing" in err and len(err.splitlines()) == 1
+    import ray
+
+    assert not ray.is_initialized() and not (tmp_path / "op").exists()

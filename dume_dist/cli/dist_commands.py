@@ -362,6 +362,8 @@ def run_coordinator_start(args) -> int:
         if Path(cred_path).expanduser().is_file()
         else None
     )
+    # Genesis work (backbone build and upload) happens before any actor exists.
+    record = None if genesis.is_founded(store) else genesis.prepare(store, args.backbone, founding)
     connect(args.address, args.namespace)
     resources = None
     if args.resource:
@@ -372,8 +374,11 @@ def run_coordinator_start(args) -> int:
         resources = {args.resource: 0.01}
     handle = start_coordinator(args.store, options, name=args.coordinator_name, namespace=args.namespace,
                                work_dir=args.work_dir, resources=resources)  # fmt: skip
-    result, secret = genesis.found(handle, store, backbone=args.backbone, founding=founding,
-                                   settings=_settings(args), operator_secret=existing, hold=args.hold)  # fmt: skip
+    if record is None:
+        status = _call(handle, "status")
+        result, secret = {"founded": False, "revision": status["revision"]}, None
+    else:
+        result, secret = genesis.found_with(handle, record, _settings(args), existing, args.hold)
     if result["founded"]:
         if not existing:
             path = write_secret(cred_path, secret)

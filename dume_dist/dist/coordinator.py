@@ -82,17 +82,30 @@ class Coordinator:
 
     # -- store --------------------------------------------------------------------------------
 
+    def _open(self) -> tuple[ObjectStore, RegistryStore, BlobStore, VersionStore]:
+        if self._store is None:
+            store = ObjectStore(self.store_url, self.storage_options)
+            self._stores = (store, RegistryStore(store), BlobStore(store), VersionStore(store))
+            self._store = store
+        return self._stores
+
     @property
     def store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = ObjectStore(self.store_url, self.storage_options)
-            self.registry = RegistryStore(self._store)
-            self.blobs = BlobStore(self._store)
-            self.versions = VersionStore(self._store)
-        return self._store
+        return self._open()[0]
+
+    @property
+    def registry(self) -> RegistryStore:
+        return self._open()[1]
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self._open()[2]
+
+    @property
+    def versions(self) -> VersionStore:
+        return self._open()[3]
 
     def _load(self) -> tuple[dict, int]:
-        _ = self.store
         return self.registry.load()
 
     def _load_founded(self) -> tuple[dict, int]:
@@ -123,7 +136,8 @@ class Coordinator:
                 f"node {name!r} is not registered (an operator runs `dume admin add-node`)"
             )
         if rec["state"] in ("left", "unlearned"):
-            raise PermissionError(f"node {name!r} has {rec['state']}: its credential is revoked")
+            what = "has left" if rec["state"] == "left" else "was unlearned"
+            raise PermissionError(f"node {name!r} {what}: its credential is revoked")
         if rec["domain"] != domain:
             raise PermissionError(
                 f"node {name!r} is registered for domain {rec['domain']!r}, not {domain!r}"

@@ -50,6 +50,29 @@ def upload_backbone(store: ObjectStore, backbone, ref) -> dict:
     return record
 
 
+def is_founded(store: ObjectStore) -> bool:
+    from dume_dist.store import RegistryStore
+
+    return bool(RegistryStore(store).load()[0])
+
+
+def prepare(store: ObjectStore, backbone: str, founding: dict[str, str]) -> dict:
+    """Build and upload the backbone; returns its record. Runs before any actor exists, so bad
+    founding experts fail without leaving anything behind on the cluster."""
+    bb, ref = build_backbone(backbone, founding)
+    return upload_backbone(store, bb, ref)
+
+
+def found_with(coordinator, record: dict, settings: dict, operator_secret: str | None = None,
+               hold: bool = False) -> tuple[dict, str]:  # fmt: skip
+    """Record the uploaded backbone and the operator credential; returns (result, secret)."""
+    secret = operator_secret or new_secret()
+    result = _call(
+        coordinator, "found", hash_secret(operator_material(secret)), record, settings, hold
+    )
+    return result, secret
+
+
 def found(
     coordinator,
     store: ObjectStore,
@@ -64,13 +87,8 @@ def found(
     status = _call(coordinator, "status")
     if status["registry"]:
         return {"founded": False, "revision": status["revision"]}, None
-    secret = operator_secret or new_secret()
-    bb, ref = build_backbone(backbone, founding)
-    record = upload_backbone(store, bb, ref)
-    result = _call(
-        coordinator, "found", hash_secret(operator_material(secret)), record, settings, hold
-    )
-    return result, secret
+    record = prepare(store, backbone, founding)
+    return found_with(coordinator, record, settings, operator_secret, hold)
 
 
 def rebase_record(store: ObjectStore, backbone: str, founding: dict[str, str]) -> dict:
