@@ -50,6 +50,14 @@ def ray_cluster():
         os.environ["RAY_TMPDIR"] = saved
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # in-process reference builds: tiny matmuls on shared cores
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
     return make_experts(tmp_path_factory.mktemp("experts"))

@@ -40,8 +40,7 @@ class StatsWorker:
         self._store = None
         self._lock = threading.Lock()
         self._done, self._total = 0, 0
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
 
     def open_rendezvous(self) -> tuple[str, int]:
         """Rank 0 only: listen on an ephemeral port; returns (host, port) for the other ranks."""
@@ -74,7 +73,10 @@ class StatsWorker:
         group = self.world_size > 1
         if group:
             self._init_group(rendezvous)
+        threads_before = torch.get_num_threads()
         try:
+            if self.threads:  # restored below: an in-process worker must not change its host
+                torch.set_num_threads(self.threads)
             partial = self._partial_gram(job)
             if group:
                 import torch.distributed as dist
@@ -83,6 +85,7 @@ class StatsWorker:
                 dist.all_reduce(gram, op=dist.ReduceOp.SUM)
                 partial = gram.cpu()
         finally:
+            torch.set_num_threads(threads_before)
             if group:
                 import torch.distributed as dist
 
