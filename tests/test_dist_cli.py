@@ -159,3 +159,23 @@ def test_coordinator_start_checks_founding_experts_before_touching_ray(tmp_path,
     import ray
 
     assert not ray.is_initialized() and not (tmp_path / "op").exists()
+
+
+def test_clusters_dume_starts_get_token_auth_unless_the_environment_decides(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert token_auth_for_a_new_cluster() is False
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert token_auth_for_a_new_cluster() is True
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    code = (
+        "import os; from dume_dist.dist.auth import token_auth_for_a_new_cluster as f; on = f(); "
+        "print(on, os.environ['RAY_AUTH_MODE'], len(os.environ['RAY_AUTH_TOKEN']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "token", "64"], out.stderr

@@ -65,7 +65,9 @@ def experts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3():
-    with S3Server() as server:
+    # A bucket of our own: moto's in-process backend outlives the server, and other modules
+    # create the default bucket.
+    with S3Server(bucket=f"dume-dist-{uuid.uuid4().hex[:8]}") as server:
         yield server
 
 

@@ -571,7 +571,14 @@ def run_status(args) -> int:
 
 
 def run_demo(args) -> int:
+    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+
+    token_auth = token_auth_for_a_new_cluster()  # before Ray is imported
     from dume_dist.dist.demo import run_demo as demo
+
+    print(
+        f"Ray token authentication: {'on (a fresh token for this cluster)' if token_auth else 'off'}"
+    )
 
     demo(store=args.store, max_tokens=args.max_tokens, eval_tokens=args.eval_tokens,
          unlearn=args.unlearn, json_out=args.json)  # fmt: skip
@@ -579,6 +586,9 @@ def run_demo(args) -> int:
 
 
 def run_bench_scaling(args) -> int:
+    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+
+    token_auth_for_a_new_cluster()  # before Ray is imported
     from dume_dist.bench.scaling import markdown_table, run_scaling_bench, write_results
 
     counts = [int(c) for c in args.contributors.split(",") if c.strip()]

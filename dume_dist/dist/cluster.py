@@ -193,7 +193,8 @@ class LocalCluster:
     """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head and
     ``num_nodes`` nodes, node *i* carrying the custom resource ``dume_node_<i>``. Connects this
     process to it; `shutdown` stops exactly what it started. Ray's temp dir is a short fresh dir
-    (socket paths are limited to 107 bytes) so nothing lands in the shared /tmp/ray."""
+    (socket paths are limited to 107 bytes) so nothing lands in the shared /tmp/ray. Token
+    authentication follows the environment: see `dume_dist.dist.auth`."""
 
     def __init__(self, num_nodes: int, cpus_per_node: int = 1, namespace: str = NAMESPACE):
         import tempfile
@@ -202,7 +203,7 @@ class LocalCluster:
 
         self._tmp = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
         os.makedirs(os.path.join(self._tmp, "ray"))
-        self._saved_tmpdir = os.environ.get("RAY_TMPDIR")
+        self._saved_env = {"RAY_TMPDIR": os.environ.get("RAY_TMPDIR")}
         os.environ["RAY_TMPDIR"] = self._tmp
         head = {"num_cpus": 1, "include_dashboard": False, "resources": {"dume_coordinator": 1}}
         try:
@@ -248,10 +249,11 @@ class LocalCluster:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _restore_env(self) -> None:
-        if self._saved_tmpdir is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = self._saved_tmpdir
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def __enter__(self) -> LocalCluster:
         return self
