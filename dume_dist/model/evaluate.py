@@ -12,6 +12,7 @@ Shape legend: B batch, T sequence, K experts per token.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,7 +296,7 @@ def print_table(table: EvalTable, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     domains = sorted({d for row in table.ppl.values() for d in row})
     t = Table(title="held-out perplexity per domain (retention = own expert ppl / ppl)")
     t.add_column("variant")
