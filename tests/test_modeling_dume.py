@@ -269,6 +269,8 @@ def test_saved_directory_loads_without_dume_dist(tmp_path):
     workdir.mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     env.pop("PYTHONPATH", None)
+    # Same intra-op thread count as this process: reductions then round identically.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     args = [tmp_path / "ids.pt", workdir, *model_dirs]
     result = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, *map(str, args)],
