@@ -41,7 +41,11 @@ def make_synthetic_experts(root: Path, num: int, hidden_size: int, num_layers: i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     heads = max(1, hidden_size // 16)
     config = LlamaConfig(
@@ -128,7 +132,9 @@ def _one_count(lc, n: int, work: Path, dims: dict, tokens: int) -> dict:
     unlearn_s = time.perf_counter() - t
     assert unlearned["version"] != version, "unlearning must publish a new version"
     versions = VersionStore(ObjectStore(url))
-    version_bytes = sum(f["size"] for f in versions.get_manifest(unlearned["version"])["files"].values())
+    version_bytes = sum(
+        f["size"] for f in versions.get_manifest(unlearned["version"])["files"].values()
+    )
     cluster.stop_coordinator(name, "dume-bench")
     return {
         "contributors": n,
@@ -156,7 +162,11 @@ def run_scaling_bench(counts=(2, 8, 32), hidden_size: int = 64, num_layers: int 
 
     if not counts or min(counts) < 2:
         raise ValueError("contributor counts must be >= 2")
-    dims = {"hidden_size": hidden_size, "num_layers": num_layers, "intermediate_size": intermediate_size}
+    dims = {
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "intermediate_size": intermediate_size,
+    }
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
