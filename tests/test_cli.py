@@ -36,9 +36,27 @@ def _build_args(world, out, *extra):
 
 @pytest.fixture(scope="module")
 def built(world):
+    """The paper's routing: every baseline of the eval table applies (bias-free included)."""
     out = world["root"] / "model"
-    assert main(_build_args(world, out)) == 0
+    assert main(_build_args(world, out, "--routing", "paper")) == 0
     return out
+
+
+def test_default_build_is_context_routing_chosen_on_held_out_statistics(world, tmp_path, capsys):
+    out = tmp_path / "context"
+    assert main(_build_args(world, out)) == 0
+    config = json.loads((out / "config.json").read_text())
+    manifest = json.loads((out / "dume_manifest.json").read_text())
+    assert config["routing"]["features"] == "prefix_mean" and config["routing"]["solver"] == "lda"
+    assert manifest["routing"]["spec"]["preset"] == "context"
+    assert manifest["routing"]["selection"]["lam"] == manifest["routing"]["lam"]
+    assert "held-out tokens" in capsys.readouterr().out
+    code = main(["build", *_build_args(world, tmp_path / "m", "--lam", "auto",
+                                       "--format", "mixtral")[1:]])  # fmt: skip
+    assert code == 0  # mixtral defaults to the paper's routing, λ chosen on held-out data
+    bad = _build_args(world, tmp_path / "bad", "--routing", "context", "--format", "mixtral")
+    assert main(bad) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_build_then_eval_prints_every_baseline(world, built, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_gram_matches_explicit_definition():
 
 
 def test_shard_and_sum_equals_all_at_once():
-    x = torch.randn(1000, F)
+    x = torch.randn(1000, F, generator=torch.Generator().manual_seed(0))
     whole = GramAccumulator(1, F)
     whole.add(0, x)
     shards = [GramAccumulator(1, F) for _ in range(4)]
@@ -48,7 +48,7 @@ def test_shard_and_sum_equals_all_at_once():
             shards[i].add(0, piece)
     summed = sum_stats({f"s{i}": s.result() for i, s in enumerate(shards)})
     # fp32 block products differ per batch; the fp64 sums agree to fp32 product rounding.
-    torch.testing.assert_close(summed.gram_LPP, whole.result().gram_LPP, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(summed.gram_LPP, whole.result().gram_LPP, rtol=1e-5, atol=1e-4)
     # The count and the sums of x are exact.
     assert summed.num_tokens == 1000
     torch.testing.assert_close(

@@ -38,23 +38,21 @@ from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, solve_routing
 from dume_dist.model.writer import write_dume_checkpoint
 
 CONTEXT = PRESETS["context"]
+_H = dict(holdout_fraction=0.1)
 # (label, spec): the paper first (the speed reference), then what we tried beyond it.
 DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("paper (token, ridge λ=1e-2, k=1)", PRESETS["paper"]),
     ("paper, k=2", PRESETS["paper"].replace(top_k=2, preset=None)),
-    ("token, ridge, λ auto", RoutingSpec(lam=AUTO, holdout_fraction=0.1)),
-    ("token, ridge, λ auto, logit running mean", RoutingSpec(lam=AUTO, smoothing=1.0,
-                                                              holdout_fraction=0.1)),
-    ("token, ridge, λ+β auto", RoutingSpec(lam=AUTO, smoothing=AUTO, holdout_fraction=0.1)),
-    ("token, lda, λ+β auto", RoutingSpec(solver="lda", lam=AUTO, smoothing=AUTO,
-                                         holdout_fraction=0.1)),
-    ("prefix_mean, ridge, λ auto", RoutingSpec(features="prefix_mean", lam=AUTO,
-                                               holdout_fraction=0.1)),
-    ("prefix_mean, ridge, λ+β auto", RoutingSpec(features="prefix_mean", lam=AUTO,
-                                                 smoothing=AUTO, holdout_fraction=0.1)),
-    ("prefix_mean, lda, λ auto", RoutingSpec(features="prefix_mean", solver="lda", lam=AUTO,
-                                             holdout_fraction=0.1)),
-    ("context: prefix_mean, lda, λ+β auto", CONTEXT),
+    ("token, ridge, λ auto", RoutingSpec(lam=AUTO, **_H)),
+    ("token, ridge, λ auto, logit running mean", RoutingSpec(lam=AUTO, smoothing=1.0, **_H)),
+    ("token, ridge, λ+β auto", RoutingSpec(lam=AUTO, smoothing=AUTO, **_H)),
+    ("token, lda, λ+β auto", RoutingSpec(solver="lda", lam=AUTO, smoothing=AUTO, **_H)),
+    ("prefix_mean, ridge, λ auto", RoutingSpec(features="prefix_mean", lam=AUTO, **_H)),
+    ("prefix_mean, ridge, λ+β auto",
+     RoutingSpec(features="prefix_mean", lam=AUTO, smoothing=AUTO, **_H)),
+    ("prefix_mean, lda, λ+β auto",
+     RoutingSpec(features="prefix_mean", solver="lda", lam=AUTO, smoothing=AUTO, **_H)),
+    ("context (prefix_mean, lda, λ auto) = default", CONTEXT),
     ("context, k=2", CONTEXT.replace(top_k=2, preset=None)),
 ]  # fmt: skip
 

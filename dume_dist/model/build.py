@@ -158,7 +158,7 @@ def build_dume(
     lam: float | str | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
-    routing: str | RoutingSpec | Mapping | None = None,
+    routing: str | RoutingSpec | Mapping | None = "paper",
     holdout_fraction: float | None = None,
     max_tokens_per_seq: int = 1024,
     max_tokens: int | None = None,
@@ -173,8 +173,10 @@ def build_dume(
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
 
-    ``routing`` is a preset name (``paper``, the default; ``context``), a ``RoutingSpec`` or a dict
-    of its fields; ``lam`` (a number or ``"auto"``), ``top_k`` and ``holdout_fraction`` override it.
+    ``routing`` is a preset name (``paper``; ``context``, the best measured and the default of
+    ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
+    ``top_k`` and ``holdout_fraction`` override it. The function keeps ``paper`` as its default so
+    that callers comparing with the distributed coordinator (paper routers) keep matching.
     ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run in fp32 on
     ``device``; ``dtype`` casts the written weights (default: keep the experts' dtype).
     """
