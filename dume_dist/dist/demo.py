@@ -225,9 +225,32 @@ def _report(
         )
     )
     _explain(console, manifests)
+    latest = manifests[-1]
+    comparison = _compare_latest(
+        console, work / "pulled" / latest["version"], latest, inputs, eval_tokens, seq_len
+    )
     for m in manifests:
         m.pop("files", None)
-    return {"versions": manifests, "ppl": ppl}
+    return {"versions": manifests, "ppl": ppl, "comparison": comparison}
+
+
+def _compare_latest(console, model_dir, manifest, inputs, eval_tokens, seq_len) -> dict:
+    """The latest version against every baseline: dense experts, weight averaging, random
+    routers, oracle routing, k=1 and k=2 (the single-machine evaluation table)."""
+    from dume_dist.model.evaluate import compare, print_table
+
+    domains = [c["domain"] for c in manifest["contributors"]]
+    console.print(f"[dim]comparing {manifest['version']} with its baselines…[/dim]")
+    table = compare(
+        model_dir,
+        {d: [inputs["valid"][d]] for d in domains},
+        experts={d: inputs["experts"][d] for d in domains},
+        seq_len=seq_len,
+        max_eval_tokens=eval_tokens,
+        device="cpu",
+    )
+    print_table(table, console)
+    return table.to_json()
 
 
 def _explain(console: Console, manifests: list[dict]) -> None:
