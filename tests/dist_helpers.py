@@ -12,33 +12,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_world import SPECIALS, make_config, make_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS_PER_DOMAIN = 40
 DOMAINS = ("alpha", "beta", "gamma", "delta", "omega")
 
 
 def _tokenizer(num_words: int):
-    vocab = {t: i for i, t in enumerate(SPECIALS + [f"w{i}" for i in range(num_words)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
+    return make_tokenizer([f"w{i}" for i in range(num_words)])
 
 
 def tiny_config(num_words: int) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(SPECIALS) + num_words, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+    return make_config(vocab_size=len(SPECIALS) + num_words)
 
 
 def make_experts(root: Path, domains=DOMAINS, seed: int = 0, docs: int = 12) -> dict:

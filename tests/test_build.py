@@ -11,13 +11,18 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_world import (
+    DOMAINS,
+    NUM_WORDS,
+    domain_doc,
+    make_config,
+    make_tokenizer,
+    save_expert,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from dume_dist.core.solve import solve_routers
@@ -30,10 +35,7 @@ from dume_dist.model.data import eval_windows, load_domain_texts, shard, token_b
 from dume_dist.model.experts import expert_fingerprint, is_mlp_key, load_expert_specs
 from dume_dist.model.writer import verify_checkpoint, write_dume_checkpoint
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-NUM_WORDS = 240
 MAX_TOK = 12  # max_tokens_per_seq in these tests
-DOMAINS = {"alpha": range(0, 80), "beta": range(80, 160), "gamma": range(160, 240)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,64 +47,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _tokenizer(words):
-    vocab = {t: i for i, t in enumerate(SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-
-
-def _config(**overrides):
-    kw = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(SPECIALS) + NUM_WORDS, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
-def _save_expert(path, base_state, config, tokenizer, seed):
-    g = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in base_state and base_state[name].shape == p.shape:
-                p.copy_(base_state[name])
-            scale = 0.3 if ".mlp." in name else 0.01
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _doc(words, i, n):
-    return " ".join(f"w{words[(i * 7 + j * 3) % len(words)]}" for j in range(n))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("dume")
     words = [f"w{i}" for i in range(NUM_WORDS)]
-    tokenizer = _tokenizer(words)
+    tokenizer = make_tokenizer(words)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(_config())
+    base = LlamaForCausalLM(make_config())
     base.save_pretrained(root / "base")  # no tokenizer: a base may come without one
     state = base.state_dict()
     experts = {}
     for k, name in enumerate(DOMAINS):
-        _save_expert(root / name, state, _config(), tokenizer, seed=k + 1)
+        save_expert(root / name, state, make_config(), tokenizer, seed=k + 1)
         experts[name] = root / name
-    _save_expert(root / "wide", state, _config(intermediate_size=48), tokenizer, seed=9)
-    _save_expert(root / "othertok", state, _config(), _tokenizer(words[::-1]), seed=10)
+    save_expert(root / "wide", state, make_config(intermediate_size=48), tokenizer, seed=9)
+    save_expert(root / "othertok", state, make_config(), make_tokenizer(words[::-1]), seed=10)
     data = {}
     for name, words_range in DOMAINS.items():
-        docs = [_doc(list(words_range), i, 5 + 3 * i) for i in range(12)]
+        docs = [domain_doc(list(words_range), i, 5 + 3 * i) for i in range(12)]
         (root / f"{name}.txt").write_text("\n\n".join(docs) + "\n")
         data[name] = [root / f"{name}.txt"]
     (root / "empty.txt").write_text("\n\n  \n")
