@@ -43,6 +43,7 @@ class EvalTable:
     own_expert: dict[str, str] = field(default_factory=dict)
     routing_accuracy: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     routing_share: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    expert_names: list[str] = field(default_factory=list)
 
     def retention(self, variant: str, domain: str) -> float | None:
         own = self.own_expert.get(domain)
@@ -246,6 +247,7 @@ def compare(
         _record(table, "model", evaluate_model(model, batches, device=device))
         return table
     names = list(model.config.expert_names)
+    table.expert_names = names
     k0 = model.config.num_experts_per_tok
     label = f"dume k={k0}"
     results = evaluate_model(model, batches, device=device, record_routing=True, label=label)
@@ -345,7 +347,8 @@ def write_heatmap(table: EvalTable, path: str | Path, variant: str | None = None
         grid = torch.tensor([share[d][layer] for d in domains])
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"layer {layer}")
-        ax.set_xticks(range(grid.shape[1]))
+        names = table.expert_names or [str(j) for j in range(grid.shape[1])]
+        ax.set_xticks(range(grid.shape[1]), names, rotation=45, ha="right")
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(domains)), domains if layer == 0 else [""] * len(domains))
         for i in range(grid.shape[0]):
