@@ -51,7 +51,8 @@ def test_every_flag_has_a_config_key(words, config):
     if config == "node.yaml":
         assert args.data == ["/data/python/train.txt"] and args.workers is None
     else:
-        assert args.lam == 0.01 and args.backbone == "average" and args.hold is False
+        assert args.routing == "paper" and args.lam is None and args.top_k is None
+        assert args.backbone == "average" and args.hold is False
 
 
 @pytest.fixture(scope="module")

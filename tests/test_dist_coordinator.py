@@ -40,15 +40,18 @@ def experts(tmp_path_factory):
 class Flow:
     """A store, an in-process coordinator and credentials for some nodes."""
 
-    def __init__(self, url, experts, tmp, backbone=None, storage_options=None, hold=False):
+    def __init__(
+        self, url, experts, tmp, backbone=None, storage_options=None, hold=False, settings=None
+    ):
         self.url, self.experts, self.tmp = url, experts, tmp
         self.options = storage_options or {}
         self.store = ObjectStore(url, self.options)
         self.coord = Coordinator(url, self.options, work_dir=str(tmp / "coord"))
         backbone = backbone or f"base:{experts['base']}"
         self.founded, self.op = genesis.found(
-            self.coord, self.store, backbone=backbone, founding={}, settings=SETTINGS, hold=hold
-        )
+            self.coord, self.store, backbone=backbone, founding={},
+            settings=settings or SETTINGS, hold=hold,
+        )  # fmt: skip
         self.creds: dict[str, str] = {}
 
     def add(self, *names):
@@ -394,3 +397,234 @@ def test_one_worker_per_gpu_else_one_cpu_worker():
         local_workers(5, 4)
     with pytest.raises(ValueError):
         local_workers(0, 0)
+
+
+# -- routing options: the distributed pipeline equals the single-machine build -------------------
+
+CONTEXT = {"routing": "context", "max_tokens_per_seq": 16}
+BUILD = {"max_tokens_per_seq": 16, "seq_len": 16, "max_tokens": 240, "batch_size": 4}
+
+
+def _single_build(experts, out, names, **kw):
+    from dume_dist.model.build import build_dume
+
+    return build_dume(
+        {n: str(experts[n]["expert"]) for n in names},
+        {n: [str(experts[n]["data"])] for n in names},
+        out, backbone=f"base:{experts['base']}", progress=False, **BUILD, **kw,
+    )  # fmt: skip
+
+
+def _config_routing(model_dir):
+    return json.loads((model_dir / "config.json").read_text())["routing"]
+
+
+def _pulled(flow, vid):
+    flow.routers(vid)
+    return flow.tmp / f"pull-{hashlib.sha1(flow.url.encode()).hexdigest()[:6]}-{vid}"
+
+
+def test_context_routing_equals_the_single_machine_build(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=CONTEXT)
+    settings = flow.status()["registry"]["settings"]
+    assert settings["routing"]["features"] == "prefix_mean" and settings["lam"] == "auto"
+    assert settings["feature_map"] == "prefix_mean" and settings["routing"]["preset"] == "context"
+    names = ("alpha", "beta", "gamma")
+    flow.add(*names)
+    for name in names:
+        result = flow.join(name)
+        assert result["status"] == "accepted" and result["holdout_bytes"] > 0
+    nodes = flow.status()["registry"]["nodes"]
+    for name in names:
+        (entry,) = nodes[name]["stats"]
+        assert [h["smoothing"] for h in entry["holdout"]] == [0.0]
+        assert flow.store.exists(f"blobs/{entry['holdout'][0]['blob']}.bin")
+
+    single = _single_build(experts, tmp_path / "single", names, routing="context")
+    pulled = _pulled(flow, "v3")
+    assert_same_routers(flow.routers("v3"), routers_of(tmp_path / "single"))
+    assert _config_routing(pulled) == _config_routing(tmp_path / "single")
+    assert _config_routing(pulled)["features"] == "prefix_mean"
+    manifest = flow.versions().get_manifest("v3")
+    assert manifest["lam"] == single.routing.lam == manifest["routing"]["lam"]
+    assert manifest["routing"]["selection"] == single.manifest["routing"]["selection"]
+    assert manifest["routing"]["solver"] == "lda"
+    assert all("holdout" in s for c in manifest["contributors"] for s in c["stats"])
+
+
+def test_unlearning_under_context_routing_equals_a_build_without_the_node(experts, tmp_path):
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=CONTEXT)
+    flow.add("alpha", "beta", "gamma")
+    for name in ("alpha", "beta", "gamma"):
+        flow.join(name)
+    held = [h["blob"] for s in flow.status()["registry"]["nodes"]["beta"]["stats"]
+            for h in s["holdout"]]  # fmt: skip
+    result = flow.coord.unlearn(flow.op, "beta", "forget me")
+    assert result["version"] == "v4"
+    assert not any("/beta/" in k for k in flow.store.list("blobs"))
+    assert held and not any(flow.store.exists(f"blobs/{b}.bin") for b in held)
+
+    _single_build(experts, tmp_path / "single", ("alpha", "gamma"), routing="context")
+    assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
+    assert _config_routing(_pulled(flow, "v4")) == _config_routing(tmp_path / "single")
+    # Unlearning changed the routers (λ is chosen again on the remaining held-out statistics).
+    assert flow.routers("v3")["model.layers.0.mlp.router.weight"].shape[0] == 3
+
+
+@pytest.fixture(scope="module")
+def context_founded(experts, tmp_path_factory):
+    """A context-routing store where alpha joined and beta's expert is uploaded; beta's own
+    statistics (fit and held-out) are computed but not submitted."""
+    tmp_path = tmp_path_factory.mktemp("context")
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=CONTEXT)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    agent = flow.agent("beta")
+    agent.authenticate()
+    backbone_dir = agent.fetch_backbone()
+    expert = str(experts["beta"]["expert"])
+    spec, fingerprint = agent.check_expert(expert)
+    agent.upload_expert(spec, fingerprint)
+    opts = {k: JOIN[k] for k in ("max_tokens", "seq_len", "batch_size")}
+    flow.job = agent.job(backbone_dir, expert, fingerprint, [str(experts["beta"]["data"])], opts)
+    flow.computed = agent.compute(flow.job, threads=1)
+    return flow
+
+
+def _submit(flow, stats, holdout, sub_id="sub-x"):
+    tokens = stats_from_bytes(stats).num_tokens if isinstance(stats, bytes) else stats.num_tokens
+    return flow.coord.submit_stats(
+        flow.creds["beta"], "beta", "beta", stats, sub_id, tokens, holdout
+    )
+
+
+def test_a_submission_without_the_needed_held_out_statistics_is_refused(context_founded):
+    flow = context_founded
+    before = _snapshot(flow)
+    stats, held = flow.computed["stats"], flow.computed["holdout"]
+    assert set(held) == {0.0}
+    for holdout in (None, {}, {0.5: held[0.0]}):
+        with pytest.raises(ValueError, match="held-out statistics") as err:
+            _submit(flow, stats, holdout)
+        assert "\n" not in str(err.value)
+    assert _snapshot(flow) == before
+
+
+def test_statistics_of_the_wrong_feature_map_are_refused(context_founded, experts, tmp_path):
+    flow = context_founded
+    before = _snapshot(flow)
+    fit = stats_from_bytes(flow.computed["stats"])
+    held = stats_from_bytes(flow.computed["holdout"][0.0])
+    cases = [
+        (fit.with_meta(feature_map="token"), {0.0: held}),  # right shape, wrong identity
+        (fit, {0.0: held.with_meta(feature_map="prefix_mean+ema:0.5")}),
+        (fit, {0.0: held.with_meta(feature_map="token")}),
+    ]
+    for stats, holdout in cases:
+        with pytest.raises(ValueError, match="feature map") as err:
+            _submit(flow, stats, holdout)
+        assert "\n" not in str(err.value)
+    # Token statistics (the paper's, of another shape) do not fit a prefix_mean coordinator.
+    paper = Flow(str(tmp_path / "paper"), experts, tmp_path / "p")
+    paper.add("beta")
+    paper.join("beta")
+    blob = paper.status()["registry"]["nodes"]["beta"]["stats"][0]["blob"]
+    token = stats_from_bytes(BlobStore(paper.store).get_blob(blob))
+    token = token.with_meta(expert_fingerprint=fit.expert_fingerprint,
+                            backbone_fingerprint=fit.backbone_fingerprint)  # fmt: skip
+    with pytest.raises(ValueError):
+        _submit(flow, token, {0.0: held})
+    assert _snapshot(flow) == before
+    # The good submission is accepted, then a retry is a duplicate (no-op).
+    accepted = _submit(flow, flow.computed["stats"], flow.computed["holdout"], "sub-good")
+    assert accepted["status"] == "accepted"
+    after = _snapshot(flow)
+    again = _submit(flow, flow.computed["stats"], flow.computed["holdout"], "sub-good")
+    other = _submit(flow, flow.computed["stats"], flow.computed["holdout"], "sub-other")
+    assert again["status"] == other["status"] == "duplicate"
+    assert _snapshot(flow) == after
+
+
+def test_held_out_hashes_are_in_the_content_digest():
+    from dume_dist.dist import state as st
+
+    node = {"domain": "d", "state": "active", "expert": {"fingerprint": "f"},
+            "stats": [{"sha256": "a", "blob": "stats/n/a"}]}  # fmt: skip
+    registry = {"backbone": {"fingerprint": "b"}, "settings": {}, "nodes": {"n": node}}
+    plain = st.content_digest(registry)
+    node["stats"][0]["holdout"] = [{"smoothing": 0.0, "sha256": "h1", "blob": "stats/n/h1"}]
+    one = st.content_digest(registry)
+    node["stats"][0]["holdout"][0]["sha256"] = "h2"
+    assert len({plain, one, st.content_digest(registry)}) == 3
+    assert st.entry_blobs(node["stats"][0]) == ["stats/n/a", "stats/n/h1"]
+
+
+def test_an_old_registry_keeps_the_papers_routing(experts, tmp_path):
+    from dume_dist.store import RegistryStore
+
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    registry = RegistryStore(flow.store)
+    state, rev = registry.load()
+    old = {"lam": 0.05, "temperature": 1.0, "top_k": 1, "max_tokens_per_seq": 16,
+           "feature_map": "token"}  # fmt: skip
+    state["settings"] = dict(old)  # as a coordinator before routing options wrote it
+    registry.save(state, rev)
+    flow.add("alpha", "gamma")
+    flow.join("alpha")
+    assert flow.join("gamma")["version"] == "v2"
+    assert flow.status()["registry"]["settings"] == old  # read as it is, never rewritten
+    assert "holdout" not in flow.status()["registry"]["nodes"]["alpha"]["stats"][0]
+    manifest = flow.versions().get_manifest("v2")
+    assert manifest["lam"] == 0.05 and manifest["routing"]["features"] == "token"
+    assert manifest["routing"]["solver"] == "ridge"
+    _single_build(experts, tmp_path / "single", ("alpha", "gamma"), routing="paper", lam=0.05)
+    assert_same_routers(flow.routers("v2"), routers_of(tmp_path / "single"))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"routing": "nope"},
+        {"lam": -1.0},
+        {"lam": "often"},
+        {"solver": "lda", "lam": 2.0},
+        {"features": "bag"},
+        {"smoothing": 1.5},
+        {"lam": "auto", "holdout_fraction": 1.0},
+        {"top_k": 0},
+        {"temperature": 0},
+        {"max_tokens_per_seq": 0},
+        {"routing": "paper", "colour": "blue"},
+        {"routing": "context", "feature_map": "token"},
+    ],
+)
+def test_bad_routing_settings_are_one_line_errors_and_write_nothing(experts, tmp_path, bad):
+    from dume_dist.dist.coordinator import check_settings
+
+    with pytest.raises(ValueError) as err:
+        check_settings(bad)
+    assert "\n" not in str(err.value)
+    url = str(tmp_path / "store")
+    coord = Coordinator(url, work_dir=str(tmp_path / "coord"))
+    with pytest.raises(ValueError):
+        genesis.found(coord, ObjectStore(url), backbone=f"base:{experts['base']}", founding={},
+                      settings={"max_tokens_per_seq": 16, **bad})  # fmt: skip
+    assert ObjectStore(url).list() == []
+
+
+def test_settings_resolve_presets_and_overrides():
+    from dume_dist.dist.artifacts import routing_of
+    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.model.routing import resolve_routing
+
+    paper = check_settings({})
+    assert routing_of(paper) == resolve_routing("paper")
+    assert paper["lam"] == 0.01 and paper["feature_map"] == "token" and paper["top_k"] == 1
+    tuned = check_settings({"routing": "paper", "lam": "auto", "smoothing": 0.5, "top_k": 2})
+    spec = routing_of(tuned)
+    assert spec.lam == "auto" and spec.holdout_fraction == 0.1 and spec.top_k == 2
+    assert spec.holdout_smoothings() == (0.5,)
+    ctx = check_settings({"routing": "context", "holdout_fraction": 0.2})
+    assert routing_of(ctx) == resolve_routing("context", holdout_fraction=0.2)
+    assert json.loads(json.dumps(ctx)) == ctx
+    assert routing_of({"lam": 0.05, "top_k": 1, "feature_map": "token"}).lam == 0.05

@@ -74,7 +74,7 @@ def s3():
 class RayFlow:
     """A detached coordinator actor on a store, plus node agents pinned to cluster nodes."""
 
-    def __init__(self, url, options, experts, tmp, node_ids):
+    def __init__(self, url, options, experts, tmp, node_ids, settings=None):
         self.url, self.options, self.experts, self.tmp, self.node_ids = (
             url,
             options,
@@ -86,7 +86,7 @@ class RayFlow:
         self.store = ObjectStore(url, options)
         self.coord = cluster.start_coordinator(url, options, name=self.name, namespace="dume-test")
         _, self.op = genesis.found(self.coord, self.store, backbone=f"base:{experts['base']}",
-                                   founding={}, settings=SETTINGS)  # fmt: skip
+                                   founding={}, settings=settings or SETTINGS)  # fmt: skip
         self.creds = {}
 
     def call(self, method, *args):
@@ -145,8 +145,14 @@ def assert_same_routers(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path):
-    flow = RayFlow(str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"])
+@pytest.mark.parametrize("routing", ["paper", "context"])
+def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routing):
+    """Fit statistics (and under ``context`` the held-out ones of prefix-mean features) of two
+    gloo ranks equal one worker's: the same batches, summed in fp64."""
+    settings = {**SETTINGS, "routing": routing}
+    flow = RayFlow(
+        str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"], settings
+    )
     try:
         flow.add("alpha")
         agent = flow.agent("alpha", 1)
@@ -156,15 +162,35 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path):
         _, fingerprint = cluster.get(agent.check_expert.remote(expert))
         job = cluster.get(agent.job.remote(backbone_dir, expert, fingerprint, [str(experts["alpha"]["data"])],
                                            {"max_tokens": None, "seq_len": 16, "batch_size": 2}))  # fmt: skip
-        one = stats_from_bytes(cluster.get(agent.compute.remote(job, 1, 1)))
-        two = stats_from_bytes(cluster.get(agent.compute.remote(job, 2, 1)))
+        one = cluster.get(agent.compute.remote(job, 1, 1))
+        two = cluster.get(agent.compute.remote(job, 2, 1))
+        upload = cluster.get(agent.check_expert.remote(expert))
+        cluster.get(agent.upload_expert.remote(*upload))
+        submitted = cluster.get(agent.submit.remote(job, two))  # through Ray object refs
         ray.kill(agent)
-        assert one.num_tokens == two.num_tokens > 200
-        scale = one.gram_LPP.abs().max()
-        torch.testing.assert_close(
-            two.gram_LPP, one.gram_LPP, rtol=1e-13, atol=1e-13 * float(scale)
+        assert submitted["status"] == "accepted" and submitted["version"] == "v1"
+        (entry,) = flow.call("status")["registry"]["nodes"]["alpha"]["stats"]
+        assert len(entry.get("holdout", [])) == (1 if routing == "context" else 0)
+        assert (
+            set(one["holdout"]) == set(two["holdout"]) == ({0.0} if routing == "context" else set())
         )
-        assert not torch.equal(one.gram_LPP, torch.zeros_like(one.gram_LPP))
+        pairs = [(one["stats"], two["stats"])]
+        pairs += [(one["holdout"][b], two["holdout"][b]) for b in one["holdout"]]
+        for a_bytes, b_bytes in pairs:
+            a, b = stats_from_bytes(a_bytes), stats_from_bytes(b_bytes)
+            assert (
+                a.feature_map
+                == b.feature_map
+                == ("prefix_mean" if routing == "context" else "token")
+            )
+            assert a.num_tokens == b.num_tokens > 0
+            scale = a.gram_LPP.abs().max()
+            torch.testing.assert_close(
+                b.gram_LPP, a.gram_LPP, rtol=1e-13, atol=1e-13 * float(scale)
+            )
+            assert not torch.equal(a.gram_LPP, torch.zeros_like(a.gram_LPP))
+        fit_tokens = stats_from_bytes(one["stats"]).num_tokens
+        assert fit_tokens > (200 if routing == "paper" else 100)  # context: some docs held out
     finally:
         flow.stop()
 

@@ -19,7 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-from dume_dist.cli.build import BACKBONE_HELP, parse_experts
+from dume_dist.cli.build import (
+    BACKBONE_HELP,
+    ROUTING_FEATURES,
+    ROUTING_PRESETS,
+    ROUTING_SOLVERS,
+    number_or_auto,
+    parse_experts,
+)
 
 DEFAULT_OPERATOR_FILE = "~/.dume/operator.credential"
 
@@ -145,6 +152,46 @@ def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _routing_flags(p: argparse.ArgumentParser, fixed_at_genesis: bool = True) -> None:
+    when = " (fixed at genesis)" if fixed_at_genesis else ""
+    p.add_argument(
+        "--routing",
+        choices=ROUTING_PRESETS,
+        default="paper",
+        help="named routing setting" + when + ": 'paper' (the default: token features, ridge, "
+        "λ=1e-2, k=1) or 'context' (prefix-mean features, lda, λ chosen on held-out "
+        "statistics); the flags below override it (docs/routing.md)",
+    )
+    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
+    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
+    p.add_argument(
+        "--lam",
+        type=number_or_auto,
+        default=None,
+        help="ridge λ (lda: covariance shrinkage in (0, 1]), or 'auto': chosen on held-out "
+        "statistics each node computes on a share of its documents",
+    )
+    p.add_argument(
+        "--smoothing",
+        type=number_or_auto,
+        default=None,
+        help="decay in [0, 1] of the causal moving average of router logits (0 off), or 'auto'",
+    )
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=None,
+        help="share of each node's documents held out to choose 'auto' settings (default 0.1)",
+    )
+
+
+def _routing_settings(args) -> dict:
+    """The routing entries of coordinator settings (None: the preset's value)."""
+    out = {"routing": args.routing, "features": args.features, "solver": args.solver,
+           "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction}  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _register_coordinator(sub) -> None:
     c = sub.add_parser("coordinator", help="operator: the coordinator actor on the Ray cluster")
     cs = c.add_subparsers(dest="command2", required=True, metavar="ACTION")
@@ -156,9 +203,9 @@ def _register_coordinator(sub) -> None:
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
     p.add_argument("--founding-expert", action="append", default=None, metavar="NAME=DIR",
                    help="a founding expert whose non-MLP weights the 'average' backbone averages (repeatable)")  # fmt: skip
-    p.add_argument("--lam", type=float, default=1e-2, help="ridge regulariser λ")
+    _routing_flags(p)
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
-    p.add_argument("--top-k", type=int, default=1, help="experts per token k")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token k (default 1)")
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
@@ -323,6 +370,12 @@ def _register_demo(sub) -> None:
         "--unlearn", default=None, help="domain to unlearn (default: the second founding domain)"
     )
     p.add_argument("--json", default=None, help="also write the versions and ppl tables here")
+    p.add_argument(
+        "--routing",
+        choices=ROUTING_PRESETS,
+        default=None,
+        help="routing preset of the demo's coordinator (default: the demo's, 'paper')",
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -344,8 +397,15 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
 
 
 def _settings(args) -> dict:
-    return {"lam": args.lam, "temperature": args.temperature, "top_k": args.top_k,
-            "max_tokens_per_seq": args.max_tokens_per_seq}  # fmt: skip
+    """Coordinator settings from the flags; checked (one-line errors) before any actor exists."""
+    from dume_dist.dist.coordinator import check_settings
+
+    settings = {**_routing_settings(args), "temperature": args.temperature,
+                "max_tokens_per_seq": args.max_tokens_per_seq}  # fmt: skip
+    if args.top_k is not None:
+        settings["top_k"] = args.top_k
+    check_settings(settings)
+    return settings
 
 
 def run_coordinator_start(args) -> int:
@@ -353,6 +413,7 @@ def run_coordinator_start(args) -> int:
     from dume_dist.dist.cluster import connect, start_coordinator
     from dume_dist.store import ObjectStore
 
+    settings = _settings(args)  # bad settings: an error before anything is written
     options = parse_storage_options(args.storage_option)
     store = ObjectStore(args.store, options)  # a bad URL fails here, before any actor exists
     founding = parse_experts(args.founding_expert) if args.founding_expert else {}
@@ -378,7 +439,7 @@ def run_coordinator_start(args) -> int:
         status = _call(handle, "status")
         result, secret = {"founded": False, "revision": status["revision"]}, None
     else:
-        result, secret = genesis.found_with(handle, record, _settings(args), existing, args.hold)
+        result, secret = genesis.found_with(handle, record, settings, existing, args.hold)
     if result["founded"]:
         if not existing:
             path = write_secret(cred_path, secret)
@@ -580,8 +641,9 @@ def run_demo(args) -> int:
         f"Ray token authentication: {'on (a fresh token for this cluster)' if token_auth else 'off'}"
     )
 
+    settings = {"routing": args.routing} if args.routing else None
     demo(store=args.store, max_tokens=args.max_tokens, eval_tokens=args.eval_tokens,
-         unlearn=args.unlearn, json_out=args.json)  # fmt: skip
+         unlearn=args.unlearn, json_out=args.json, settings=settings)  # fmt: skip
     return 0
 
 

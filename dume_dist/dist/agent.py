@@ -12,9 +12,11 @@ Steps of `join` (each one thing, each safe to repeat):
 ``fetch_backbone`` backbone files into the node's cache (sha256 verified), once per fingerprint
 ``check_expert``  the expert fits the backbone (config, MLP shapes, tokenizer)
 ``upload_expert`` MLP weights as one safetensors blob (a no-op when already registered)
-``compute``       one `StatsWorker` per local GPU (else one CPU worker); all_reduce; rank 0's sum
-``submit``        with a submission id = hash(data files, expert, backbone, settings): a rerun
-                  after a crash is recognised and counted once
+``compute``       one `StatsWorker` per local GPU (else one CPU worker); all_reduce; rank 0's sum:
+                  fit statistics of the coordinator's routing features and, when its routing
+                  chooses λ / β on held-out data, held-out statistics (same split as a build)
+``submit``        with a submission id = hash(data files, expert, backbone, settings, routing's
+                  statistics settings): a rerun after a crash is recognised and counted once
 
 The coordinator is either a Ray actor handle or a plain `Coordinator` (tests): `_call` hides
 the difference.
@@ -188,14 +190,27 @@ class NodeAgent:
     def job(
         self, backbone_dir: Path, expert_dir: str, fingerprint: str, data: list[str], opts: dict
     ) -> dict:
+        from dume_dist.dist.artifacts import routing_of
+
         settings = self._info["settings"]
         max_tps = settings["max_tokens_per_seq"]
+        spec = routing_of(settings)
         stats_settings = {
             "batch_size": opts.get("batch_size", 8),
             "seq_len": opts.get("seq_len") or max_tps,
             "max_tokens_per_seq": max_tps,
             "max_tokens": opts.get("max_tokens"),
         }
+        routing = {
+            "features": spec.features,
+            "holdout_fraction": spec.holdout_fraction if spec.needs_holdout else 0.0,
+            "holdout_smoothings": list(spec.holdout_smoothings()),
+        }
+        # What the statistics depend on is part of the submission id; the paper's token
+        # statistics without a held-out part keep the ids they had before routing options.
+        id_settings = dict(stats_settings)
+        if spec.features != "token" or spec.needs_holdout:
+            id_settings["routing"] = routing
         for path in data:
             if not Path(path).is_file():
                 raise ValueError(f"data file {path} does not exist on node {self.name}")
@@ -209,12 +224,14 @@ class NodeAgent:
             "data": [str(p) for p in data],
             "backbone_fingerprint": backbone_fp,
             "expert_fingerprint": fingerprint,
-            "submission_id": submission_id(hashes, fingerprint, backbone_fp, stats_settings),
+            "submission_id": submission_id(hashes, fingerprint, backbone_fp, id_settings),
             **stats_settings,
+            **routing,
         }
 
-    def compute(self, job: dict, workers: int | None = None, threads: int | None = None) -> bytes:
-        """Summed statistics of the node's data from its worker group."""
+    def compute(self, job: dict, workers: int | None = None, threads: int | None = None) -> dict:
+        """Summed statistics of the node's data from its worker group:
+        ``{"stats": fit bytes, "holdout": {β: held-out bytes}}``."""
         self._enter("compute")
         num, backend = local_workers(workers, node_gpus(self.node_id() if self._in_ray() else None))
         if not self._in_ray():
@@ -225,7 +242,7 @@ class NodeAgent:
             return StatsWorker(0, 1, backend, threads).compute(job)
         return self._compute_in_ray(job, num, backend, threads)
 
-    def _compute_in_ray(self, job: dict, num: int, backend: str, threads: int | None) -> bytes:
+    def _compute_in_ray(self, job: dict, num: int, backend: str, threads: int | None) -> dict:
         import ray
 
         from dume_dist.dist.cluster import get, remote_worker
@@ -247,13 +264,18 @@ class NodeAgent:
             for w in workers:
                 ray.kill(w)
 
-    def submit(self, job: dict, stats: bytes) -> dict:
+    def submit(self, job: dict, computed: dict) -> dict:
+        """Push ``compute``'s statistics (fit, and held-out when the routing needs them)."""
         from dume_dist.core.stats import stats_from_bytes
 
         self._enter("submit")
+        stats, holdout = computed["stats"], computed.get("holdout") or {}
         num_tokens = stats_from_bytes(stats).num_tokens
-        return _call(self.coordinator, "submit_stats", self._secret, self.name, self.domain,
-                     self._put(stats), job["submission_id"], num_tokens)  # fmt: skip
+        args = [self._secret, self.name, self.domain, self._put(stats), job["submission_id"],
+                num_tokens]  # fmt: skip
+        if holdout:  # (a coordinator of the paper's routing is called as it always was)
+            args.append(self._put(holdout))
+        return _call(self.coordinator, "submit_stats", *args)
 
     # -- the whole join ---------------------------------------------------------------------
 
@@ -287,13 +309,14 @@ class NodeAgent:
             }
         else:
             t1 = time.perf_counter()
-            stats = self.compute(job, workers, threads)
+            computed = self.compute(job, workers, threads)
             seconds["compute"] = time.perf_counter() - t1
             self._maybe_crash(crash_after, "compute")
             t2 = time.perf_counter()
-            result = self.submit(job, stats)
+            result = self.submit(job, computed)
             seconds["submit"] = time.perf_counter() - t2
-            result["stats_bytes"] = len(stats)
+            result["stats_bytes"] = len(computed["stats"])
+            result["holdout_bytes"] = sum(len(b) for b in computed["holdout"].values())
             self._maybe_crash(crash_after, "submit")
         self._enter("done")
         result.update(

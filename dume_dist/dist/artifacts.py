@@ -30,7 +30,34 @@ from dume_dist.model.experts import (
 )
 
 BACKBONE_PREFIX = "backbone"
-FEATURE_MAP = "token"
+FEATURE_MAP = "token"  # the feature map of registries founded before routing options existed
+
+# Coordinator settings that name the routing (everything else in them: temperature and
+# max_tokens_per_seq). ``routing`` is a preset name or a dict of ``RoutingSpec`` fields.
+ROUTING_KEYS = ("routing", "features", "solver", "lam", "smoothing", "top_k", "holdout_fraction")
+SETTINGS_KEYS = (*ROUTING_KEYS, "temperature", "max_tokens_per_seq", "feature_map")
+
+
+def routing_of(settings: dict):
+    """The `RoutingSpec` of a coordinator's stored settings. A registry founded before routing
+    options existed has no ``routing`` entry: it is the paper's token / ridge routing with its
+    own λ and k (``feature_map`` "token")."""
+    from dume_dist.model.routing import RoutingSpec, resolve_routing
+
+    stored = settings.get("routing")
+    if stored is None:
+        if settings.get("feature_map", FEATURE_MAP) != FEATURE_MAP:
+            raise ValueError(
+                f"registry settings have feature map {settings['feature_map']!r} but no routing"
+            )
+        return resolve_routing("paper", lam=float(settings.get("lam", 1e-2)),
+                               top_k=int(settings.get("top_k", 1)))  # fmt: skip
+    fields = dict(stored)
+    if fields.get("lam_grid") is not None:
+        fields["lam_grid"] = tuple(fields["lam_grid"])
+    if fields.get("smoothing_grid") is not None:
+        fields["smoothing_grid"] = tuple(fields["smoothing_grid"])
+    return RoutingSpec(**fields)
 
 
 def _jsonable(obj):

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from dume_dist.core.solve import solve_routers
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
 from dume_dist.dist import state as st
-from dume_dist.dist.artifacts import FEATURE_MAP, check_mlp_blob, mlp_spec
+from dume_dist.dist.artifacts import SETTINGS_KEYS, check_mlp_blob, mlp_spec, routing_of
 from dume_dist.store import (
     BlobStore,
     ObjectStore,
@@ -40,6 +39,17 @@ from dume_dist.store import (
 )
 
 UNLEARNED_MARK = "contains_unlearned"
+DIST_FEATURES = ("token", "prefix_mean")  # the feature maps node workers compute
+
+
+def _parse_stats(stats) -> RouterStats:
+    try:
+        parsed = stats_from_bytes(bytes(stats)) if isinstance(stats, (bytes, bytearray)) else stats
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"statistics blob is malformed: {exc!r}") from None
+    if not isinstance(parsed, RouterStats):
+        raise ValueError(f"statistics must be bytes or RouterStats, got {type(stats).__name__}")
+    return parsed
 
 
 def operator_material(secret: str) -> str:
@@ -52,21 +62,67 @@ def node_material(name: str, domain: str, secret: str) -> str:
     return f"dume-node\n{name}\n{domain}\n{secret}"
 
 
+def _number_or_auto(key: str, value):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number or 'auto', got {value!r}") from None
+    return value
+
+
 def check_settings(settings: dict) -> dict:
-    out = {
-        "lam": float(settings.get("lam", 1e-2)),
-        "temperature": float(settings.get("temperature", 1.0)),
-        "top_k": int(settings.get("top_k", 1)),
-        "max_tokens_per_seq": int(settings.get("max_tokens_per_seq", 1024)),
-        "feature_map": FEATURE_MAP,
+    """The registry's settings from what genesis was given: the routing (a ``routing`` preset
+    name or dict of `RoutingSpec` fields, default ``paper``, with ``features``, ``solver``,
+    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction`` on top), ``temperature`` and
+    ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its JSON), its ``feature_map``,
+    and ``lam`` / ``top_k`` (as the spec has them) for readers of older registries."""
+    from dume_dist.model.routing import resolve_routing
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown coordinator setting {unknown[0]!r}")
+    try:
+        temperature = float(settings.get("temperature", 1.0))
+        max_tps = settings.get("max_tokens_per_seq", 1024)
+        holdout_fraction = settings.get("holdout_fraction")
+        spec = resolve_routing(
+            settings.get("routing") or "paper",
+            features=settings.get("features"),
+            solver=settings.get("solver"),
+            lam=_number_or_auto("lam", settings.get("lam")),
+            smoothing=_number_or_auto("smoothing", settings.get("smoothing")),
+            top_k=settings.get("top_k"),
+            holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
+        )
+    except TypeError as exc:
+        raise ValueError(f"bad coordinator settings: {exc}") from None
+    if spec.features not in DIST_FEATURES:
+        raise ValueError(
+            f"features {spec.features!r} are not supported by the distributed pipeline "
+            f"(it computes {', '.join(DIST_FEATURES)})"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(max_tps, bool) or not isinstance(max_tps, int) or max_tps < 1:
+        raise ValueError(f"max_tokens_per_seq must be a positive integer, got {max_tps!r}")
+    given_map = settings.get("feature_map")
+    if given_map is not None and given_map != spec.feature_map:
+        raise ValueError(
+            f"feature_map {given_map!r} does not match the routing's {spec.feature_map!r}"
+        )
+    return {
+        "lam": spec.lam,
+        "temperature": temperature,
+        "top_k": spec.top_k,
+        "max_tokens_per_seq": max_tps,
+        "feature_map": spec.feature_map,
+        "routing": spec.to_json(),
     }
-    if not out["lam"] > 0:
-        raise ValueError(f"lam must be > 0, got {out['lam']}")
-    if not out["temperature"] > 0:
-        raise ValueError(f"temperature must be > 0, got {out['temperature']}")
-    if out["top_k"] < 1 or out["max_tokens_per_seq"] < 1:
-        raise ValueError("top_k and max_tokens_per_seq must be >= 1")
-    return out
 
 
 class Coordinator:
@@ -230,7 +286,9 @@ class Coordinator:
         for key in ("num_layers", "feature_dim", "mlp_layout", "tokenizer_hash"):
             if backbone[key] != state["backbone"][key]:
                 raise ValueError(f"the new backbone differs in {key}: experts would not fit it")
-        stale = [s["blob"] for rec in state["nodes"].values() for s in rec["stats"]]
+        stale = [
+            b for rec in state["nodes"].values() for s in rec["stats"] for b in st.entry_blobs(s)
+        ]
         state["backbone"] = backbone
         for rec in state["nodes"].values():
             rec["stats"] = []
@@ -277,7 +335,7 @@ class Coordinator:
         sha = hashlib.sha256(mlp).hexdigest()
         self._expert_spec(state, name, fingerprint, mlp, sha)  # validates layout and fingerprint
         blob = self.blobs.put_blob("expert", name, mlp, {"fingerprint": fingerprint})
-        stale = [s["blob"] for s in rec["stats"]] + (
+        stale = [b for s in rec["stats"] for b in st.entry_blobs(s)] + (
             [rec["expert"]["blob"]] if rec["expert"] else []
         )
         rec["expert"] = {"fingerprint": fingerprint, "blob": blob, "size": len(mlp)}
@@ -296,9 +354,13 @@ class Coordinator:
         stats: bytes | RouterStats,
         submission_id: str,
         num_tokens: int,
+        holdout: dict | None = None,
     ) -> dict:
         """Add one statistics contribution of ``name``; counted once per submission id and per
-        content (a retry or a rerun is a no-op). Publishes unless held."""
+        content (a retry or a rerun is a no-op). ``holdout`` is ``{β: statistics}`` of the
+        node's held-out documents, one per ``RoutingSpec.holdout_smoothings()`` of the
+        coordinator's routing (none when nothing is ``"auto"``). Everything is validated before
+        anything is written. Publishes unless held."""
         state, rev = self._load_founded()
         rec = self._check_node(state, name, domain, secret)
         data = stats if isinstance(stats, (bytes, bytearray)) else None
@@ -312,22 +374,43 @@ class Coordinator:
                     "version": version,
                     **self._summary(),
                 }
-        parsed = self._validate_stats(state, rec, name, stats, num_tokens)
+        spec = routing_of(state["settings"])
+        parsed = self._validate_stats(state, rec, name, stats, num_tokens, spec.feature_map)
+        held = self._validate_holdout(state, rec, name, spec, parsed, holdout)
         if data is None:
             data = stats_to_bytes(parsed)
             sha = hashlib.sha256(data).hexdigest()
+        for old in rec["stats"]:  # the same content, given as a tensor
+            if old["sha256"] == sha:
+                return {"status": "duplicate", "blob": old["blob"],
+                        "version": self._maybe_publish(f"join {name}"), **self._summary()}  # fmt: skip
         meta = {"submission_id": submission_id, "num_tokens": parsed.num_tokens}
         blob = self.blobs.put_blob("stats", name, data, meta)
-        rec["stats"].append(
-            {
-                "blob": blob,
-                "sha256": sha,
-                "submission_id": submission_id,
-                "num_tokens": parsed.num_tokens,
-                "size": len(data),
-                "submitted_at": st.now(),
-            }
-        )
+        held_entries = []
+        for beta, (held_stats, held_data) in held.items():
+            held_meta = {**meta, "num_tokens": held_stats.num_tokens, "split": "holdout",
+                         "smoothing": beta, "feature_map": held_stats.feature_map}  # fmt: skip
+            held_entries.append(
+                {
+                    "smoothing": beta,
+                    "feature_map": held_stats.feature_map,
+                    "blob": self.blobs.put_blob("stats", name, held_data, held_meta),
+                    "sha256": hashlib.sha256(held_data).hexdigest(),
+                    "num_tokens": held_stats.num_tokens,
+                    "size": len(held_data),
+                }
+            )
+        entry = {
+            "blob": blob,
+            "sha256": sha,
+            "submission_id": submission_id,
+            "num_tokens": parsed.num_tokens,
+            "size": len(data),
+            "submitted_at": st.now(),
+        }
+        if held_entries:
+            entry["holdout"] = held_entries
+        rec["stats"].append(entry)
         trigger = f"improve {name}" if rec["state"] == "active" else f"join {name}"
         rec["state"] = "active"
         self._save(state, rev)
@@ -367,20 +450,21 @@ class Coordinator:
 
     # -- validation -------------------------------------------------------------------------
 
-    def _validate_stats(self, state: dict, rec: dict, name: str, stats, num_tokens) -> RouterStats:
+    def _validate_stats(
+        self, state: dict, rec: dict, name: str, stats, num_tokens, feature_map: str
+    ) -> RouterStats:
+        from dume_dist.model.modeling_dume import routing_feature_dim
+
         backbone = state["backbone"]
-        try:
-            parsed = (
-                stats_from_bytes(bytes(stats)) if isinstance(stats, (bytes, bytearray)) else stats
-            )
-        except (KeyError, TypeError, IndexError) as exc:
-            raise ValueError(f"statistics blob is malformed: {exc!r}") from None
-        if not isinstance(parsed, RouterStats):
-            raise ValueError(f"statistics must be bytes or RouterStats, got {type(stats).__name__}")
-        parsed.validate(num_layers=backbone["num_layers"], feature_dim=backbone["feature_dim"])
-        if parsed.feature_map != state["settings"]["feature_map"]:
+        parsed = _parse_stats(stats)
+        features = routing_of(state["settings"]).features
+        parsed.validate(
+            num_layers=backbone["num_layers"],
+            feature_dim=routing_feature_dim(features, backbone["feature_dim"]),
+        )
+        if parsed.feature_map != feature_map:
             raise ValueError(
-                f"statistics use feature map {parsed.feature_map!r}, the model {FEATURE_MAP!r}"
+                f"statistics use feature map {parsed.feature_map!r}, the model {feature_map!r}"
             )
         if parsed.backbone_fingerprint != backbone["fingerprint"]:
             raise ValueError(
@@ -401,6 +485,53 @@ class Coordinator:
                 f"submission claims {num_tokens} tokens, its statistics count {parsed.num_tokens}"
             )
         return parsed
+
+    def _validate_holdout(
+        self, state: dict, rec: dict, name: str, spec, fit: RouterStats, holdout
+    ) -> dict[float, tuple[RouterStats, bytes]]:
+        """``{β: (statistics, bytes)}`` of a submission's held-out statistics, each checked like
+        fit statistics (identity ``feature_map_name(features, β)``); exactly the decays the
+        routing needs."""
+        from dume_dist.model.routing import feature_map_name
+
+        needed = spec.holdout_smoothings()
+        if holdout is not None and not isinstance(holdout, dict):
+            raise ValueError(f"holdout must be a dict {{smoothing: statistics}}, got {type(holdout).__name__}")  # fmt: skip
+        given = {}
+        for key, value in (holdout or {}).items():
+            try:
+                beta = float(key)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"held-out statistics key {key!r} is not a smoothing decay"
+                ) from None
+            given[beta] = value
+        missing = [b for b in needed if b not in given]
+        if missing:
+            raise ValueError(
+                f"the coordinator's routing ({spec.features}, {spec.solver}, lam={spec.lam}, "
+                f"smoothing={spec.smoothing}) needs held-out statistics for smoothing "
+                f"{', '.join(map(str, needed))}; the submission lacks {missing[0]} "
+                "(a node agent of this version computes them)"
+            )
+        extra = sorted(set(given) - set(needed))
+        if extra:
+            raise ValueError(
+                f"held-out statistics for smoothing {extra[0]} are not used by the coordinator's "
+                f"routing (it needs {list(needed) or 'none'})"
+            )
+        out = {}
+        for beta in needed:
+            value = given[beta]
+            parsed = self._validate_stats(
+                state, rec, name, value, _parse_stats(value).num_tokens,
+                feature_map_name(spec.features, beta),
+            )  # fmt: skip
+            if parsed.expert_fingerprint != fit.expert_fingerprint:
+                raise ValueError("held-out and fit statistics were computed with different experts")
+            data = bytes(value) if isinstance(value, (bytes, bytearray)) else stats_to_bytes(parsed)
+            out[beta] = (parsed, data)
+        return out
 
     # -- local caches -----------------------------------------------------------------------
 
@@ -473,22 +604,30 @@ class Coordinator:
         manifest = self.versions.get_manifest(latest)
         return latest if manifest.get("content_digest") == digest else None
 
-    def _contributions(self, state: dict, names: list[str]) -> dict[str, tuple[int, RouterStats]]:
-        out = {}
+    def _contributions(self, state: dict, names: list[str]):
+        """Fit contributions ``{"<node>/<sha256>": (expert index, stats)}`` and held-out ones
+        ``{β: {"<node>/<fit sha256>": (expert index, stats)}}`` (sorted keys: canonical order)."""
+        fit, holdout = {}, {}
         for index, name in enumerate(names):
             for entry in state["nodes"][name]["stats"]:
-                stats = stats_from_bytes(self.blobs.get_blob(entry["blob"]))
-                out[f"{name}/{entry['sha256']}"] = (index, stats)
-        return out
+                key = f"{name}/{entry['sha256']}"
+                fit[key] = (index, stats_from_bytes(self.blobs.get_blob(entry["blob"])))
+                for held in entry.get("holdout", []):
+                    stats = stats_from_bytes(self.blobs.get_blob(held["blob"]))
+                    holdout.setdefault(float(held["smoothing"]), {})[key] = (index, stats)
+        return fit, holdout
 
     def _publish_version(self, state: dict, digest: str, trigger: str) -> str:
         from dume_dist.model.backbone import Backbone
+        from dume_dist.model.routing import solve_routing
         from dume_dist.model.writer import write_dume_checkpoint
 
         names = st.active_nodes(state)
         settings = state["settings"]
         nodes = state["nodes"]
-        routers = solve_routers(self._contributions(state, names), len(names), lam=settings["lam"])
+        spec = routing_of(settings)
+        fit, holdout = self._contributions(state, names)
+        solved = solve_routing(spec, fit, len(names), holdout)
         backbone = Backbone.load(self._backbone_dir(state))
         specs = [self._expert_spec(state, n, nodes[n]["expert"]["fingerprint"]) for n in names]
         last = st.last_version(state)
@@ -502,16 +641,14 @@ class Coordinator:
                     "domain": nodes[n]["domain"],
                     "expert_index": j,
                     "expert_fingerprint": nodes[n]["expert"]["fingerprint"],
-                    "stats": [
-                        {"sha256": s["sha256"], "num_tokens": s["num_tokens"]}
-                        for s in nodes[n]["stats"]
-                    ],
+                    "stats": [_manifest_stats(s) for s in nodes[n]["stats"]],
                     "num_tokens": st.node_tokens(nodes[n]),
                 }
                 for j, n in enumerate(names)
             ],
             "expert_order": "active node names sorted; expert index = position",
             "max_tokens_per_seq": settings["max_tokens_per_seq"],
+            "routing": solved.manifest_routing(),
         }
         build = self.work_dir / "build" / uuid.uuid4().hex[:12]
         try:
@@ -519,10 +656,11 @@ class Coordinator:
                 build / "model",
                 backbone,
                 specs,
-                routers,
-                top_k=min(settings["top_k"], len(names)),
+                solved.routers,
+                top_k=min(spec.top_k, len(names)),
                 temperature=settings["temperature"],
-                lam=settings["lam"],
+                lam=solved.lam,
+                routing=solved.config_routing(),
                 domains={n: nodes[n]["domain"] for n in names},
                 expert_fingerprints={n: nodes[n]["expert"]["fingerprint"] for n in names},
                 save_stats=False,
@@ -569,6 +707,16 @@ class Coordinator:
         if state != before:
             self._save(state, rev)
         return affected
+
+
+def _manifest_stats(entry: dict) -> dict:
+    out = {"sha256": entry["sha256"], "num_tokens": entry["num_tokens"]}
+    if entry.get("holdout"):
+        out["holdout"] = [
+            {"smoothing": h["smoothing"], "sha256": h["sha256"], "num_tokens": h["num_tokens"]}
+            for h in entry["holdout"]
+        ]
+    return out
 
 
 def routers_of(model_dir: str | Path) -> dict[str, torch.Tensor]:

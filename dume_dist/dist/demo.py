@@ -25,7 +25,8 @@ from rich.console import Console
 from dume_dist.dist import cluster, genesis, tables
 from dume_dist.store import ObjectStore, VersionStore
 
-SETTINGS = {"lam": 1e-2, "temperature": 1.0, "top_k": 1, "max_tokens_per_seq": 256}
+# The paper's routing (token features, ridge, λ = 1e-2, k = 1); `dume demo --routing` changes it.
+SETTINGS = {"routing": "paper", "temperature": 1.0, "max_tokens_per_seq": 256}
 NAMESPACE = "dume-demo"
 
 

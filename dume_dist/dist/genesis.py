@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dume_dist.dist.agent import _call
 from dume_dist.dist.artifacts import backbone_record, save_backbone_dir
-from dume_dist.dist.coordinator import node_material, operator_material
+from dume_dist.dist.coordinator import check_settings, node_material, operator_material
 from dume_dist.store import ObjectStore, hash_secret, new_secret
 
 
@@ -87,6 +87,7 @@ def found(
     status = _call(coordinator, "status")
     if status["registry"]:
         return {"founded": False, "revision": status["revision"]}, None
+    check_settings(settings)  # bad settings fail before the backbone is uploaded
     record = prepare(store, backbone, founding)
     return found_with(coordinator, record, settings, operator_secret, hold)
 

@@ -3,7 +3,11 @@
 The registry is what `RegistryStore` persists after every change (one revision per
 change). Schema (``dume-registry/1``)::
 
-    settings   {lam, temperature, top_k, max_tokens_per_seq, feature_map}
+    settings   {lam, temperature, top_k, max_tokens_per_seq, feature_map, routing}
+               routing: the `RoutingSpec` JSON (features, solver, lam, smoothing, top_k,
+               holdout_fraction, grids, preset); lam / top_k / feature_map repeat the spec's.
+               A registry without ``routing`` (founded before routing options) is the
+               paper's token / ridge routing with its lam and top_k (`artifacts.routing_of`).
     backbone   {fingerprint, kind, prefix (store key of its files), files {rel: {sha256, size}},
                 num_layers, feature_dim, architectures, semantic_config, tokenizer_hash,
                 mlp_layout {tensor name: [dtype, shape]}}
@@ -18,7 +22,10 @@ A node record::
     domain, credential_hash (None once it left or was unlearned),
     state      registered | active | left | unlearned
     expert     {fingerprint, blob, size} | None
-    stats      [{blob, sha256, submission_id, num_tokens, size}]   (arrival order)
+    stats      [{blob, sha256, submission_id, num_tokens, size,
+                 holdout [{smoothing, feature_map, blob, sha256, num_tokens, size}]}]
+               (arrival order; ``holdout`` only when the routing chooses a setting on
+               held-out statistics: one blob per decay of ``holdout_smoothings()``)
     reason     why it was unlearned (or "left")
 
 Node life cycle: ``registered`` (operator added it) → ``active`` (its expert and at least one
@@ -93,19 +100,26 @@ def node_tokens(record: dict) -> int:
     return sum(s["num_tokens"] for s in record["stats"])
 
 
+def entry_blobs(entry: dict) -> list[str]:
+    """Blob ids of one statistics entry: the fit blob and its held-out blobs."""
+    return [entry["blob"], *(h["blob"] for h in entry.get("holdout", []))]
+
+
 def content(state: dict) -> dict:
     """Everything a published version's bits depend on (and nothing else)."""
     experts = []
     for name in active_nodes(state):
         rec = state["nodes"][name]
-        experts.append(
-            {
-                "name": name,
-                "domain": rec["domain"],
-                "expert_fingerprint": rec["expert"]["fingerprint"],
-                "stats": sorted(s["sha256"] for s in rec["stats"]),
-            }
-        )
+        expert = {
+            "name": name,
+            "domain": rec["domain"],
+            "expert_fingerprint": rec["expert"]["fingerprint"],
+            "stats": sorted(s["sha256"] for s in rec["stats"]),
+        }
+        held = sorted(h["sha256"] for s in rec["stats"] for h in s.get("holdout", []))
+        if held:  # absent without held-out statistics: digests of older registries unchanged
+            expert["holdout"] = held
+        experts.append(expert)
     return {
         "backbone": state["backbone"]["fingerprint"],
         "settings": state["settings"],

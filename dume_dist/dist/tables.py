@@ -54,6 +54,14 @@ def nodes_table(registry: dict) -> Table:
     return table
 
 
+def _routing_label(settings: dict) -> str:
+    routing = settings.get("routing")
+    if routing is None:  # a registry founded before routing options: the paper's
+        return "token/ridge"
+    label = f"{routing['features']}/{routing['solver']}"
+    return f"{routing['preset']} ({label})" if routing.get("preset") else label
+
+
 def print_status(status: dict) -> None:
     out = console()
     registry = status["registry"]
@@ -65,7 +73,8 @@ def print_status(status: dict) -> None:
     out.print(
         f"store {status['store']}  registry revision {status['revision']}  "
         f"backbone {bb['kind']} {bb['fingerprint'][:12]}  "
-        f"λ={settings['lam']} T={settings['temperature']} k={settings['top_k']}  "
+        f"routing {_routing_label(settings)} λ={settings['lam']} T={settings['temperature']} "
+        f"k={settings['top_k']}  "
         f"publication {'HELD' if registry['hold'] else 'automatic'}"
     )
     out.print(nodes_table(registry))
