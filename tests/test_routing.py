@@ -453,12 +453,12 @@ def test_routing_spec_presets_and_overrides():
     with pytest.raises(ValueError, match="preset"):
         resolve_routing("fancy")
     from dume_dist.cli import build as cli_build
-    from dume_dist.core.solve import SOLVERS
     from dume_dist.model import modeling_dume
+    from dume_dist.model.routing import ROUTING_SOLVERS
 
     assert cli_build.ROUTING_PRESETS == tuple(PRESETS)
     assert cli_build.ROUTING_FEATURES == modeling_dume.ROUTING_FEATURES
-    assert cli_build.ROUTING_SOLVERS == SOLVERS
+    assert cli_build.ROUTING_SOLVERS == ROUTING_SOLVERS == modeling_dume.ROUTING_SOLVERS
 
 
 # -- end to end on tiny experts: build, eval + heatmap, save -> load without dume_dist ----------

@@ -9,9 +9,9 @@ from pathlib import Path
 BACKBONE_HELP = "'average' of the experts' non-MLP weights (the paper) or 'base:DIR'"
 # Kept literal so that `dume --help` does not import torch; tests check them against
 # dume_dist.model.routing / modeling_dume.
-ROUTING_PRESETS = ("paper", "context")
-ROUTING_FEATURES = ("token", "prefix_mean")
-ROUTING_SOLVERS = ("ridge", "lda")
+ROUTING_PRESETS = ("paper", "context", "ngram")
+ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
+ROUTING_SOLVERS = ("ridge", "lda", "nb")
 
 
 def number_or_auto(value: str) -> float | str:
@@ -74,8 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lam",
         type=number_or_auto,
         default=None,
-        help="ridge λ (lda: covariance shrinkage in (0, 1]), or 'auto': chosen on held-out "
-        "statistics",
+        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
+        "'auto': chosen on held-out statistics",
+    )
+    p.add_argument(
+        "--ngram-buckets",
+        type=int,
+        default=None,
+        help="hash buckets of the n-gram router's bigram counts (default 262144)",
     )
     p.add_argument(
         "--smoothing",
@@ -168,6 +174,7 @@ def routing_spec(args):
     return resolve_routing(
         preset, features=args.features, solver=args.solver, lam=args.lam,
         smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
+        ngram_buckets=getattr(args, "ngram_buckets", None),
     )  # fmt: skip
 
 

@@ -198,6 +198,11 @@ def unpack_symmetric(packed_LT: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def stats_to_bytes(stats: RouterStats) -> bytes:
+    """One statistics blob (safetensors): Gram matrices, or n-gram counts (``core.ngram``)."""
+    from dume_dist.core.ngram import NgramStats, ngram_to_bytes
+
+    if isinstance(stats, NgramStats):
+        return ngram_to_bytes(stats)
     meta = {
         "schema": STATS_SCHEMA,
         "feature_map": stats.feature_map,
@@ -217,6 +222,10 @@ def stats_from_bytes(data: bytes) -> RouterStats:
         meta = _read_metadata(data)
     except Exception as exc:  # safetensors raises several types
         raise ValueError(f"statistics blob is not valid safetensors: {exc}") from None
+    from dume_dist.core.ngram import NGRAM_SCHEMA, ngram_from_tensors
+
+    if meta.get("schema") == NGRAM_SCHEMA:
+        return ngram_from_tensors(tensors, meta)
     if meta.get("schema") != STATS_SCHEMA or "gram_packed" not in tensors:
         raise ValueError(f"statistics blob has an unknown schema {meta.get('schema')!r}")
     p = int(meta["feature_dim"]) + 1

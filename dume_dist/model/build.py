@@ -32,7 +32,12 @@ from transformers import AutoTokenizer
 from dume_dist.core.solve import Router
 from dume_dist.core.stats import RouterStats
 from dume_dist.model.backbone import Backbone
-from dume_dist.model.collect import collect_smoothed_stats, dense_model_for, resolve_device
+from dume_dist.model.collect import (
+    collect_ngram_stats,
+    collect_smoothed_stats,
+    dense_model_for,
+    resolve_device,
+)
 from dume_dist.model.data import load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
@@ -124,6 +129,22 @@ def expert_statistics(
         backbone_fingerprint=backbone.fingerprint,
         expert_fingerprint=fingerprint or expert_fingerprint(spec),
     )
+    if routing.features == "ngram":  # token counts: no model runs
+
+        def count(part, pairs: bool):
+            batches = token_batches(
+                tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
+            )
+            return collect_ngram_stats(
+                batches, vocab_size=backbone.config.vocab_size, buckets=routing.ngram_buckets,
+                max_tokens_per_seq=max_tokens_per_seq, pairs=pairs, progress=progress,
+            )  # fmt: skip
+
+        fit = count(fit_texts, False).with_meta(**meta)
+        held = {}
+        if routing.needs_holdout:
+            held = {0.0: count(held_texts, True).with_meta(**meta, extra={"split": "holdout"})}
+        return fit, held
     model = dense_model_for(backbone, spec, dtype=torch.float32, device=device)
 
     def collect(model, part, smoothings):

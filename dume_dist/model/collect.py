@@ -26,9 +26,15 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
+from dume_dist.core.ngram import NgramStats, coalesce_pairs
 from dume_dist.core.stats import GramAccumulator, RouterStats
 from dume_dist.model.experts import ExpertSpec
-from dume_dist.model.modeling_dume import causal_ema, causal_features
+from dume_dist.model.modeling_dume import (
+    causal_ema,
+    causal_features,
+    ngram_bucket,
+    previous_real_tokens,
+)
 from dume_dist.model.routing import feature_map_name
 
 
@@ -180,3 +186,49 @@ def dense_model_for(
                 )
             target.copy_(src)
     return model.eval()
+
+
+def collect_ngram_stats(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    vocab_size: int,
+    buckets: int,
+    max_tokens_per_seq: int,
+    pairs: bool = False,
+    progress: bool = True,
+) -> NgramStats:
+    """Token counts for the n-gram router (``dume_dist.core.ngram``) over the same tokens the Gram
+    statistics see (real tokens among the first ``max_tokens_per_seq`` of each sequence): a token
+    always counts as a unigram, and as a bigram with the sequence's previous real token when it
+    has one. With ``pairs`` the exact bigram list is kept too (held-out statistics). No model
+    runs: the counts depend on the token ids only."""
+    unigram_V = torch.zeros(vocab_size, dtype=torch.float64)
+    context_V = torch.zeros(vocab_size, dtype=torch.float64)
+    bigram_H = torch.zeros(buckets, dtype=torch.float64)
+    found: list[torch.Tensor] = []
+    bar = tqdm(disable=not progress, unit="tok", desc="n-gram counts")
+    try:
+        for ids_BT, mask_BT in batches:
+            ids_BT, real_BT = ids_BT.cpu().long(), mask_BT.cpu().bool()
+            keep_BT = _keep_mask(real_BT, max_tokens_per_seq)
+            ids = ids_BT[keep_BT]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                raise ValueError(f"token ids must be in [0, {vocab_size}) for n-gram statistics")
+            prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT)
+            pair_BT = keep_BT & has_prev_BT
+            prev, cur = prev_BT[pair_BT], ids_BT[pair_BT]
+            unigram_V += torch.bincount(ids, minlength=vocab_size).double()
+            context_V += torch.bincount(prev, minlength=vocab_size).double()
+            bigram_H += torch.bincount(ngram_bucket(prev, cur, buckets), minlength=buckets).double()
+            if pairs:
+                found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
+                found = [coalesce_pairs(torch.cat(found))]
+            bar.update(int(keep_BT.sum()))
+    finally:
+        bar.close()
+    if not unigram_V.sum() > 0:
+        raise ValueError("no tokens to collect statistics from")
+    pairs_K3 = (
+        (coalesce_pairs(torch.cat(found)) if found else torch.zeros(0, 3).long()) if pairs else None
+    )
+    return NgramStats(unigram_V, context_V, bigram_H, pairs_K3=pairs_K3)

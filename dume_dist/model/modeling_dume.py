@@ -69,6 +69,7 @@ K experts per token, C channels of a smoothed quantity.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import torch
@@ -85,13 +86,24 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
+# transformers renamed the KV cache argument and output field `past_key_values` -> `cache` (5.24);
+# this model accepts both and speaks to the family's base model in the name it knows.
+_OUTPUT_CACHE_FIELD = (
+    "cache"
+    if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    else "past_key_values"
+)
+
 DISPATCH_MODES = ("sparse", "all")
-ROUTING_FEATURES = ("token", "prefix_mean")
-ROUTING_SOLVERS = ("ridge", "lda")
-# Keys of DumeConfig.routing: the model reads `features` and `smoothing`; the others record how
-# the routers were solved.
-ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset")
+ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
+ROUTING_SOLVERS = ("ridge", "lda", "nb")
+# Keys of DumeConfig.routing: the model reads `features`, `smoothing` and `ngram`; the others
+# record how the routers were solved.
+ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset", "ngram")
+NGRAM_KEYS = ("buckets", "mu", "alpha")
 CACHE_ATTR = "dume_routing"
+_NGRAM_STATE = "ngram"  # key of the n-gram router's running state in the cache's routing state
+_NGRAM_HASH = 1_000_003
 
 # base_config keys that are not copied onto DumeConfig: identity/bookkeeping of the dense
 # checkpoint, and the generic PretrainedConfig fields that DumeConfig owns itself.
@@ -134,7 +146,33 @@ def routing_feature_dim(features: str, hidden_size: int) -> int:
         return hidden_size
     if features == "prefix_mean":
         return 2 * hidden_size
+    if features == "ngram":
+        return 0  # no per-layer linear router: one sequence-level n-gram router (DumeNgramRouter)
     raise ValueError(f"routing.features must be one of {ROUTING_FEATURES}, got {features!r}")
+
+
+def ngram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Hash bucket of the bigram (prev, cur) of token ids (int64): the one definition the
+    statistics and the router share."""
+    return (prev.long() * _NGRAM_HASH + cur.long()) % buckets
+
+
+def previous_real_tokens(
+    ids_BT: torch.Tensor, real_BT: torch.Tensor, state: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every position, the id of the sequence's previous real token and whether there is one
+    (``state``: ``{"last": [B], "has_last": [B]}`` carried from earlier positions)."""
+    batch, length = ids_BT.shape
+    pos_BT = torch.arange(length, device=ids_BT.device).expand(batch, length)
+    last_incl_BT = torch.where(real_BT, pos_BT, torch.full_like(pos_BT, -1)).cummax(dim=1).values
+    prev_pos_BT = torch.cat([last_incl_BT.new_full((batch, 1), -1), last_incl_BT[:, :-1]], dim=1)
+    has_prev_BT = prev_pos_BT >= 0
+    prev_BT = ids_BT.gather(1, prev_pos_BT.clamp_min(0))
+    if state is not None:
+        carried_BT = ~has_prev_BT & state["has_last"][:, None]
+        prev_BT = torch.where(carried_BT, state["last"][:, None].expand_as(prev_BT), prev_BT)
+        has_prev_BT = has_prev_BT | carried_BT
+    return prev_BT, has_prev_BT
 
 
 def causal_features(
@@ -232,6 +270,59 @@ def routing_is_stateful(routing: dict | None) -> bool:
     return routing.get("features", "token") != "token" or routing.get("smoothing", 0.0) > 0
 
 
+class DumeNgramRouter(nn.Module):
+    """Sequence-level naive-Bayes router on token bigrams (``routing.features == "ngram"``).
+
+    Expert j's evidence for the sequence so far is ``sum_{s<=t} log p_j(v_s | v_{s-1})`` over the
+    real tokens, with the Dirichlet-smoothed bigram model
+    ``p_j(v | u) = (c_j[h(u, v)] + mu * q_j(v)) / (n_j(u) + mu)`` and
+    ``q_j(v) = (u_j(v) + alpha) / (sum u_j + alpha * V)`` (the first token of a sequence: q_j).
+    ``u_j`` are expert j's unigram counts, ``n_j(u)`` how often ``u`` was followed by a token,
+    ``c_j`` the bigram counts hashed into ``buckets`` (``ngram_bucket``). All counts are summed
+    statistics of the contributors (``dume_dist.core.ngram``): no training. Every layer routes
+    with these scores (top-k, softmax over the k chosen), so a sequence keeps one expert as soon
+    as its evidence is clear.
+    """
+
+    def __init__(self, num_experts: int, vocab_size: int, buckets: int, mu: float, alpha: float):
+        super().__init__()
+        self.buckets, self.mu, self.alpha = int(buckets), float(mu), float(alpha)
+        # Counts, fp32 (exact up to 2**24 per entry); parameters so that loading keeps them fp32.
+        zeros = torch.zeros
+        self.unigram_counts = nn.Parameter(zeros(num_experts, vocab_size), requires_grad=False)
+        self.context_counts = nn.Parameter(zeros(num_experts, vocab_size), requires_grad=False)
+        self.bigram_counts = nn.Parameter(zeros(num_experts, self.buckets), requires_grad=False)
+
+    def scores(
+        self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Cumulative log-likelihoods [B, T, E] (fp64) of every position, and the state after."""
+        real_BT = _real_mask(ids_BT[..., None], real_BT)
+        vocab = self.unigram_counts.shape[1]
+        if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
+        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
+        uni_EV = self.unigram_counts.double()
+        q_EV = (uni_EV + self.alpha) / (uni_EV.sum(dim=1, keepdim=True) + self.alpha * vocab)
+        q_EBT = q_EV[:, ids_BT]
+        c_EBT = self.bigram_counts.double()[:, ngram_bucket(prev_BT, ids_BT, self.buckets)]
+        n_EBT = self.context_counts.double()[:, prev_BT]
+        p_EBT = torch.where(has_prev_BT, (c_EBT + self.mu * q_EBT) / (n_EBT + self.mu), q_EBT)
+        logp_BTE = p_EBT.log().permute(1, 2, 0) * real_BT[..., None]
+        cum_BTE = logp_BTE.cumsum(dim=1)
+        if state is not None:
+            cum_BTE = cum_BTE + state["cum"][:, None]
+        any_real_B = real_BT.any(dim=1)
+        last_B = prev_BT[:, -1]
+        last_real_B = torch.where(real_BT[:, -1], ids_BT[:, -1], last_B)
+        new_state = {
+            "cum": cum_BTE[:, -1],
+            "last": torch.where(any_real_B, last_real_B, last_B),
+            "has_last": has_prev_BT[:, -1] | real_BT[:, -1],
+        }
+        return cum_BTE, new_state
+
+
 class DumeConfig(PretrainedConfig):
     """Config of a DUME MoE built from dense experts of one family (see the module docstring)."""
 
@@ -311,6 +402,25 @@ class DumeConfig(PretrainedConfig):
             raise ValueError(f"routing.smoothing must be a number in [0, 1], got {smoothing!r}")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"routing.smoothing must be in [0, 1], got {smoothing!r}")
+        features = routing.get("features", "token")
+        ngram = routing.get("ngram")
+        if (features == "ngram") != (ngram is not None):
+            raise ValueError("routing.ngram must be given exactly when routing.features is 'ngram'")
+        if ngram is not None:
+            if not isinstance(ngram, dict) or set(ngram) != set(NGRAM_KEYS):
+                raise ValueError(f"routing.ngram must be a dict with keys {NGRAM_KEYS}")
+            if not _is_int(ngram["buckets"]) or ngram["buckets"] < 1:
+                raise ValueError(
+                    f"routing.ngram.buckets must be an integer >= 1, got {ngram['buckets']!r}"
+                )
+            for key in ("mu", "alpha"):
+                v = ngram[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    raise ValueError(f"routing.ngram.{key} must be a number > 0, got {v!r}")
+            if smoothing:
+                raise ValueError(
+                    "routing.smoothing must be 0 with n-gram routing (it is cumulative)"
+                )
         if routing.get("solver", "ridge") not in ROUTING_SOLVERS:
             raise ValueError(
                 f"routing.solver must be one of {ROUTING_SOLVERS}, got {routing['solver']!r}"
@@ -382,11 +492,20 @@ class DumeExperts(nn.ModuleList):
 class RoutingContext:
     """What one forward call tells every MoE block: which of its positions are real tokens
     (``real_BT``; None: all), and the per-layer running routing state of the sequences
-    (``layers``: ``{layer index: state}``, updated in place; None: nothing is carried over)."""
+    (``layers``: ``{layer index: state}``, updated in place; None: nothing is carried over), and
+    for sequence-level (n-gram) routing the scores of the new positions."""
 
-    def __init__(self, real_BT: torch.Tensor | None, layers: dict | None):
+    def __init__(
+        self,
+        real_BT: torch.Tensor | None,
+        layers: dict | None,
+        sequence_logits: torch.Tensor | None = None,
+    ):
         self.real_BT = real_BT
         self.layers = layers
+        # [B, T, E] fp64: the sequence-level router's scores, which every layer routes with
+        # (n-gram routing); None for per-layer routers.
+        self.sequence_logits = sequence_logits
 
 
 class DumeMoeBlock(nn.Module):
@@ -409,8 +528,13 @@ class DumeMoeBlock(nn.Module):
         self.features = features
         self.smoothing = float(smoothing)
         self.layer_idx = layer_idx
-        self.router = nn.Linear(
-            routing_feature_dim(features, hidden_size), len(experts), bias=router_bias
+        # n-gram routing has one sequence-level router (DumeForCausalLM.ngram_router) instead.
+        self.router = (
+            None
+            if features == "ngram"
+            else nn.Linear(
+                routing_feature_dim(features, hidden_size), len(experts), bias=router_bias
+            )
         )
         self.experts = DumeExperts(experts)
         self.dispatch = "sparse"
@@ -440,6 +564,12 @@ class DumeMoeBlock(nn.Module):
         """Top-k indices [B, T, K] and weights [B, T, K] of every position, reading and updating
         the running state of the current ``routing_context`` (fresh sequences without one)."""
         ctx = self.routing_context
+        if self.features == "ngram":
+            if ctx is None or ctx.sequence_logits is None:
+                raise ValueError("n-gram routing needs the token ids: call DumeForCausalLM")
+            logits_BTE = ctx.sequence_logits / self.temperature
+            topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
+            return topk_index_BTK, topk_logit_BTK.softmax(dim=-1).float()
         real_BT = ctx.real_BT if ctx is not None else None
         carried = (
             ctx.layers.get(self.layer_idx, {}) if ctx is not None and ctx.layers is not None else {}
@@ -495,8 +625,8 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Closed-form routers are cheap and their logit gaps can be small: keep them fp32 on load.
-    _keep_in_fp32_modules_strict = ["mlp.router"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["mlp.router", "ngram_router"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -529,6 +659,15 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 smoothing=routing.get("smoothing", 0.0),
                 layer_idx=layer_idx,
             )
+        self.ngram_router = None
+        if routing.get("features", "token") == "ngram":
+            ngram = routing["ngram"]
+            self.ngram_router = DumeNgramRouter(
+                config.num_experts, base_config.vocab_size,
+                ngram["buckets"], ngram["mu"], ngram["alpha"],
+            )  # fmt: skip
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = base_config.vocab_size
         self.lm_head = nn.Linear(base_config.hidden_size, base_config.vocab_size, bias=False)
         self.post_init()
@@ -578,6 +717,9 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if kwargs.get("cache") is not None:  # the newer name of the KV cache argument
+            past_key_values = kwargs.pop("cache")
+        kwargs.pop("cache", None)
         routing_state = None
         if routing_is_stateful(self.config.routing):
             past_key_values, routing_state, ctx = self._routing_context(
@@ -586,6 +728,16 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values,
                 use_cache,
             )
+            if self.ngram_router is not None and (input_ids is not None or not self._all_forced()):
+                if input_ids is None:
+                    raise ValueError("n-gram routing needs input_ids (not inputs_embeds)")
+                layers = ctx.layers
+                carried = layers.get(_NGRAM_STATE, {}).get("counts") if layers is not None else None
+                ctx.sequence_logits, ngram_state = self.ngram_router.scores(
+                    input_ids, ctx.real_BT, carried
+                )
+                if layers is not None:
+                    layers[_NGRAM_STATE] = {"counts": ngram_state}
             for block in self.moe_blocks():
                 block.routing_context = ctx
         try:
@@ -593,9 +745,9 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{self._cache_kwarg: past_key_values},
                 **kwargs,
             )
         finally:
@@ -616,10 +768,13 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
+
+    def _all_forced(self) -> bool:
+        return all(block.forced_expert is not None for block in self.moe_blocks())
 
     def _routing_context(self, tokens_BT_, attention_mask, past_key_values, use_cache):
         """The routing context of one forward: the new positions' real-token mask, and the running

@@ -24,6 +24,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dume_dist.core.ngram import (
+    DEFAULT_ALPHA,
+    DEFAULT_BUCKETS,
+    DEFAULT_MU_GRID,
+    NgramTables,
+    ngram_feature_map,
+    ngram_tables,
+    select_mu,
+)
 from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
 from dume_dist.core.solve import SOLVERS, Router, solve_routers
 from dume_dist.core.stats import RouterStats
@@ -36,10 +45,18 @@ DEFAULT_HOLDOUT_FRACTION = 0.1
 Contributions = Mapping[str, tuple[int, RouterStats]]
 
 
-def feature_map_name(features: str, smoothing: float = 0.0) -> str:
-    """Identity of statistics computed on ``features`` smoothed with decay ``smoothing``."""
+ROUTING_SOLVERS = (*SOLVERS, "nb")
+
+
+def feature_map_name(
+    features: str, smoothing: float = 0.0, buckets: int = DEFAULT_BUCKETS, heldout: bool = False
+) -> str:
+    """Identity of statistics computed on ``features`` smoothed with decay ``smoothing`` (for
+    ``ngram``: counts in ``buckets`` buckets; ``heldout`` ones carry the exact bigrams)."""
     if features not in ROUTING_FEATURES:
         raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {features!r}")
+    if features == "ngram":
+        return ngram_feature_map(buckets, pairs=heldout)
     smoothing = float(smoothing)
     return features if smoothing == 0.0 else f"{features}+ema:{smoothing!r}"
 
@@ -55,12 +72,24 @@ class RoutingSpec:
     smoothing_grid: tuple[float, ...] = DEFAULT_SMOOTHING_GRID
     lam_grid: tuple[float, ...] | None = None
     preset: str | None = None
+    ngram_buckets: int = DEFAULT_BUCKETS
+    ngram_alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self):
         if self.features not in ROUTING_FEATURES:
             raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {self.features!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.solver not in ROUTING_SOLVERS:
+            raise ValueError(f"solver must be one of {ROUTING_SOLVERS}, got {self.solver!r}")
+        if (self.features == "ngram") != (self.solver == "nb"):
+            raise ValueError("the 'nb' solver goes with 'ngram' features, and only with them")
+        if self.features == "ngram":
+            if self.smoothing not in (0, 0.0):
+                raise ValueError("ngram routing is cumulative already: smoothing must be 0")
+            b = self.ngram_buckets
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f"ngram_buckets must be a positive integer, got {b!r}")
+            if not (isinstance(self.ngram_alpha, (int, float)) and self.ngram_alpha > 0):
+                raise ValueError(f"ngram_alpha must be > 0, got {self.ngram_alpha!r}")
         _check_setting("lam", self.lam, lambda v: v > 0 and (self.solver != "lda" or v <= 1))
         _check_setting("smoothing", self.smoothing, lambda v: 0 <= v <= 1)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
@@ -81,7 +110,11 @@ class RoutingSpec:
     @property
     def feature_map(self) -> str:
         """Identity of this spec's fit statistics."""
-        return feature_map_name(self.features)
+        return feature_map_name(self.features, buckets=self.ngram_buckets)
+
+    def holdout_feature_map(self, smoothing: float) -> str:
+        """Identity of this spec's held-out statistics for decay ``smoothing``."""
+        return feature_map_name(self.features, smoothing, self.ngram_buckets, heldout=True)
 
     def feature_dim(self, hidden_size: int) -> int:
         return routing_feature_dim(self.features, hidden_size)
@@ -125,6 +158,13 @@ PRESETS: dict[str, RoutingSpec] = {
         holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
         preset="context",
     ),
+    "ngram": RoutingSpec(
+        features="ngram",
+        solver="nb",
+        lam=AUTO,
+        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
+        preset="ngram",
+    ),
 }
 DEFAULT_PRESET = "context"
 
@@ -152,6 +192,9 @@ def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overri
     changes = {k: v for k, v in overrides.items() if v is not None and v != getattr(spec, k)}
     if not changes:
         return spec
+    features = changes.get("features", spec.features)
+    if "solver" not in changes and (features == "ngram") != (spec.solver == "nb"):
+        changes["solver"] = "nb" if features == "ngram" else "lda"  # the solver of those features
     if changes.get("solver", spec.solver) != spec.solver and "lam" not in changes:
         changes["lam"] = AUTO  # λ means something else for another solver: choose it
     if AUTO in (changes.get("lam", spec.lam), changes.get("smoothing", spec.smoothing)):
@@ -165,7 +208,7 @@ def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overri
 class SolvedRouting:
     """Routers of a build, the settings they were solved with, and how those were chosen."""
 
-    routers: list[Router]
+    routers: list[Router] | NgramTables  # per-layer linear routers, or the n-gram router
     spec: RoutingSpec
     lam: float
     smoothing: float
@@ -176,6 +219,8 @@ class SolvedRouting:
         out = {"features": self.spec.features, "solver": self.spec.solver, "lam": self.lam}
         if self.smoothing:
             out["smoothing"] = self.smoothing
+        if isinstance(self.routers, NgramTables):
+            out["ngram"] = self.routers.config()
         if self.spec.preset:
             out["preset"] = self.spec.preset
         return out
@@ -192,6 +237,16 @@ class SolvedRouting:
             "feature_map": self.spec.feature_map,
             "selection": None if self.selection is None else self.selection.to_json(),
         }
+
+
+def _solve_ngram(spec, fit, num_experts, holdout) -> SolvedRouting:
+    selection, mu = None, spec.lam
+    if mu == AUTO:
+        grid = spec.lam_grid or DEFAULT_MU_GRID
+        selection = select_mu(fit, holdout[0.0], num_experts, grid, spec.ngram_alpha)
+        mu = selection.lam
+    tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
+    return SolvedRouting(tables, spec, float(mu), 0.0, selection)
 
 
 def check_contributions(contributions: Contributions, feature_map: str, what: str) -> None:
@@ -224,12 +279,16 @@ def solve_routing(
             raise ValueError(f"held-out statistics for smoothing {missing[0]} are missing")
         betas = spec.holdout_smoothings()
         for beta in betas:
-            check_contributions(holdout[beta], feature_map_name(spec.features, beta), "held-out")
+            check_contributions(holdout[beta], spec.holdout_feature_map(beta), "held-out")
+        if spec.features == "ngram":
+            return _solve_ngram(spec, fit, num_experts, holdout)
         lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
         selection = select_routing(
             fit, {b: holdout[b] for b in betas}, num_experts, solver=spec.solver, lam_grid=lam_grid
         )
         lam = selection.lam if lam == AUTO else float(lam)
         smoothing = selection.smoothing if smoothing == AUTO else float(smoothing)
+    if spec.features == "ngram":
+        return _solve_ngram(spec, fit, num_experts, holdout)
     routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
     return SolvedRouting(routers, spec, float(lam), float(smoothing), selection)

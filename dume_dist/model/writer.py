@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dume_dist.core.ngram import NgramTables, ngram_feature_map
 from dume_dist.core.solve import Router
 from dume_dist.core.stats import RouterStats, stats_to_bytes
 from dume_dist.model.experts import (
@@ -235,15 +236,38 @@ def _write_weights(
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     for name in sorted(backbone.names(), key=_natural_key):
         writer.add(name, cast(backbone.tensor(name)))
-    for layer, router in enumerate(routers):
+    ngram = routers if isinstance(routers, NgramTables) else None
+    if ngram is not None:
+        writer.add("ngram_router.bigram_counts", ngram.bigram_EH.float())
+        writer.add("ngram_router.context_counts", ngram.context_EV.float())
+        writer.add("ngram_router.unigram_counts", ngram.unigram_EV.float())
+    for layer in range(backbone.config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp"
-        writer.add(f"{prefix}.router.weight", router.weight_EF.float())
-        writer.add(f"{prefix}.router.bias", router.bias_E.float())
+        if ngram is None:
+            writer.add(f"{prefix}.router.weight", routers[layer].weight_EF.float())
+            writer.add(f"{prefix}.router.bias", routers[layer].bias_E.float())
         for j, spec in enumerate(experts):
             for name in spec.mlp_names_of_layer(layer):
                 _, param = mlp_key_parts(name, spec.model_type)
                 writer.add(f"{prefix}.experts.{j}.{param}", cast(spec.tensor(name)))
     return writer.close()
+
+
+def _check_ngram_router(backbone, experts, tables, routing) -> None:
+    if not isinstance(tables, NgramTables) or routing.get("features") != "ngram":
+        raise ValueError("n-gram routing needs the n-gram router's tables, and only it uses them")
+    if routing.get("ngram") != tables.config():
+        raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
+    want = (len(experts), backbone.config.vocab_size)
+    for name in ("unigram_EV", "context_EV"):
+        if tuple(getattr(tables, name).shape) != want:
+            raise ValueError(
+                f"n-gram {name} has shape {tuple(getattr(tables, name).shape)}, expected {want}"
+            )
+    if tables.bigram_EH.shape[0] != len(experts):
+        raise ValueError(
+            f"n-gram tables have {tables.bigram_EH.shape[0]} experts, not {len(experts)}"
+        )
 
 
 def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature, routing):
@@ -252,9 +276,12 @@ def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperatu
     if not experts:
         raise ValueError("no experts to write")
     num_layers = backbone.config.num_hidden_layers
-    if len(routers) != num_layers:
-        raise ValueError(f"got {len(routers)} routers for {num_layers} layers")
     features = routing.get("features", "token")
+    if isinstance(routers, NgramTables) or features == "ngram":
+        _check_ngram_router(backbone, experts, routers, routing)
+        routers = []
+    elif len(routers) != num_layers:
+        raise ValueError(f"got {len(routers)} routers for {num_layers} layers")
     dim = routing_feature_dim(features, backbone.config.hidden_size)
     for router in routers:
         if router.bias_E is None:
@@ -266,6 +293,10 @@ def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperatu
             )
     if stats is not None:
         for name, st in stats.items():
+            if features == "ngram" and st.feature_map == ngram_feature_map(
+                routing["ngram"]["buckets"]
+            ):
+                continue
             if st.feature_map != features:
                 raise ValueError(
                     f"statistics of {name!r} are of feature map {st.feature_map!r}, the routers "

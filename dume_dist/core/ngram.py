@@ -1,0 +1,358 @@
+"""Statistics of the sequence-level n-gram router: token counts that add per contributor.
+
+The ``ngram`` routing option routes a whole sequence by naive Bayes on its token bigrams (the
+formula lives in ``modeling_dume.DumeNgramRouter``). What it needs of each contributor is three
+count vectors over the tokens of its data (the same windows and masks as the Gram statistics):
+
+* ``unigram_V``: how often each token id occurs;
+* ``context_V``: how often each token id is followed by a token (the bigram contexts);
+* ``bigram_H``: bigram counts hashed into ``H`` buckets (``modeling_dume.ngram_bucket``).
+
+They add across contributors and subtract exactly (integer counts in fp64), so joining and exact
+unlearning work as for the Gram statistics. The statistics identity ``feature_map`` is
+``"ngram:<H>"``; statistics of different identities never mix.
+
+Held-out statistics (to choose the smoothing strength ``mu`` without moving data) also carry
+``pairs_K3``: the exact ``(previous id, id, count)`` bigrams of the held-out slice, sorted (their
+identity is ``"ngram:<H>+pairs"``). Note what that costs: exact held-out bigrams reveal more about
+a contributor's text than hashed counts or Gram matrices do; a fixed ``mu`` needs none.
+
+Shapes: ``V`` vocabulary, ``H`` buckets, ``E`` experts, ``K`` distinct held-out bigrams.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from safetensors.torch import save as st_save
+
+NGRAM_SCHEMA = "dume-ngram-stats/1"
+DEFAULT_BUCKETS = 1 << 18
+DEFAULT_ALPHA = 0.1
+DEFAULT_MU_GRID = tuple(10.0 ** (k / 2) for k in range(0, 9))  # 1 .. 1e4
+
+
+def ngram_feature_map(buckets: int, pairs: bool = False) -> str:
+    return f"ngram:{int(buckets)}" + ("+pairs" if pairs else "")
+
+
+@dataclass(frozen=True)
+class NgramStats:
+    """Token counts of one contribution (or a sum of them); see the module docstring."""
+
+    unigram_V: torch.Tensor
+    context_V: torch.Tensor
+    bigram_H: torch.Tensor
+    feature_map: str = ""
+    backbone_fingerprint: str = ""
+    expert_fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+    pairs_K3: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not self.feature_map:
+            fm = ngram_feature_map(self.bigram_H.shape[-1], self.pairs_K3 is not None)
+            object.__setattr__(self, "feature_map", fm)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(round(float(self.unigram_V.sum())))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unigram_V.shape[0]
+
+    @property
+    def buckets(self) -> int:
+        return self.bigram_H.shape[0]
+
+    def _check_compatible(self, other) -> None:
+        if not isinstance(other, NgramStats) or self.feature_map != other.feature_map:
+            got = getattr(other, "feature_map", type(other).__name__)
+            raise ValueError(
+                f"cannot combine statistics of feature map {self.feature_map!r} with {got!r}"
+            )
+        if self.vocab_size != other.vocab_size:
+            raise ValueError(
+                f"cannot combine n-gram statistics over vocabularies of {self.vocab_size} "
+                f"and {other.vocab_size} tokens"
+            )
+        if (
+            self.backbone_fingerprint
+            and other.backbone_fingerprint
+            and self.backbone_fingerprint != other.backbone_fingerprint
+        ):
+            raise ValueError(
+                "cannot combine statistics computed on different backbones "
+                f"({self.backbone_fingerprint[:12]} vs {other.backbone_fingerprint[:12]})"
+            )
+
+    def _combined(self, other: NgramStats, sign: int) -> NgramStats:
+        self._check_compatible(other)
+        pairs = None
+        if self.pairs_K3 is not None:
+            pairs = merge_pairs(self.pairs_K3, other.pairs_K3, sign)
+        return NgramStats(
+            self.unigram_V + sign * other.unigram_V,
+            self.context_V + sign * other.context_V,
+            self.bigram_H + sign * other.bigram_H,
+            self.feature_map,
+            self.backbone_fingerprint or other.backbone_fingerprint,
+            self.expert_fingerprint if self.expert_fingerprint == other.expert_fingerprint else "",
+            pairs_K3=pairs,
+        )
+
+    def __add__(self, other: NgramStats) -> NgramStats:
+        return self._combined(other, 1)
+
+    def __sub__(self, other: NgramStats) -> NgramStats:
+        return self._combined(other, -1)
+
+    def validate(self, vocab_size: int | None = None, buckets: int | None = None) -> None:
+        """Raise ValueError (one line, naming the problem) unless these are sound counts."""
+        for name in ("unigram_V", "context_V", "bigram_H"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.float64:
+                raise ValueError(f"n-gram statistics {name} must be a 1-D float64 tensor")
+            if not torch.isfinite(t).all() or (t < 0).any() or not torch.equal(t, t.round()):
+                raise ValueError(f"n-gram statistics {name} must hold non-negative integer counts")
+        if self.context_V.shape != self.unigram_V.shape:
+            raise ValueError("n-gram statistics: unigram and context counts differ in length")
+        if vocab_size is not None and self.vocab_size != vocab_size:
+            raise ValueError(
+                f"n-gram statistics cover {self.vocab_size} token ids, the model has {vocab_size}"
+            )
+        if buckets is not None and self.buckets != buckets:
+            raise ValueError(f"n-gram statistics have {self.buckets} buckets, expected {buckets}")
+        if self.feature_map != ngram_feature_map(self.buckets, self.pairs_K3 is not None):
+            raise ValueError(
+                f"n-gram statistics with {self.buckets} buckets cannot be of feature map "
+                f"{self.feature_map!r}"
+            )
+        if self.num_tokens < 1:
+            raise ValueError("n-gram statistics count no tokens")
+        if (self.context_V > self.unigram_V).any():
+            raise ValueError("n-gram statistics: a token is a bigram context more often than seen")
+        if float(self.context_V.sum()) != float(self.bigram_H.sum()):
+            raise ValueError("n-gram statistics: bigram and context counts differ in total")
+        if self.pairs_K3 is not None:
+            _validate_pairs(self.pairs_K3, self.vocab_size)
+
+    def with_meta(self, **kwargs) -> NgramStats:
+        return replace(self, **kwargs)
+
+
+def _validate_pairs(pairs_K3: torch.Tensor, vocab_size: int) -> None:
+    if pairs_K3.dtype != torch.int64 or pairs_K3.dim() != 2 or pairs_K3.shape[1] != 3:
+        raise ValueError("held-out bigrams must be an int64 tensor [K, 3] (prev, id, count)")
+    if pairs_K3.numel() == 0:
+        return
+    ids = pairs_K3[:, :2]
+    if (ids < 0).any() or (ids >= vocab_size).any():
+        raise ValueError(f"held-out bigram token ids must be in [0, {vocab_size})")
+    if (pairs_K3[:, 2] < 1).any():
+        raise ValueError("held-out bigram counts must be positive")
+    key = pairs_K3[:, 0] * vocab_size + pairs_K3[:, 1]
+    if not (key[1:] > key[:-1]).all():
+        raise ValueError("held-out bigrams must be sorted and distinct")
+
+
+def merge_pairs(a_K3: torch.Tensor | None, b_K3: torch.Tensor | None, sign: int = 1):
+    """Sum (or difference) of two sorted bigram-count lists; zero counts are dropped."""
+    if a_K3 is None or b_K3 is None:
+        raise ValueError("cannot combine held-out n-gram statistics with statistics without pairs")
+    both = torch.cat([a_K3, torch.cat([b_K3[:, :2], sign * b_K3[:, 2:]], dim=1)])
+    return coalesce_pairs(both)
+
+
+def coalesce_pairs(pairs_K3: torch.Tensor) -> torch.Tensor:
+    """Sorted, distinct ``(prev, id, count)`` rows with equal bigrams summed; zero counts dropped;
+    negative ones (removing what was never added) are an error."""
+    if pairs_K3.numel() == 0:
+        return pairs_K3.reshape(0, 3).long()
+    pairs_K3 = pairs_K3.long()
+    keys, inverse = torch.unique(pairs_K3[:, :2], dim=0, return_inverse=True)
+    counts = torch.zeros(keys.shape[0], dtype=torch.int64).index_add_(0, inverse, pairs_K3[:, 2])
+    if (counts < 0).any():
+        raise ValueError("held-out bigram counts would become negative")
+    keep = counts > 0
+    return torch.cat([keys[keep], counts[keep, None]], dim=1).contiguous()
+
+
+# -- serialisation ---------------------------------------------------------------------------
+
+
+def ngram_to_bytes(stats: NgramStats) -> bytes:
+    tensors = {"unigram": stats.unigram_V, "context": stats.context_V, "bigram": stats.bigram_H}
+    if stats.pairs_K3 is not None:
+        tensors["pairs"] = stats.pairs_K3.contiguous()
+    meta = {
+        "schema": NGRAM_SCHEMA,
+        "feature_map": stats.feature_map,
+        "backbone_fingerprint": stats.backbone_fingerprint,
+        "expert_fingerprint": stats.expert_fingerprint,
+        "extra": json.dumps(stats.extra, sort_keys=True),
+    }
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> NgramStats:
+    missing = [k for k in ("unigram", "context", "bigram") if k not in tensors]
+    if missing:
+        raise ValueError(f"n-gram statistics blob lacks tensor {missing[0]!r}")
+    stats = NgramStats(
+        tensors["unigram"],
+        tensors["context"],
+        tensors["bigram"],
+        feature_map=meta.get("feature_map", ""),
+        backbone_fingerprint=meta.get("backbone_fingerprint", ""),
+        expert_fingerprint=meta.get("expert_fingerprint", ""),
+        extra=json.loads(meta.get("extra") or "{}"),
+        pairs_K3=tensors.get("pairs"),
+    )
+    stats.validate()
+    return stats
+
+
+def ngram_from_bytes(data: bytes) -> NgramStats:
+    from dume_dist.core.stats import stats_from_bytes
+
+    stats = stats_from_bytes(data)
+    if not isinstance(stats, NgramStats):
+        raise ValueError(f"statistics blob holds {stats.feature_map!r} Grams, not n-gram counts")
+    return stats
+
+
+# -- solving and choosing mu ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NgramTables:
+    """The n-gram router of a model: per-expert counts (fp64) and the smoothing it uses."""
+
+    unigram_EV: torch.Tensor
+    context_EV: torch.Tensor
+    bigram_EH: torch.Tensor
+    mu: float
+    alpha: float
+
+    @property
+    def buckets(self) -> int:
+        return self.bigram_EH.shape[1]
+
+    def config(self) -> dict:
+        """``routing.ngram`` of the model config."""
+        return {"buckets": self.buckets, "mu": self.mu, "alpha": self.alpha}
+
+
+def per_expert_counts(
+    contributions: Mapping[str, tuple[int, NgramStats]], num_experts: int
+) -> list[NgramStats]:
+    """Each expert's summed counts, contributions added in canonical (sorted-name) order."""
+    if not contributions:
+        raise ValueError("no contributions to solve routers from")
+    totals: list[NgramStats | None] = [None] * num_experts
+    for name in sorted(contributions):
+        expert, stats = contributions[name]
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
+        if not isinstance(stats, NgramStats):
+            raise ValueError(f"statistics of {name!r} are not n-gram counts")
+        totals[expert] = stats if totals[expert] is None else totals[expert] + stats
+    missing = [j for j, t in enumerate(totals) if t is None or t.num_tokens < 1]
+    if missing:
+        raise ValueError(f"experts {missing} have no statistics: every expert needs data")
+    return totals
+
+
+def ngram_tables(
+    contributions: Mapping[str, tuple[int, NgramStats]],
+    num_experts: int,
+    mu: float,
+    alpha: float = DEFAULT_ALPHA,
+) -> NgramTables:
+    if not mu > 0 or not alpha > 0:
+        raise ValueError(f"n-gram mu and alpha must be > 0, got {mu}, {alpha}")
+    totals = per_expert_counts(contributions, num_experts)
+    return NgramTables(
+        torch.stack([t.unigram_V for t in totals]),
+        torch.stack([t.context_V for t in totals]),
+        torch.stack([t.bigram_H for t in totals]),
+        float(mu),
+        float(alpha),
+    )
+
+
+def bigram_log_probs(
+    tables: NgramTables, prev_K: torch.Tensor, cur_K: torch.Tensor, mu: float | None = None
+) -> torch.Tensor:
+    """``log p_j(cur | prev)`` [K, E] (fp64), the formula of ``DumeNgramRouter``."""
+    from dume_dist.model.modeling_dume import ngram_bucket
+
+    mu = tables.mu if mu is None else mu
+    uni_EV = tables.unigram_EV.double()
+    vocab = uni_EV.shape[1]
+    q_EV = (uni_EV + tables.alpha) / (uni_EV.sum(dim=1, keepdim=True) + tables.alpha * vocab)
+    q_EK = q_EV[:, cur_K]
+    c_EK = tables.bigram_EH.double()[:, ngram_bucket(prev_K, cur_K, tables.buckets)]
+    n_EK = tables.context_EV.double()[:, prev_K]
+    return ((c_EK + mu * q_EK) / (n_EK + mu)).log().T
+
+
+def heldout_logloss(
+    tables: NgramTables, heldout: Mapping[str, tuple[int, NgramStats]], mu: float
+) -> float:
+    """Mean over experts of the per-bigram log-loss of the expert posterior (equal priors) on
+    the held-out bigrams of that expert's contributors: how well single bigrams tell the
+    domains apart under ``mu``."""
+    losses: dict[int, list[float]] = {}
+    for name in sorted(heldout):
+        expert, stats = heldout[name]
+        pairs = stats.pairs_K3
+        if pairs is None:
+            raise ValueError(f"held-out statistics of {name!r} carry no bigrams")
+        if pairs.numel() == 0:
+            continue
+        logp_KE = bigram_log_probs(tables, pairs[:, 0], pairs[:, 1], mu)
+        nll_K = -torch.log_softmax(logp_KE, dim=1)[:, expert]
+        total, count = losses.setdefault(expert, [0.0, 0.0])
+        losses[expert] = [
+            total + float((nll_K * pairs[:, 2]).sum()),
+            count + float(pairs[:, 2].sum()),
+        ]
+    if not losses:
+        raise ValueError("held-out statistics hold no bigrams")
+    return sum(t / c for t, c in losses.values()) / len(losses)
+
+
+def select_mu(
+    fit: Mapping[str, tuple[int, NgramStats]],
+    heldout: Mapping[str, tuple[int, NgramStats]],
+    num_experts: int,
+    mu_grid: Sequence[float] = DEFAULT_MU_GRID,
+    alpha: float = DEFAULT_ALPHA,
+):
+    """The ``mu`` of ``mu_grid`` with the least held-out log-loss (tables from ``fit``) and the
+    whole curve, as a ``core.select.Selection``."""
+    from dume_dist.core.select import Selection
+
+    grid = [float(m) for m in mu_grid]
+    if not grid or any(not (m > 0 and math.isfinite(m)) for m in grid):
+        raise ValueError(f"mu grid must be positive numbers, got {list(mu_grid)}")
+    tables = ngram_tables(fit, num_experts, grid[0], alpha)
+    curve = [heldout_logloss(tables, heldout, m) for m in grid]
+    best = min(range(len(grid)), key=curve.__getitem__)
+    tokens = sum(int(s.pairs_K3[:, 2].sum()) for _, s in heldout.values() if s.pairs_K3 is not None)
+    return Selection(
+        lam=grid[best],
+        smoothing=0.0,
+        criterion="nb_logloss",
+        lam_grid=grid,
+        smoothing_grid=[0.0],
+        curves={"nb_logloss": [curve]},
+        num_holdout_tokens=tokens,
+    )
