@@ -1,0 +1,390 @@
+"""The sequence-level n-gram router (``routing.features == "ngram"``, solver ``nb``).
+
+Pinned to references: explicit Python counting (the statistics), the explicit naive-Bayes sum
+(the router's scores), a full forward without cache (generation with a cache must match it), a
+build that never had a contributor (removal must give the same tables bit for bit), the explicit
+held-out log-loss on raw tokens (the statistics-only criterion must equal it), and a fresh
+interpreter without dume_dist (a saved n-gram model must load and generate there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_modeling_dume import VOCAB, dense_experts, tiny_base_config
+from test_routing import LOAD_AND_GENERATE, _left_padded
+
+from dume_dist.core.ngram import (
+    NgramStats,
+    heldout_logloss,
+    ngram_tables,
+    select_mu,
+)
+from dume_dist.core.stats import stats_from_bytes, stats_to_bytes
+from dume_dist.model.collect import collect_ngram_stats
+from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, ngram_bucket
+from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, resolve_routing, solve_routing
+
+torch.set_num_threads(1)
+BUCKETS = 61
+
+
+def _routing(mu=5.0, alpha=0.5, buckets=BUCKETS):
+    return {
+        "features": "ngram",
+        "solver": "nb",
+        "ngram": {"buckets": buckets, "mu": mu, "alpha": alpha},
+    }
+
+
+def _ngram_model(k=1, seed=0, num_experts=3):
+    """`dume_from_dense` with n-gram routing: the experts' MLPs and random integer counts."""
+    dense = dense_experts(tiny_base_config(), num_experts, seed=seed)
+    config = DumeConfig(
+        base_config=dense[0].config.to_dict(), num_experts=num_experts, routing=_routing(),
+        num_experts_per_tok=k,
+    )  # fmt: skip
+    model = DumeForCausalLM(config).eval()
+    state = {n: v for n, v in dense[0].state_dict().items() if ".mlp." not in n}
+    for j, expert in enumerate(dense):
+        for key, value in expert.state_dict().items():
+            if ".mlp." in key:
+                state[key.replace(".mlp.", f".mlp.experts.{j}.")] = value
+    g = torch.Generator().manual_seed(seed)
+    uni = torch.randint(0, 40, (num_experts, VOCAB), generator=g).float()
+    state["ngram_router.unigram_counts"] = uni
+    state["ngram_router.context_counts"] = (uni * 0.8).floor()
+    state["ngram_router.bigram_counts"] = torch.randint(
+        0, 30, (num_experts, BUCKETS), generator=g
+    ).float()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# -- the model: KV cache, pieces, padding -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_ngram_cached_generation_equals_full_forward(k):
+    model = _ngram_model(k)
+    ids_BT, mask_BT = _left_padded()
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids_BT, attention_mask=mask_BT, use_cache=True, **kw)
+    full = model.generate(ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
+    assert torch.equal(cached, full)
+    # Step by step with a cache: the logits of every step equal the full forward's.
+    with torch.no_grad():
+        whole = model(cached, attention_mask=torch.ones_like(cached).masked_fill(cached == 0, 0))
+    mask = (cached != 0).long()
+    mask[:, : mask_BT.shape[1]] = mask_BT
+    with torch.no_grad():
+        whole = model(cached, attention_mask=mask).logits
+        out = model(cached[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        steps, cache = [out.logits], out.cache if hasattr(out, "cache") else out.past_key_values
+        for t in range(4, cached.shape[1]):
+            out = model(cached[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            steps.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], whole[real], rtol=1e-5, atol=1e-5)
+
+
+def test_ngram_scores_in_pieces_equal_whole_and_the_explicit_sum():
+    router = _ngram_model().ngram_router
+    ids_BT, mask_BT = _left_padded(batch=3, length=11, seed=3)
+    mask_BT[2, 5] = 0  # a hole: padding never enters the sums, the bigram skips over it
+    real = mask_BT.bool()
+    whole, _ = router.scores(ids_BT, real)
+    state, parts = None, []
+    for a, b in ((0, 1), (1, 5), (5, 6), (6, 11)):
+        part, state = router.scores(ids_BT[:, a:b], real[:, a:b], state)
+        parts.append(part)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-10)
+    uni = router.unigram_counts.double()
+    ctx = router.context_counts.double()
+    big = router.bigram_counts.double()
+    q = (uni + router.alpha) / (uni.sum(1, keepdim=True) + router.alpha * VOCAB)
+    for b in range(3):
+        total, prev = torch.zeros(3, dtype=torch.float64), None
+        for t in range(11):
+            if real[b, t]:
+                v = int(ids_BT[b, t])
+                if prev is None:
+                    p = q[:, v]
+                else:
+                    h = (prev * 1_000_003 + v) % BUCKETS
+                    p = (big[:, h] + router.mu * q[:, v]) / (ctx[:, prev] + router.mu)
+                total = total + p.log()
+                prev = v
+            torch.testing.assert_close(whole[b, t], total, rtol=0, atol=1e-9)
+
+
+def test_beam_search_carries_the_ngram_state():
+    model = _ngram_model(seed=1)
+    ids_BT, mask_BT = _left_padded(batch=2, length=5, seed=2)
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids_BT, attention_mask=mask_BT, use_cache=True, **kw)
+    full = model.generate(ids_BT, attention_mask=mask_BT, use_cache=False, **kw)
+    assert torch.equal(cached, full)
+
+
+def test_ngram_routing_needs_token_ids():
+    model = _ngram_model()
+    embeds = model.model.embed_tokens(torch.tensor([[3, 4, 5]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=embeds)
+
+
+# -- statistics: counting, identity, add / remove -------------------------------------------------
+
+
+def _explicit_counts(ids_BT, mask_BT, max_tokens_per_seq, vocab, buckets):
+    uni, ctx, big, pairs = [0.0] * vocab, [0.0] * vocab, [0.0] * buckets, {}
+    for row, mrow in zip(ids_BT.tolist(), mask_BT.tolist()):
+        prev, seen = None, 0
+        for v, m in zip(row, mrow):
+            if not m:
+                continue
+            seen += 1
+            if seen > max_tokens_per_seq:
+                break
+            uni[v] += 1
+            if prev is not None:
+                ctx[prev] += 1
+                big[(prev * 1_000_003 + v) % buckets] += 1
+                pairs[(prev, v)] = pairs.get((prev, v), 0) + 1
+            prev = v
+    return uni, ctx, big, pairs
+
+
+def test_collected_counts_equal_explicit_counting():
+    batches = [_left_padded(3, 9, seed=s) for s in range(3)]
+    batches.append((torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])))
+    got = collect_ngram_stats(
+        batches, vocab_size=VOCAB, buckets=BUCKETS, max_tokens_per_seq=6, pairs=True,
+        progress=False,
+    )  # fmt: skip
+    uni, ctx, big, pairs = [0.0] * VOCAB, [0.0] * VOCAB, [0.0] * BUCKETS, {}
+    for ids, mask in batches:
+        u, c, b, p = _explicit_counts(ids, mask, 6, VOCAB, BUCKETS)
+        uni = [x + y for x, y in zip(uni, u)]
+        ctx = [x + y for x, y in zip(ctx, c)]
+        big = [x + y for x, y in zip(big, b)]
+        for key, n in p.items():
+            pairs[key] = pairs.get(key, 0) + n
+    assert got.unigram_V.tolist() == uni and got.context_V.tolist() == ctx
+    assert got.bigram_H.tolist() == big
+    assert [tuple(r[:2]) for r in got.pairs_K3.tolist()] == sorted(pairs)
+    assert [r[2] for r in got.pairs_K3.tolist()] == [pairs[k] for k in sorted(pairs)]
+    assert got.feature_map == f"ngram:{BUCKETS}+pairs"
+    back = stats_from_bytes(stats_to_bytes(got))
+    assert isinstance(back, NgramStats) and torch.equal(back.pairs_K3, got.pairs_K3)
+
+
+def _synthetic_corpus(label: int, num_seqs: int, seed: int, length: int = 40):
+    """Token sequences from a class-specific first-order Markov chain over VOCAB ids."""
+    g = torch.Generator().manual_seed(1000 + label)
+    trans = torch.softmax(torch.randn(VOCAB, VOCAB, generator=g) * 2.0, dim=1)
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.zeros(num_seqs, length, dtype=torch.long)
+    seqs[:, 0] = torch.randint(0, VOCAB, (num_seqs,), generator=g)
+    for t in range(1, length):
+        seqs[:, t] = torch.multinomial(trans[seqs[:, t - 1]], 1, generator=g)[:, 0]
+    return seqs
+
+
+def _counts(seqs, pairs=False, **meta):
+    mask = torch.ones_like(seqs)
+    stats = collect_ngram_stats(
+        [(seqs, mask)], vocab_size=VOCAB, buckets=BUCKETS, max_tokens_per_seq=10**6,
+        pairs=pairs, progress=False,
+    )  # fmt: skip
+    return stats.with_meta(**meta)
+
+
+def test_adding_then_removing_a_contributor_returns_identical_tables():
+    spec = RoutingSpec(features="ngram", solver="nb", lam=AUTO, holdout_fraction=0.1,
+                       ngram_buckets=BUCKETS)  # fmt: skip
+    members = [("a", 0), ("b", 1), ("c", 2), ("d", 0)]
+    fit = {n: (j, _counts(_synthetic_corpus(j, 6, i))) for i, (n, j) in enumerate(members)}
+    held = {
+        n: (j, _counts(_synthetic_corpus(j, 3, 50 + i), pairs=True))
+        for i, (n, j) in enumerate(members)
+    }
+    drop = lambda m: {k: v for k, v in m.items() if k != "d"}  # noqa: E731
+    never = solve_routing(spec, drop(fit), 3, {0.0: drop(held)})
+    grown = solve_routing(spec, fit, 3, {0.0: held})
+    removed = solve_routing(spec, drop(dict(fit)), 3, {0.0: drop(dict(held))})
+    assert not torch.equal(grown.routers.unigram_EV, never.routers.unigram_EV)
+    assert removed.lam == never.lam
+    for name in ("unigram_EV", "context_EV", "bigram_EH"):
+        assert torch.equal(getattr(removed.routers, name), getattr(never.routers, name))
+    # Subtracting a contribution's counts is exact (integer counts in fp64).
+    sub = {**drop(fit), "a": (0, (fit["a"][1] + fit["d"][1]) - fit["d"][1])}
+    tables = ngram_tables(sub, 3, never.lam)
+    assert torch.equal(tables.unigram_EV, never.routers.unigram_EV)
+    assert torch.equal(tables.bigram_EH, never.routers.bigram_EH)
+
+
+def test_statistics_of_other_feature_maps_cannot_be_mixed():
+    from test_routing import _synthetic_stats
+
+    counts = _counts(_synthetic_corpus(0, 2, 0))
+    other_buckets = collect_ngram_stats(
+        [(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))], vocab_size=VOCAB,
+        buckets=BUCKETS + 1, max_tokens_per_seq=10, progress=False,
+    )  # fmt: skip
+    gram = _synthetic_stats("token", 0, 0)[0.0]
+    with pytest.raises(ValueError, match="feature map"):
+        counts + other_buckets
+    with pytest.raises(ValueError, match="feature map"):
+        counts + gram
+    with pytest.raises(ValueError, match="feature map"):
+        gram + counts
+    spec = RoutingSpec(features="ngram", solver="nb", lam=10.0, ngram_buckets=BUCKETS)
+    with pytest.raises(ValueError, match=r"statistics of 'b' are of feature map 'token'"):
+        solve_routing(spec, {"a": (0, counts), "b": (1, gram)}, 2)
+    with pytest.raises(ValueError, match="feature map"):
+        solve_routing(PRESETS["paper"], {"a": (0, counts), "b": (1, counts)}, 2)
+    # Held-out statistics must carry their bigrams: fit counts are not held-out counts.
+    auto = spec.replace(lam=AUTO, holdout_fraction=0.1)
+    fit = {"a": (0, counts), "b": (1, _counts(_synthetic_corpus(1, 2, 1)))}
+    with pytest.raises(ValueError, match=r"held-out statistics of 'a' are of feature map"):
+        solve_routing(auto, fit, 2, {0.0: fit})
+    with pytest.raises(ValueError, match="smoothing must be 0"):
+        RoutingSpec(features="ngram", solver="nb", smoothing=0.5)
+    with pytest.raises(ValueError, match="'nb' solver"):
+        RoutingSpec(features="token", solver="nb")
+    assert resolve_routing("paper", features="ngram").solver == "nb"
+
+
+def test_corrupt_ngram_blob_is_refused_with_one_line():
+    blob = stats_to_bytes(_counts(_synthetic_corpus(0, 2, 0)))
+    bad = NgramStats(
+        torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64),
+        torch.tensor([3.0], dtype=torch.float64),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="context more often"):
+        stats_from_bytes(stats_to_bytes(bad))
+    with pytest.raises(ValueError, match="not valid safetensors"):
+        stats_from_bytes(blob[: len(blob) // 2])
+
+
+# -- mu from held-out statistics ------------------------------------------------------------------
+
+
+def test_heldout_mu_is_the_minimiser_of_the_explicit_heldout_logloss():
+    """Two classes of Markov-chain text, little fit data: the statistics-only criterion equals
+    the per-bigram posterior log-loss computed token by token on the raw held-out sequences, and
+    the chosen mu is its argmin, inside the grid."""
+    fit = {f"c{j}": (j, _counts(_synthetic_corpus(j, 3, j))) for j in range(2)}
+    held_seqs = {j: _synthetic_corpus(j, 40, 100 + j) for j in range(2)}
+    held = {f"c{j}": (j, _counts(s, pairs=True)) for j, s in held_seqs.items()}
+    grid = [10.0 ** (k / 2) for k in range(-4, 9)]
+    sel = select_mu(fit, held, 2, grid, alpha=0.5)
+    tables = ngram_tables(fit, 2, grid[0], alpha=0.5)
+    uni, ctx, big = tables.unigram_EV, tables.context_EV, tables.bigram_EH
+    q = (uni + 0.5) / (uni.sum(1, keepdim=True) + 0.5 * VOCAB)
+    explicit = []
+    for mu in grid:
+        per_class = []
+        for j, seqs in held_seqs.items():
+            total, n = 0.0, 0
+            for row in seqs.tolist():
+                for prev, v in zip(row[:-1], row[1:]):
+                    h = (prev * 1_000_003 + v) % BUCKETS
+                    logp = ((big[:, h] + mu * q[:, v]) / (ctx[:, prev] + mu)).log()
+                    total -= float(torch.log_softmax(logp, 0)[j])
+                    n += 1
+            per_class.append(total / n)
+        explicit.append(sum(per_class) / 2)
+    torch.testing.assert_close(
+        torch.tensor(sel.curves["nb_logloss"][0]), torch.tensor(explicit), rtol=1e-9, atol=1e-12
+    )
+    best = min(range(len(grid)), key=explicit.__getitem__)
+    assert sel.lam == grid[best] and 0 < best < len(grid) - 1
+    assert heldout_logloss(tables, held, grid[best]) == pytest.approx(explicit[best])
+
+
+# -- end to end: build, eval, save -> load without dume_dist ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ngram_build(tmp_path_factory):
+    from tiny_world import make_world
+
+    from dume_dist.model.build import build_dume
+
+    root = tmp_path_factory.mktemp("ngram")
+    world = make_world(root / "world", num_docs=20)
+    result = build_dume(
+        world["experts"], world["data"], root / "model", routing="ngram",
+        max_tokens_per_seq=48, batch_size=4, progress=False,
+    )  # fmt: skip
+    return world, result
+
+
+def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
+    from dume_dist.model.evaluate import compare, write_heatmap
+
+    world, result = ngram_build
+    manifest = json.loads((result.out_dir / "dume_manifest.json").read_text())
+    config = json.loads((result.out_dir / "config.json").read_text())
+    routing = manifest["routing"]
+    assert manifest["feature_map"] == "ngram" and routing["solver"] == "nb"
+    assert routing["lam"] in routing["selection"]["lam_grid"]
+    assert config["routing"]["ngram"] == {
+        "buckets": PRESETS["ngram"].ngram_buckets, "mu": routing["lam"], "alpha": 0.1,
+    }  # fmt: skip
+    assert all(s.feature_map.startswith("ngram:") for s in result.stats.values())
+    held = sorted((result.out_dir / "stats" / "holdout").rglob("*.safetensors"))
+    assert len(held) == 3 and all("+pairs" in p.name for p in held)
+    table = compare(result.out_dir, world["data"], seq_len=24, batch_size=4, max_eval_tokens=400)
+    acc = table.routing_accuracy["dume k=1"]
+    assert min(sum(a) / len(a) for a in acc.values()) > 0.9  # chance: 1/3
+    write_heatmap(table, tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ngram_model_loads_and_generates_without_dume_dist(ngram_build, tmp_path):
+    _, result = ngram_build
+    model = DumeForCausalLM.from_pretrained(result.out_dir).eval()
+    assert model.ngram_router is not None and model.moe_blocks()[0].router is None
+    ids_BT, mask_BT = _left_padded(batch=2, length=6)
+    ids_BT = ids_BT.clamp(max=model.config.vocab_size - 1)
+    torch.save((ids_BT, mask_BT), tmp_path / "in.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    env.pop("PYTHONPATH", None)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    args = [str(result.out_dir), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert "dume_dist" not in out["module"] and torch.equal(out["cached"], out["full"])
+    with torch.no_grad():
+        here = model(ids_BT, attention_mask=mask_BT).logits
+    real = mask_BT.bool()
+    torch.testing.assert_close(out["logits"][real], here[real], rtol=1e-5, atol=1e-5)
+    loaded = DumeForCausalLM.from_pretrained(result.out_dir, dtype=torch.bfloat16)
+    assert loaded.ngram_router.bigram_counts.dtype == torch.float32
+    assert Path(result.out_dir, "modeling_dume.py").is_file()
+    assert math.isfinite(float(here[real].sum()))
+
+
+def test_ngram_bucket_is_stable():
+    # The hash is part of the statistics' identity: changing it silently would mix statistics.
+    got = ngram_bucket(
+        torch.tensor([0, 1, 50_000, 128_000]), torch.tensor([0, 7, 3, 127_999]), 1 << 18
+    )
+    assert got.tolist() == [(p * 1_000_003 + c) % (1 << 18) for p, c in
+                            [(0, 0), (1, 7), (50_000, 3), (128_000, 127_999)]]  # fmt: skip
