@@ -180,3 +180,14 @@ def test_clusters_dume_starts_get_token_auth_unless_the_environment_decides(monk
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "token", "64"], out.stderr
+
+
+def test_coordinator_start_takes_ngram_routing():
+    from dume_dist.cli.dist_commands import _settings
+
+    argv = ["coordinator", "start", "--store", "/nowhere", "--routing", "ngram",
+            "--ngram-buckets", "64"]  # fmt: skip
+    settings = _settings(make_parser().parse_args(argv))
+    assert settings["routing"] == "ngram" and settings["ngram_buckets"] == 64
+    argv = ["coordinator", "start", "--store", "/nowhere", "--features", "ngram", "--solver", "nb"]
+    assert _settings(make_parser().parse_args(argv))["features"] == "ngram"

@@ -628,3 +628,191 @@ def test_settings_resolve_presets_and_overrides():
     assert routing_of(ctx) == resolve_routing("context", holdout_fraction=0.2)
     assert json.loads(json.dumps(ctx)) == ctx
     assert routing_of({"lam": 0.05, "top_k": 1, "feature_map": "token"}).lam == 0.05
+
+
+# -- ngram routing: token counts instead of Grams ----------------------------------------------
+
+NGRAM = {"routing": "ngram", "max_tokens_per_seq": 16}
+SMALL_NGRAM = {**NGRAM, "ngram_buckets": 64}
+
+
+def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
+    from dume_dist.core.ngram import NgramStats
+
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=NGRAM)
+    registry = flow.status()["registry"]
+    settings = registry["settings"]
+    assert settings["routing"]["features"] == "ngram" and settings["lam"] == "auto"
+    assert settings["feature_map"] == "ngram:262144" and settings["routing"]["preset"] == "ngram"
+    assert registry["backbone"]["vocab_size"] == registry["backbone"]["semantic_config"]["vocab_size"]  # fmt: skip
+    names = ("alpha", "beta", "gamma")
+    flow.add(*names)
+    for name in names:
+        result = flow.join(name)
+        assert result["status"] == "accepted" and result["holdout_bytes"] > 0
+    nodes = flow.status()["registry"]["nodes"]
+    for name in names:
+        (entry,) = nodes[name]["stats"]
+        (held,) = entry["holdout"]
+        assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:262144+pairs"
+        stats = stats_from_bytes(BlobStore(flow.store).get_blob(entry["blob"]))
+        assert isinstance(stats, NgramStats) and stats.pairs_K3 is None
+
+    single = _single_build(experts, tmp_path / "single", names, routing="ngram")
+    pulled = _pulled(flow, "v3")
+    routers = flow.routers("v3")
+    assert {k.split(".")[0] for k in routers} == {"ngram_router"}
+    assert_same_routers(routers, routers_of(tmp_path / "single"))
+    assert _config_routing(pulled) == _config_routing(tmp_path / "single")
+    assert _config_routing(pulled)["features"] == "ngram"
+    manifest = flow.versions().get_manifest("v3")
+    assert manifest["lam"] == single.routing.lam == manifest["routing"]["lam"]
+    assert manifest["routing"]["selection"] == single.manifest["routing"]["selection"]
+    assert manifest["routing"]["solver"] == "nb"
+
+
+def test_unlearning_under_ngram_routing_equals_a_build_without_the_node(experts, tmp_path):
+    from dume_dist.model.routing import resolve_routing
+
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=SMALL_NGRAM)
+    flow.add("alpha", "beta", "gamma")
+    for name in ("alpha", "beta", "gamma"):
+        flow.join(name)
+    held = [h["blob"] for s in flow.status()["registry"]["nodes"]["beta"]["stats"]
+            for h in s["holdout"]]  # fmt: skip
+    result = flow.coord.unlearn(flow.op, "beta", "forget me")
+    assert result["version"] == "v4"
+    assert not any("/beta/" in k for k in flow.store.list("blobs"))
+    assert held and not any(flow.store.exists(f"blobs/{b}.bin") for b in held)
+
+    spec = resolve_routing("ngram", ngram_buckets=64)
+    single = _single_build(experts, tmp_path / "single", ("alpha", "gamma"), routing=spec)
+    assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
+    assert _config_routing(_pulled(flow, "v4")) == _config_routing(tmp_path / "single")
+    assert flow.versions().get_manifest("v4")["lam"] == single.routing.lam
+    assert flow.routers("v3")["ngram_router.unigram_counts"].shape[0] == 3
+
+
+@pytest.fixture(scope="module")
+def ngram_founded(experts, tmp_path_factory):
+    """An ngram-routing store (64 buckets) where alpha joined and beta's expert is uploaded;
+    beta's own counts (fit and held-out) are computed but not submitted."""
+    tmp_path = tmp_path_factory.mktemp("ngram")
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=SMALL_NGRAM)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    agent = flow.agent("beta")
+    agent.authenticate()
+    backbone_dir = agent.fetch_backbone()
+    expert = str(experts["beta"]["expert"])
+    spec, fingerprint = agent.check_expert(expert)
+    agent.upload_expert(spec, fingerprint)
+    opts = {k: JOIN[k] for k in ("max_tokens", "seq_len", "batch_size")}
+    flow.job = agent.job(backbone_dir, expert, fingerprint, [str(experts["beta"]["data"])], opts)
+    flow.computed = agent.compute(flow.job, threads=1)
+    return flow
+
+
+def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):
+    flow = ngram_founded
+    assert flow.job["ngram_buckets"] == 64 and flow.job["holdout_smoothings"] == [0.0]
+    before = _snapshot(flow)
+    stats, held = flow.computed["stats"], flow.computed["holdout"]
+    assert set(held) == {0.0}
+    for holdout in (None, {}, {0.5: held[0.0]}):
+        with pytest.raises(ValueError, match="held-out statistics") as err:
+            _submit(flow, stats, holdout)
+        assert "\n" not in str(err.value)
+    # Held-out counts without their bigrams, or fit counts in the held-out slot, are refused.
+    fit = stats_from_bytes(stats)
+    no_pairs = stats_from_bytes(held[0.0]).with_meta(pairs_K3=None, feature_map="ngram:64")
+    for stats_, holdout in ((stats, {0.0: no_pairs}), (stats, {0.0: fit}), (held[0.0], held)):
+        with pytest.raises(ValueError, match="feature map") as err:
+            _submit(flow, stats_, holdout)
+        assert "\n" not in str(err.value)
+    assert _snapshot(flow) == before
+
+
+def test_gram_and_ngram_statistics_do_not_cross(ngram_founded, context_founded):
+    ngram, context = ngram_founded, context_founded
+    fp = stats_from_bytes(ngram.computed["stats"])
+    meta = dict(expert_fingerprint=fp.expert_fingerprint,
+                backbone_fingerprint=fp.backbone_fingerprint)  # fmt: skip
+    grams = stats_from_bytes(context.computed["stats"]).with_meta(**meta)
+    held_grams = stats_from_bytes(context.computed["holdout"][0.0]).with_meta(**meta)
+    counts = stats_from_bytes(ngram.computed["stats"])
+    held_counts = stats_from_bytes(ngram.computed["holdout"][0.0])
+
+    before = ngram_before = _snapshot(ngram)
+    for stats, holdout in ((grams, {0.0: held_grams}), (counts, {0.0: held_grams})):
+        with pytest.raises(ValueError) as err:
+            _submit(ngram, stats, holdout)
+        assert "\n" not in str(err.value)
+    assert "n-gram counts" in str(_raises(_submit, ngram, grams, {0.0: held_grams}))
+    assert _snapshot(ngram) == before
+
+    before = _snapshot(context)
+    for stats, holdout in ((counts, {0.0: held_counts}), (counts, {0.0: held_grams})):
+        with pytest.raises(ValueError) as err:
+            _submit(context, stats, holdout)
+        assert "\n" not in str(err.value)
+    assert "Gram statistics" in str(_raises(_submit, context, counts, {0.0: held_counts}))
+    assert _snapshot(context) == before
+
+    # Counts over another vocabulary or another number of buckets are refused too.
+    wider = counts.with_meta(
+        unigram_V=torch.cat([counts.unigram_V, torch.ones(1, dtype=torch.float64)]),
+        context_V=torch.cat([counts.context_V, torch.zeros(1, dtype=torch.float64)]),
+    )
+    assert "token ids" in str(_raises(_submit, ngram, wider, {0.0: held_counts}))
+    more = counts.with_meta(
+        bigram_H=torch.cat([counts.bigram_H, torch.zeros(64, dtype=torch.float64)]),
+        feature_map="ngram:128",
+    )
+    assert "buckets" in str(_raises(_submit, ngram, more, {0.0: held_counts}))
+    assert _snapshot(ngram) == ngram_before
+
+    # The good submission is accepted, then a retry is a duplicate (no-op).
+    accepted = _submit(ngram, ngram.computed["stats"], ngram.computed["holdout"], "sub-good")
+    assert accepted["status"] == "accepted" and accepted["version"] == "v2"
+    after = _snapshot(ngram)
+    again = _submit(ngram, ngram.computed["stats"], ngram.computed["holdout"], "sub-other")
+    assert again["status"] == "duplicate" and _snapshot(ngram) == after
+
+
+def _raises(fn, *args):
+    with pytest.raises(ValueError) as err:
+        fn(*args)
+    return err.value
+
+
+def test_vocab_size_of_an_old_backbone_record(ngram_founded):
+    from dume_dist.dist.artifacts import record_vocab_size
+
+    flow = ngram_founded
+    state, _ = flow.coord.registry.load()
+    record = state["backbone"]
+    want = record["vocab_size"]
+    old = {k: v for k, v in record.items() if k != "vocab_size"}
+    assert record_vocab_size(old) == want
+    older = {**old, "semantic_config": {}}
+    with pytest.raises(ValueError):
+        record_vocab_size(older)
+    assert flow.coord._vocab_size({**state, "backbone": older}) == want
+
+
+def test_ngram_settings():
+    from dume_dist.dist.artifacts import routing_of
+    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.model.routing import resolve_routing
+
+    settings = check_settings({"routing": "ngram", "ngram_buckets": 64})
+    assert routing_of(settings) == resolve_routing("ngram", ngram_buckets=64)
+    assert settings["feature_map"] == "ngram:64"
+    fixed = check_settings({"features": "ngram", "lam": 10.0})
+    assert routing_of(fixed).solver == "nb" and routing_of(fixed).holdout_smoothings() == ()
+    for bad in ({"routing": "ngram", "ngram_buckets": 0}, {"routing": "ngram", "smoothing": 0.5},
+                {"features": "ngram", "solver": "lda"}):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            check_settings(bad)
+        assert "\n" not in str(err.value)

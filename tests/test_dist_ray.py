@@ -145,11 +145,15 @@ def assert_same_routers(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("routing", ["paper", "context"])
+@pytest.mark.parametrize("routing", ["paper", "context", "ngram"])
 def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routing):
-    """Fit statistics (and under ``context`` the held-out ones of prefix-mean features) of two
-    gloo ranks equal one worker's: the same batches, summed in fp64."""
+    """Fit statistics (and under ``context`` / ``ngram`` the held-out ones) of two gloo ranks
+    equal one worker's: the same batches, Grams summed in fp64; n-gram counts summed exactly and
+    the held-out bigrams gathered and merged."""
     settings = {**SETTINGS, "routing": routing}
+    if routing == "ngram":
+        settings["ngram_buckets"] = 64
+    held_out = routing != "paper"
     flow = RayFlow(
         str(tmp_path / "store"), {}, experts, tmp_path, ray_cluster["node_ids"], settings
     )
@@ -170,27 +174,30 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
         ray.kill(agent)
         assert submitted["status"] == "accepted" and submitted["version"] == "v1"
         (entry,) = flow.call("status")["registry"]["nodes"]["alpha"]["stats"]
-        assert len(entry.get("holdout", [])) == (1 if routing == "context" else 0)
-        assert (
-            set(one["holdout"]) == set(two["holdout"]) == ({0.0} if routing == "context" else set())
-        )
+        assert len(entry.get("holdout", [])) == (1 if held_out else 0)
+        assert set(one["holdout"]) == set(two["holdout"]) == ({0.0} if held_out else set())
         pairs = [(one["stats"], two["stats"])]
         pairs += [(one["holdout"][b], two["holdout"][b]) for b in one["holdout"]]
-        for a_bytes, b_bytes in pairs:
+        maps = {"paper": ["token"], "context": ["prefix_mean"] * 2,
+                "ngram": ["ngram:64", "ngram:64+pairs"]}[routing]  # fmt: skip
+        for (a_bytes, b_bytes), feature_map in zip(pairs, maps, strict=True):
             a, b = stats_from_bytes(a_bytes), stats_from_bytes(b_bytes)
-            assert (
-                a.feature_map
-                == b.feature_map
-                == ("prefix_mean" if routing == "context" else "token")
-            )
+            assert a.feature_map == b.feature_map == feature_map
             assert a.num_tokens == b.num_tokens > 0
+            if routing == "ngram":
+                for name in ("unigram_V", "context_V", "bigram_H"):
+                    assert torch.equal(getattr(a, name), getattr(b, name)), name
+                assert (a.pairs_K3 is None) == (b.pairs_K3 is None)
+                if a.pairs_K3 is not None:
+                    assert a.pairs_K3.shape[0] > 0 and torch.equal(a.pairs_K3, b.pairs_K3)
+                continue
             scale = a.gram_LPP.abs().max()
             torch.testing.assert_close(
                 b.gram_LPP, a.gram_LPP, rtol=1e-13, atol=1e-13 * float(scale)
             )
             assert not torch.equal(a.gram_LPP, torch.zeros_like(a.gram_LPP))
         fit_tokens = stats_from_bytes(one["stats"]).num_tokens
-        assert fit_tokens > (200 if routing == "paper" else 100)  # context: some docs held out
+        assert fit_tokens > (100 if held_out else 200)  # some docs held out
     finally:
         flow.stop()
 

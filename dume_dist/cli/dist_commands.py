@@ -159,8 +159,9 @@ def _routing_flags(p: argparse.ArgumentParser, fixed_at_genesis: bool = True) ->
         choices=ROUTING_PRESETS,
         default="paper",
         help="named routing setting" + when + ": 'paper' (the default: token features, ridge, "
-        "λ=1e-2, k=1) or 'context' (prefix-mean features, lda, λ chosen on held-out "
-        "statistics); the flags below override it (docs/routing.md)",
+        "λ=1e-2, k=1), 'context' (prefix-mean features, lda, λ chosen on held-out "
+        "statistics) or 'ngram' (sequence-level naive Bayes on hashed token bigrams, mu chosen "
+        "on held-out statistics); the flags below override it (docs/routing.md)",
     )
     p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
     p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
@@ -168,8 +169,14 @@ def _routing_flags(p: argparse.ArgumentParser, fixed_at_genesis: bool = True) ->
         "--lam",
         type=number_or_auto,
         default=None,
-        help="ridge λ (lda: covariance shrinkage in (0, 1]), or 'auto': chosen on held-out "
-        "statistics each node computes on a share of its documents",
+        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
+        "'auto': chosen on held-out statistics each node computes on a share of its documents",
+    )
+    p.add_argument(
+        "--ngram-buckets",
+        type=int,
+        default=None,
+        help="hash buckets of the n-gram router's bigram counts (default 262144)",
     )
     p.add_argument(
         "--smoothing",
@@ -188,7 +195,8 @@ def _routing_flags(p: argparse.ArgumentParser, fixed_at_genesis: bool = True) ->
 def _routing_settings(args) -> dict:
     """The routing entries of coordinator settings (None: the preset's value)."""
     out = {"routing": args.routing, "features": args.features, "solver": args.solver,
-           "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction}  # fmt: skip
+           "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction,
+           "ngram_buckets": args.ngram_buckets}  # fmt: skip
     return {k: v for k, v in out.items() if v is not None}
 
 

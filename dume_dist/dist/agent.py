@@ -13,8 +13,9 @@ Steps of `join` (each one thing, each safe to repeat):
 ``check_expert``  the expert fits the backbone (config, MLP shapes, tokenizer)
 ``upload_expert`` MLP weights as one safetensors blob (a no-op when already registered)
 ``compute``       one `StatsWorker` per local GPU (else one CPU worker); all_reduce; rank 0's sum:
-                  fit statistics of the coordinator's routing features and, when its routing
-                  chooses λ / β on held-out data, held-out statistics (same split as a build)
+                  fit statistics of the coordinator's routing features (Grams, or for ngram
+                  routing token counts) and, when its routing chooses λ / β / mu on held-out
+                  data, held-out statistics (same split as a build)
 ``submit``        with a submission id = hash(data files, expert, backbone, settings, routing's
                   statistics settings): a rerun after a crash is recognised and counted once
 
@@ -206,6 +207,8 @@ class NodeAgent:
             "holdout_fraction": spec.holdout_fraction if spec.needs_holdout else 0.0,
             "holdout_smoothings": list(spec.holdout_smoothings()),
         }
+        if spec.features == "ngram":  # token counts in this many hash buckets
+            routing["ngram_buckets"] = spec.ngram_buckets
         # What the statistics depend on is part of the submission id; the paper's token
         # statistics without a held-out part keep the ids they had before routing options.
         id_settings = dict(stats_settings)

@@ -34,7 +34,16 @@ FEATURE_MAP = "token"  # the feature map of registries founded before routing op
 
 # Coordinator settings that name the routing (everything else in them: temperature and
 # max_tokens_per_seq). ``routing`` is a preset name or a dict of ``RoutingSpec`` fields.
-ROUTING_KEYS = ("routing", "features", "solver", "lam", "smoothing", "top_k", "holdout_fraction")
+ROUTING_KEYS = (
+    "routing",
+    "features",
+    "solver",
+    "lam",
+    "smoothing",
+    "top_k",
+    "holdout_fraction",
+    "ngram_buckets",
+)
 SETTINGS_KEYS = (*ROUTING_KEYS, "temperature", "max_tokens_per_seq", "feature_map")
 
 
@@ -80,11 +89,25 @@ def backbone_record(backbone: Backbone, ref: ExpertSpec) -> dict:
         "prefix": f"{BACKBONE_PREFIX}/{backbone.fingerprint}",
         "num_layers": int(config.num_hidden_layers),
         "feature_dim": int(config.hidden_size),
+        "vocab_size": int(config.vocab_size),
         "architectures": list(config.architectures or []),
         "semantic_config": _jsonable(semantic_config(config)),
         "tokenizer_hash": ref.tokenizer_hash,
         "mlp_layout": mlp_layout(ref),
     }
+
+
+def record_vocab_size(record: dict, backbone_dir: Path | None = None) -> int:
+    """The backbone's vocabulary size (what n-gram statistics cover). Records written before it
+    was stored carry it in their ``semantic_config``; failing that, the backbone's
+    ``config.json`` in ``backbone_dir`` is read."""
+    if record.get("vocab_size") is not None:
+        return int(record["vocab_size"])
+    if (record.get("semantic_config") or {}).get("vocab_size") is not None:
+        return int(record["semantic_config"]["vocab_size"])
+    if backbone_dir is None:
+        raise ValueError("the backbone record has no vocabulary size")
+    return int(load_config(Path(backbone_dir)).vocab_size)
 
 
 def save_backbone_dir(backbone: Backbone, tokenizer_dir: Path, out_dir: Path) -> None:

@@ -26,9 +26,16 @@ from pathlib import Path
 
 import torch
 
+from dume_dist.core.ngram import NgramStats
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
 from dume_dist.dist import state as st
-from dume_dist.dist.artifacts import SETTINGS_KEYS, check_mlp_blob, mlp_spec, routing_of
+from dume_dist.dist.artifacts import (
+    SETTINGS_KEYS,
+    check_mlp_blob,
+    mlp_spec,
+    record_vocab_size,
+    routing_of,
+)
 from dume_dist.store import (
     BlobStore,
     ObjectStore,
@@ -39,16 +46,20 @@ from dume_dist.store import (
 )
 
 UNLEARNED_MARK = "contains_unlearned"
-DIST_FEATURES = ("token", "prefix_mean")  # the feature maps node workers compute
+DIST_FEATURES = ("token", "prefix_mean", "ngram")  # the features node workers compute
+
+Stats = RouterStats | NgramStats
 
 
-def _parse_stats(stats) -> RouterStats:
+def _parse_stats(stats) -> Stats:
     try:
         parsed = stats_from_bytes(bytes(stats)) if isinstance(stats, (bytes, bytearray)) else stats
     except (KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"statistics blob is malformed: {exc!r}") from None
-    if not isinstance(parsed, RouterStats):
-        raise ValueError(f"statistics must be bytes or RouterStats, got {type(stats).__name__}")
+    if not isinstance(parsed, (RouterStats, NgramStats)):
+        raise ValueError(
+            f"statistics must be bytes, RouterStats or NgramStats, got {type(stats).__name__}"
+        )
     return parsed
 
 
@@ -76,8 +87,8 @@ def _number_or_auto(key: str, value):
 def check_settings(settings: dict) -> dict:
     """The registry's settings from what genesis was given: the routing (a ``routing`` preset
     name or dict of `RoutingSpec` fields, default ``paper``, with ``features``, ``solver``,
-    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction`` on top), ``temperature`` and
-    ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its JSON), its ``feature_map``,
+    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction``, ``ngram_buckets`` on top),
+    ``temperature`` and ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its JSON), its ``feature_map``,
     and ``lam`` / ``top_k`` (as the spec has them) for readers of older registries."""
     from dume_dist.model.routing import resolve_routing
 
@@ -98,6 +109,7 @@ def check_settings(settings: dict) -> dict:
             smoothing=_number_or_auto("smoothing", settings.get("smoothing")),
             top_k=settings.get("top_k"),
             holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
+            ngram_buckets=settings.get("ngram_buckets"),
         )
     except TypeError as exc:
         raise ValueError(f"bad coordinator settings: {exc}") from None
@@ -351,7 +363,7 @@ class Coordinator:
         secret: str,
         name: str,
         domain: str,
-        stats: bytes | RouterStats,
+        stats: bytes | RouterStats | NgramStats,
         submission_id: str,
         num_tokens: int,
         holdout: dict | None = None,
@@ -450,18 +462,38 @@ class Coordinator:
 
     # -- validation -------------------------------------------------------------------------
 
+    def _vocab_size(self, state: dict) -> int:
+        """The backbone's vocabulary size (from the backbone's config for an old record)."""
+        try:
+            return record_vocab_size(state["backbone"])
+        except ValueError:
+            return record_vocab_size(state["backbone"], self._backbone_dir(state))
+
     def _validate_stats(
         self, state: dict, rec: dict, name: str, stats, num_tokens, feature_map: str
-    ) -> RouterStats:
+    ) -> Stats:
         from dume_dist.model.modeling_dume import routing_feature_dim
 
         backbone = state["backbone"]
         parsed = _parse_stats(stats)
-        features = routing_of(state["settings"]).features
-        parsed.validate(
-            num_layers=backbone["num_layers"],
-            feature_dim=routing_feature_dim(features, backbone["feature_dim"]),
-        )
+        spec = routing_of(state["settings"])
+        if spec.features == "ngram":
+            if not isinstance(parsed, NgramStats):
+                raise ValueError(
+                    f"statistics are Gram matrices of feature map {parsed.feature_map!r}; the "
+                    "coordinator's ngram routing needs n-gram counts (NgramStats)"
+                )
+            parsed.validate(vocab_size=self._vocab_size(state), buckets=spec.ngram_buckets)
+        else:
+            if not isinstance(parsed, RouterStats):
+                raise ValueError(
+                    f"statistics are n-gram counts ({parsed.feature_map!r}); the coordinator's "
+                    f"{spec.features} routing needs Gram statistics (RouterStats)"
+                )
+            parsed.validate(
+                num_layers=backbone["num_layers"],
+                feature_dim=routing_feature_dim(spec.features, backbone["feature_dim"]),
+            )
         if parsed.feature_map != feature_map:
             raise ValueError(
                 f"statistics use feature map {parsed.feature_map!r}, the model {feature_map!r}"
@@ -487,13 +519,11 @@ class Coordinator:
         return parsed
 
     def _validate_holdout(
-        self, state: dict, rec: dict, name: str, spec, fit: RouterStats, holdout
-    ) -> dict[float, tuple[RouterStats, bytes]]:
+        self, state: dict, rec: dict, name: str, spec, fit: Stats, holdout
+    ) -> dict[float, tuple[Stats, bytes]]:
         """``{β: (statistics, bytes)}`` of a submission's held-out statistics, each checked like
-        fit statistics (identity ``feature_map_name(features, β)``); exactly the decays the
-        routing needs."""
-        from dume_dist.model.routing import feature_map_name
-
+        fit statistics (identity ``spec.holdout_feature_map(β)``; for ngram the counts with the
+        exact held-out bigrams); exactly the decays the routing needs."""
         needed = spec.holdout_smoothings()
         if holdout is not None and not isinstance(holdout, dict):
             raise ValueError(f"holdout must be a dict {{smoothing: statistics}}, got {type(holdout).__name__}")  # fmt: skip
@@ -525,7 +555,7 @@ class Coordinator:
             value = given[beta]
             parsed = self._validate_stats(
                 state, rec, name, value, _parse_stats(value).num_tokens,
-                feature_map_name(spec.features, beta),
+                spec.holdout_feature_map(beta),
             )  # fmt: skip
             if parsed.expert_fingerprint != fit.expert_fingerprint:
                 raise ValueError("held-out and fit statistics were computed with different experts")
@@ -720,10 +750,17 @@ def _manifest_stats(entry: dict) -> dict:
 
 
 def routers_of(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The router tensors of a published DUME model directory (for comparisons)."""
+    """The router tensors of a published DUME model directory (for comparisons): the per-layer
+    linear routers, or the n-gram router's count tables."""
     from safetensors.torch import load_file
 
     out = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
-        out.update({k: v for k, v in load_file(str(file)).items() if ".mlp.router." in k})
+        out.update(
+            {
+                k: v
+                for k, v in load_file(str(file)).items()
+                if ".mlp.router." in k or k.startswith("ngram_router.")
+            }
+        )
     return out

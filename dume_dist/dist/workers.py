@@ -16,6 +16,12 @@ race; the port reaches the others through Ray), then every rank:
 4. one ``all_reduce(SUM)`` of the stacked fp64 Grams; rank 0 returns the summed statistics as
    bytes: ``{"stats": fit, "holdout": {β: held-out}}``.
 
+``ngram`` routing needs no model: step 3 counts token ids with `collect_ngram_stats` (fit
+counts, and held-out counts with their exact bigrams when the routing chooses ``mu`` on held-out
+data; ``job["ngram_buckets"]`` buckets, the backbone's vocabulary); step 4 all_reduces the
+stacked fp64 count vectors (integers: the sum is exact in any order) and gathers the held-out
+bigram lists, of different lengths per rank, to rank 0, which merges them (`coalesce_pairs`).
+
 With ``world_size == 1`` there is no process group at all.
 """
 
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from dume_dist.core.ngram import NgramStats, coalesce_pairs
 from dume_dist.core.stats import RouterStats, stats_to_bytes
 
 
@@ -77,6 +84,8 @@ class StatsWorker:
     def compute(self, job: dict, rendezvous: tuple[str, int] | None = None) -> dict | None:
         """Run the job (see `NodeAgent.job`); rank 0 returns the group's summed statistics
         ``{"stats": bytes, "holdout": {β: bytes}}`` (``holdout`` empty unless the job asks)."""
+        if job.get("features", "token") == "ngram":
+            return self._compute_ngram(job, rendezvous)
         group = self.world_size > 1
         if group:
             self._init_group(rendezvous)
@@ -120,6 +129,121 @@ class StatsWorker:
             held.validate()
             holdout[float(beta)] = stats_to_bytes(held)
         return {"stats": stats_to_bytes(stats), "holdout": holdout}
+
+    def _compute_ngram(self, job: dict, rendezvous: tuple[str, int] | None) -> dict | None:
+        """`compute` for ``ngram`` routing: the group's summed token counts (see the module)."""
+        group = self.world_size > 1
+        if group:
+            self._init_group(rendezvous)
+        threads_before = torch.get_num_threads()
+        try:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            counts, pairs = self._partial_counts(job)
+            if group:
+                counts, pairs = self._combine_counts(counts, pairs)
+        finally:
+            torch.set_num_threads(threads_before)
+            if group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+        if self.rank != 0:
+            return None
+        from dume_dist.model.routing import feature_map_name
+
+        buckets = int(job["ngram_buckets"])
+        meta = dict(
+            backbone_fingerprint=job["backbone_fingerprint"],
+            expert_fingerprint=job["expert_fingerprint"],
+        )
+        extra = {"submission_id": job["submission_id"], "workers": self.world_size}
+
+        def stats_of(part, held: bool) -> NgramStats:
+            vocab = (counts.shape[1] - buckets) // 2
+            uni, ctx, big = part[:vocab], part[vocab : 2 * vocab], part[2 * vocab :]
+            out = NgramStats(
+                uni.clone(), ctx.clone(), big.clone(),
+                feature_map=feature_map_name("ngram", buckets=buckets, heldout=held), **meta,
+                extra={**extra, "split": "holdout"} if held else extra,
+                pairs_K3=pairs if held else None,
+            )  # fmt: skip
+            out.validate(vocab_size=vocab, buckets=buckets)
+            return out
+
+        holdout = {}
+        if counts.shape[0] > 1:
+            (beta,) = job["holdout_smoothings"]
+            holdout[float(beta)] = stats_to_bytes(stats_of(counts[1], True))
+        return {"stats": stats_to_bytes(stats_of(counts[0], False)), "holdout": holdout}
+
+    def _partial_counts(self, job: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[1 or 2, 2V + H]`` (fp64): this rank's fit counts, then (when the job asks for
+        held-out statistics) its held-out counts, each ``[unigram_V, context_V, bigram_H]``
+        (zeros for a part of which it has no batch); and its held-out bigrams ``[K, 3]``."""
+        from transformers import AutoTokenizer
+
+        from dume_dist.model.build import split_holdout
+        from dume_dist.model.collect import collect_ngram_stats
+        from dume_dist.model.data import load_domain_texts, shard, token_batches
+        from dume_dist.model.experts import load_config
+
+        held_out = bool(job.get("holdout_smoothings"))
+        if held_out and [float(b) for b in job["holdout_smoothings"]] != [0.0]:
+            raise ValueError("ngram routing takes held-out statistics for smoothing 0 only")
+        buckets = int(job["ngram_buckets"])
+        vocab = int(load_config(Path(job["backbone_dir"])).vocab_size)
+        tokenizer = AutoTokenizer.from_pretrained(job["backbone_dir"])
+        texts = load_domain_texts(job["domain"], job["data"])
+        fit_texts, held_texts = split_holdout(texts, job.get("holdout_fraction", 0.0), job["name"])
+
+        def my_batches(part):
+            batches = list(token_batches(tokenizer, part, job["batch_size"], job["seq_len"],
+                                         job["max_tokens_per_seq"], job["max_tokens"]))  # fmt: skip
+            return shard(batches, self.rank, self.world_size)
+
+        parts = [my_batches(fit_texts)] + ([my_batches(held_texts)] if held_out else [])
+        out = torch.zeros(len(parts), 2 * vocab + buckets, dtype=torch.float64)
+        pairs = torch.zeros(0, 3, dtype=torch.int64) if held_out else None
+        with self._lock:
+            self._total = sum(int(m.sum()) for mine in parts for _, m in mine)
+        for slot, mine in enumerate(parts):
+            if not mine:  # more workers than batches: this rank adds nothing to this part
+                continue
+            counted = collect_ngram_stats(
+                self._counted(mine), vocab_size=vocab, buckets=buckets,
+                max_tokens_per_seq=job["max_tokens_per_seq"], pairs=slot == 1, progress=False,
+            )  # fmt: skip
+            out[slot] = torch.cat([counted.unigram_V, counted.context_V, counted.bigram_H])
+            if slot == 1:
+                pairs = counted.pairs_K3
+        return out, pairs
+
+    def _combine_counts(
+        self, counts: torch.Tensor, pairs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The group's summed counts (all_reduce, fp64) and, on rank 0, every rank's held-out
+        bigrams merged (sizes gathered first: the lists differ in length)."""
+        import torch.distributed as dist
+
+        device = self.device()
+        summed = counts.to(device)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        counts = summed.cpu()
+        if pairs is None:
+            return counts, None
+        size = torch.tensor([pairs.shape[0]], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = max(int(n) for n in sizes)
+        if longest == 0:  # every rank knows: no rank found a held-out bigram
+            return counts, pairs
+        padded = torch.zeros(longest, 3, dtype=torch.int64, device=device)
+        padded[: pairs.shape[0]] = pairs.to(device)
+        gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        merged = torch.cat([g[: int(n)].cpu() for g, n in zip(gathered, sizes)])
+        return counts, coalesce_pairs(merged)
 
     def _init_group(self, rendezvous: tuple[str, int] | None) -> None:
         import torch.distributed as dist
