@@ -52,8 +52,10 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
      RoutingSpec(features="prefix_mean", lam=AUTO, smoothing=AUTO, **_H)),
     ("prefix_mean, lda, λ+β auto",
      RoutingSpec(features="prefix_mean", solver="lda", lam=AUTO, smoothing=AUTO, **_H)),
-    ("context (prefix_mean, lda, λ auto) = default", CONTEXT),
+    ("context (prefix_mean, lda, λ auto)", CONTEXT),
     ("context, k=2", CONTEXT.replace(top_k=2, preset=None)),
+    ("ngram (bigram naive Bayes, μ auto)", PRESETS["ngram"]),
+    ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
 ]  # fmt: skip
 
 
@@ -65,13 +67,16 @@ def _seconds(fn, model) -> float:
 
 def _collect(backbone, specs, tokenizer, train, features, holdout_fraction, smoothings, kw):
     """``{name: (fit, {β: held-out})}`` and seconds, for one feature map."""
-    spec = RoutingSpec(
-        features=features,
-        lam=AUTO,
-        smoothing=AUTO,
-        holdout_fraction=holdout_fraction,
-        smoothing_grid=tuple(smoothings),
-    )
+    if features == "ngram":
+        spec = PRESETS["ngram"].replace(holdout_fraction=holdout_fraction)
+    else:
+        spec = RoutingSpec(
+            features=features,
+            lam=AUTO,
+            smoothing=AUTO,
+            holdout_fraction=holdout_fraction,
+            smoothing_grid=tuple(smoothings),
+        )
     out, t0 = {}, time.perf_counter()
     for s in specs:
         out[s.name] = expert_statistics(
@@ -88,12 +93,19 @@ def _solve(option: RoutingSpec, stats, names):
         held = {
             b: {n: (index[n], stats[n][1][b]) for n in names} for b in option.holdout_smoothings()
         }
-    else:  # all the data: fit + held-out (plain Grams add)
-        fit = {n: (index[n], stats[n][0] + stats[n][1][0.0]) for n in names}
+    else:  # all the data: fit + held-out (plain Grams add; n-gram counts without their pairs)
+        fit = {n: (index[n], stats[n][0] + _plain(stats[n][1][0.0])) for n in names}
         held = None
     t0 = time.perf_counter()
     solved = solve_routing(option, fit, len(names), held)
     return solved, time.perf_counter() - t0, fit
+
+
+def _plain(stats):
+    """Held-out statistics as fit statistics (n-gram counts: without the exact bigrams)."""
+    if getattr(stats, "pairs_K3", None) is not None:
+        return stats.with_meta(pairs_K3=None, feature_map="")
+    return stats
 
 
 def _stats_bytes(option: RoutingSpec, stats, name) -> dict:

@@ -40,6 +40,11 @@ State-dict keys: the dense family's keys for everything outside the MLPs
   (only when ``router_bias``);
 * ``model.layers.{l}.mlp.experts.{j}.<the family's MLP keys>``, e.g. ``gate_proj.weight``.
 
+With ``routing.features == "ngram"`` there are no per-layer ``router`` tensors; instead
+``ngram_router.unigram_counts`` [E, V], ``ngram_router.context_counts`` [E, V] and
+``ngram_router.bigram_counts`` [E, buckets] (fp32 counts, see ``DumeNgramRouter``) and
+``routing.ngram = {"buckets", "mu", "alpha"}``.
+
 Routing
 -------
 Per token t of a sequence, with x_t the input of the MLP (the output of
@@ -56,7 +61,11 @@ Per token t of a sequence, with x_t the input of the MLP (the output of
 * top-k of the (smoothed) logits; weights = softmax over those k logits (fp32); output =
   sum_i weight_i * expert_i(x), cast back to x's dtype. Only the chosen experts run.
 
-Context-aware routing (``prefix_mean`` or smoothing > 0) carries per-layer running sums per
+``ngram`` features: one sequence-level router for all layers, the naive-Bayes log-likelihood of
+the real tokens so far under each expert's bigram model (``DumeNgramRouter``); it reads the token
+ids, so the model must be called with ``input_ids``.
+
+Context-aware routing (``prefix_mean``, ``ngram`` or smoothing > 0) carries per-layer running sums per
 sequence. With a KV cache they live on the ``past_key_values`` Cache object (attribute
 ``dume_routing``) and follow it (beam reordering, batch selection), so decoding with a cache gives
 the same routing as a full forward. ``routing`` may also hold informational keys the model does
@@ -293,6 +302,22 @@ class DumeNgramRouter(nn.Module):
         self.context_counts = nn.Parameter(zeros(num_experts, vocab_size), requires_grad=False)
         self.bigram_counts = nn.Parameter(zeros(num_experts, self.buckets), requires_grad=False)
 
+    def _tables(self):
+        """fp64 counts and the unigram denominators, cached until the counts change."""
+        key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
+        if getattr(self, "_cache_key", None) != key:
+            uni_EV = self.unigram_counts.double()
+            vocab = uni_EV.shape[1]
+            denom_E1 = uni_EV.sum(dim=1, keepdim=True) + self.alpha * vocab
+            self._cached = (
+                uni_EV,
+                self.context_counts.double(),
+                self.bigram_counts.double(),
+                denom_E1,
+            )
+            self._cache_key = key
+        return self._cached
+
     def scores(
         self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
     ) -> tuple[torch.Tensor, dict]:
@@ -302,11 +327,10 @@ class DumeNgramRouter(nn.Module):
         if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
         prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
-        uni_EV = self.unigram_counts.double()
-        q_EV = (uni_EV + self.alpha) / (uni_EV.sum(dim=1, keepdim=True) + self.alpha * vocab)
-        q_EBT = q_EV[:, ids_BT]
-        c_EBT = self.bigram_counts.double()[:, ngram_bucket(prev_BT, ids_BT, self.buckets)]
-        n_EBT = self.context_counts.double()[:, prev_BT]
+        uni_EV, ctx_EV, big_EH, denom_E1 = self._tables()
+        q_EBT = (uni_EV[:, ids_BT] + self.alpha) / denom_E1[..., None]
+        c_EBT = big_EH[:, ngram_bucket(prev_BT, ids_BT, self.buckets)]
+        n_EBT = ctx_EV[:, prev_BT]
         p_EBT = torch.where(has_prev_BT, (c_EBT + self.mu * q_EBT) / (n_EBT + self.mu), q_EBT)
         logp_BTE = p_EBT.log().permute(1, 2, 0) * real_BT[..., None]
         cum_BTE = logp_BTE.cumsum(dim=1)
@@ -506,6 +530,7 @@ class RoutingContext:
         # [B, T, E] fp64: the sequence-level router's scores, which every layer routes with
         # (n-gram routing); None for per-layer routers.
         self.sequence_logits = sequence_logits
+        self.shared_topk: dict = {}  # (k, temperature) -> top-k of sequence_logits
 
 
 class DumeMoeBlock(nn.Module):
@@ -567,9 +592,12 @@ class DumeMoeBlock(nn.Module):
         if self.features == "ngram":
             if ctx is None or ctx.sequence_logits is None:
                 raise ValueError("n-gram routing needs the token ids: call DumeForCausalLM")
-            logits_BTE = ctx.sequence_logits / self.temperature
-            topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
-            return topk_index_BTK, topk_logit_BTK.softmax(dim=-1).float()
+            key = (self.top_k, self.temperature)
+            if key not in ctx.shared_topk:  # every layer routes alike: compute it once
+                logits_BTE = ctx.sequence_logits / self.temperature
+                topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
+                ctx.shared_topk[key] = (topk_index_BTK, topk_logit_BTK.softmax(dim=-1).float())
+            return ctx.shared_topk[key]
         real_BT = ctx.real_BT if ctx is not None else None
         carried = (
             ctx.layers.get(self.layer_idx, {}) if ctx is not None and ctx.layers is not None else {}
