@@ -42,13 +42,14 @@ def built(world):
     return out
 
 
-def test_default_build_is_context_routing_chosen_on_held_out_statistics(world, tmp_path, capsys):
-    out = tmp_path / "context"
+def test_default_build_is_ngram_routing_chosen_on_held_out_statistics(world, tmp_path, capsys):
+    out = tmp_path / "ngram"
     assert main(_build_args(world, out)) == 0
     config = json.loads((out / "config.json").read_text())
     manifest = json.loads((out / "dume_manifest.json").read_text())
-    assert config["routing"]["features"] == "prefix_mean" and config["routing"]["solver"] == "lda"
-    assert manifest["routing"]["spec"]["preset"] == "context"
+    assert config["routing"]["features"] == "ngram" and config["routing"]["solver"] == "nb"
+    assert config["routing"]["ngram"]["mu"] == manifest["routing"]["lam"]
+    assert manifest["routing"]["spec"]["preset"] == "ngram"
     assert manifest["routing"]["selection"]["lam"] == manifest["routing"]["lam"]
     assert "held-out tokens" in capsys.readouterr().out
     code = main(["build", *_build_args(world, tmp_path / "m", "--lam", "auto",

@@ -64,9 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--routing",
         choices=ROUTING_PRESETS,
         default=None,
-        help="named routing setting: 'context' (the default: prefix-mean features, lda, λ chosen "
-        "on held-out statistics) or 'paper' (token features, ridge, λ=1e-2, k=1; the default of "
-        "--format mixtral); the flags below override it (docs/routing.md)",
+        help="named routing setting: 'ngram' (the default: sequence-level naive Bayes on token "
+        "bigrams, mu chosen on held-out statistics), 'context' (prefix-mean features, lda) or "
+        "'paper' (token features, ridge, λ=1e-2, k=1; the default of --format mixtral); the "
+        "flags below override it (docs/routing.md)",
     )
     p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
     p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
@@ -170,7 +171,7 @@ def routing_spec(args):
 
     preset = args.routing
     if preset is None:  # the best measured routing, unless the format cannot hold it
-        preset = "paper" if getattr(args, "format", "dume") == "mixtral" else "context"
+        preset = "paper" if getattr(args, "format", "dume") == "mixtral" else "ngram"
     return resolve_routing(
         preset, features=args.features, solver=args.solver, lam=args.lam,
         smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,

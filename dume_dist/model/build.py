@@ -194,8 +194,8 @@ def build_dume(
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
 
-    ``routing`` is a preset name (``paper``; ``context``, the best measured and the default of
-    ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
+    ``routing`` is a preset name (``paper``; ``context``; ``ngram``, the best measured and the
+    default of ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
     ``top_k`` and ``holdout_fraction`` override it. The function keeps ``paper`` as its default so
     that callers comparing with the distributed coordinator (paper routers) keep matching.
     ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run in fp32 on

@@ -166,7 +166,7 @@ PRESETS: dict[str, RoutingSpec] = {
         preset="ngram",
     ),
 }
-DEFAULT_PRESET = "context"
+DEFAULT_PRESET = "ngram"
 
 
 def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overrides) -> RoutingSpec:
