@@ -342,12 +342,19 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     assert config["routing"]["ngram"] == {
         "buckets": PRESETS["ngram"].ngram_buckets, "mu": routing["lam"], "alpha": 0.1,
     }  # fmt: skip
+    assert config["num_experts_per_tok"] == 2 and config["routing"]["min_weight"] == 0.05
     assert all(s.feature_map.startswith("ngram:") for s in result.stats.values())
     held = sorted((result.out_dir / "stats" / "holdout").rglob("*.safetensors"))
     assert len(held) == 3 and all("+pairs" in p.name for p in held)
-    table = compare(result.out_dir, world["data"], seq_len=24, batch_size=4, max_eval_tokens=400)
-    acc = table.routing_accuracy["dume k=1"]
+    table = compare(
+        result.out_dir, world["data"], experts=world["experts"], seq_len=24, batch_size=4,
+        max_eval_tokens=400,
+    )  # fmt: skip
+    acc = table.routing_accuracy["dume k=2"]
     assert min(sum(a) / len(a) for a in acc.values()) > 0.9  # chance: 1/3
+    assert {"dume k=1", "oracle", "random routers"} <= set(table.ppl)
+    worst = max(table.ppl["dume k=2"][d] / table.ppl["oracle"][d] for d in world["experts"])
+    assert worst < 1.02  # within 2% of oracle routing on every domain
     write_heatmap(table, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -388,3 +395,45 @@ def test_ngram_bucket_is_stable():
     )
     assert got.tolist() == [(p * 1_000_003 + c) % (1 << 18) for p, c in
                             [(0, 0), (1, 7), (50_000, 3), (128_000, 127_999)]]  # fmt: skip
+
+
+@pytest.mark.parametrize("min_weight", [0.0, 0.2, 0.45])
+def test_min_weight_drops_small_weights_and_their_expert_calls(min_weight):
+    model = _ngram_model(k=2, seed=4)
+    ids_BT, mask_BT = _left_padded(batch=3, length=9, seed=5)
+    for block in model.moe_blocks():
+        block.min_weight = min_weight
+    rows = []
+    hooks = [
+        expert.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+        for expert in model.moe_blocks()[0].experts
+    ]
+    with torch.no_grad():
+        sparse = model(ids_BT, attention_mask=mask_BT).logits
+    for h in hooks:
+        h.remove()
+    scores, _ = model.ngram_router.scores(ids_BT, mask_BT.bool())
+    weight_BT2 = scores.topk(2, dim=-1).values.softmax(dim=-1)
+    expected = ids_BT.numel() + int((weight_BT2[..., 1] >= min_weight).sum())
+    assert sum(rows) == expected  # one expert per token, plus the second where it is kept
+    model.set_dispatch("all")
+    with torch.no_grad():
+        dense = model(ids_BT, attention_mask=mask_BT).logits
+    real = mask_BT.bool()
+    torch.testing.assert_close(sparse[real], dense[real], rtol=1e-5, atol=1e-5)
+    if min_weight == 0.45:  # nearly always one expert: equals k = 1 where the second is dropped
+        for block in model.moe_blocks():
+            block.top_k, block.min_weight = 1, 0.0
+        model.set_dispatch("sparse")
+        with torch.no_grad():
+            one = model(ids_BT, attention_mask=mask_BT).logits
+        single_BT = (weight_BT2[..., 1] < 0.45) & real
+        first = single_BT.cumprod(dim=1).bool()  # positions before any two-expert position
+        torch.testing.assert_close(one[first], sparse[first], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_min_weight_is_refused():
+    with pytest.raises(ValueError, match="min_weight"):
+        DumeConfig(base_config=tiny_base_config().to_dict(), routing={"min_weight": 0.5})
+    with pytest.raises(ValueError, match="min_weight"):
+        RoutingSpec(min_weight=-0.1)

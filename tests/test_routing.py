@@ -442,7 +442,7 @@ def test_lda_solver_equals_the_explicit_discriminant():
 
 
 def test_routing_spec_presets_and_overrides():
-    assert resolve_routing() == PRESETS["context"]
+    assert resolve_routing() == PRESETS["ngram"]  # the default: best on the shipped experts
     spec = resolve_routing("paper", lam=AUTO)
     assert spec.lam == AUTO and spec.holdout_fraction == 0.1 and spec.preset is None
     assert resolve_routing("paper", lam=1e-2, top_k=1).preset == "paper"

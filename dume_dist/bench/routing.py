@@ -54,7 +54,8 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
      RoutingSpec(features="prefix_mean", solver="lda", lam=AUTO, smoothing=AUTO, **_H)),
     ("context (prefix_mean, lda, λ auto)", CONTEXT),
     ("context, k=2", CONTEXT.replace(top_k=2, preset=None)),
-    ("ngram (bigram naive Bayes, μ auto)", PRESETS["ngram"]),
+    ("ngram (bigram naive Bayes, μ auto, k=2, min weight 0.05) = default", PRESETS["ngram"]),
+    ("ngram, k=1", PRESETS["ngram"].replace(top_k=1, min_weight=0.0, preset=None)),
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
 ]  # fmt: skip
 

@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'auto': chosen on held-out statistics",
     )
     p.add_argument(
+        "--min-weight",
+        type=float,
+        default=None,
+        help="with k > 1: experts whose routing weight is below this do not run (the rest are "
+        "renormalised); in [0, 0.5)",
+    )
+    p.add_argument(
         "--ngram-buckets",
         type=int,
         default=None,
@@ -176,6 +183,7 @@ def routing_spec(args):
         preset, features=args.features, solver=args.solver, lam=args.lam,
         smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
         ngram_buckets=getattr(args, "ngram_buckets", None),
+        min_weight=getattr(args, "min_weight", None),
     )  # fmt: skip
 
 

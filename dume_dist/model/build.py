@@ -205,6 +205,8 @@ def build_dume(
     check_output_dir(out_dir, overwrite)
     spec_routing = resolve_routing(routing, lam=lam, top_k=top_k, holdout_fraction=holdout_fraction)
     specs = load_expert_specs(experts)
+    if spec_routing.preset and spec_routing.top_k > len(specs):  # a preset's k, more than there are
+        spec_routing = spec_routing.replace(top_k=len(specs))
     seq_len = seq_len if seq_len is not None else max_tokens_per_seq
     _check_options(
         temperature=temperature, top_k=spec_routing.top_k, num_experts=len(specs),

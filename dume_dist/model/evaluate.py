@@ -150,7 +150,15 @@ def set_top_k(model, k: int) -> None:
 
 
 def randomise_routers(model, seed: int = 0) -> None:
+    """Random routing: random unit-norm router rows without bias (an n-gram router: random
+    counts)."""
     g = torch.Generator().manual_seed(seed)
+    ngram = getattr(model, "ngram_router", None)
+    if ngram is not None:
+        for counts in (ngram.unigram_counts, ngram.bigram_counts):
+            counts.data = torch.randint(0, 100, counts.shape, generator=g).float().to(counts.device)
+        ngram.context_counts.data = ngram.unigram_counts.data.clone()
+        return
     for block in model.moe_blocks():
         w = block.router.weight
         w.data = torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)

@@ -108,7 +108,7 @@ ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
 ROUTING_SOLVERS = ("ridge", "lda", "nb")
 # Keys of DumeConfig.routing: the model reads `features`, `smoothing` and `ngram`; the others
 # record how the routers were solved.
-ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset", "ngram")
+ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset", "ngram", "min_weight")
 NGRAM_KEYS = ("buckets", "mu", "alpha")
 CACHE_ATTR = "dume_routing"
 _NGRAM_STATE = "ngram"  # key of the n-gram router's running state in the cache's routing state
@@ -449,6 +449,13 @@ class DumeConfig(PretrainedConfig):
             raise ValueError(
                 f"routing.solver must be one of {ROUTING_SOLVERS}, got {routing['solver']!r}"
             )
+        min_weight = routing.get("min_weight", 0.0)
+        if (
+            isinstance(min_weight, bool)
+            or not isinstance(min_weight, (int, float))
+            or not 0 <= min_weight < 0.5
+        ):
+            raise ValueError(f"routing.min_weight must be a number in [0, 0.5), got {min_weight!r}")
         lam = routing.get("lam", 1.0)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
             raise ValueError(f"routing.lam must be a number > 0, got {lam!r}")
@@ -477,11 +484,15 @@ class DumeExperts(nn.ModuleList):
     ) -> torch.Tensor:
         num_tokens, k = topk_index_NK.shape
         flat_expert = topk_index_NK.reshape(-1)
+        if k > 1:  # slots of weight 0 (pruned, see DumeMoeBlock._pruned) go to no expert
+            flat_expert = torch.where(
+                topk_weight_NK.reshape(-1) > 0, flat_expert, torch.full_like(flat_expert, len(self))
+            )
         order = flat_expert.argsort(stable=True)
         token_of_slot = order // k
         weight_of_slot = topk_weight_NK.reshape(-1)[order]
         # One host sync for the whole layer: how many (token, slot) pairs each expert got.
-        counts = torch.bincount(flat_expert, minlength=len(self)).tolist()
+        counts = torch.bincount(flat_expert, minlength=len(self) + 1).tolist()[: len(self)]
 
         out_ND = torch.zeros(
             num_tokens, hidden_ND.shape[-1], dtype=torch.float32, device=hidden_ND.device
@@ -546,9 +557,11 @@ class DumeMoeBlock(nn.Module):
         features: str = "token",
         smoothing: float = 0.0,
         layer_idx: int = 0,
+        min_weight: float = 0.0,
     ):
         super().__init__()
         self.top_k = top_k
+        self.min_weight = float(min_weight)
         self.temperature = float(temperature)
         self.features = features
         self.smoothing = float(smoothing)
@@ -576,7 +589,15 @@ class DumeMoeBlock(nn.Module):
 
     def _top_k(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         topk_logit_NK, topk_index_NK = logits_NE.topk(self.top_k, dim=-1)
-        return topk_index_NK, topk_logit_NK.softmax(dim=-1)
+        return topk_index_NK, self._pruned(topk_logit_NK.softmax(dim=-1).float())
+
+    def _pruned(self, weight_NK: torch.Tensor) -> torch.Tensor:
+        """Weights below ``min_weight`` set to 0 (their experts do not run) and the rest
+        renormalised; the top-1 weight (>= 1/k > min_weight) always stays."""
+        if self.min_weight <= 0 or self.top_k == 1:
+            return weight_NK
+        kept_NK = torch.where(weight_NK >= self.min_weight, weight_NK, torch.zeros_like(weight_NK))
+        return kept_NK / kept_NK.sum(dim=-1, keepdim=True)
 
     def route(self, hidden_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert indices [N, K] and their softmax weights [N, K] (fp32) of independent
@@ -592,11 +613,12 @@ class DumeMoeBlock(nn.Module):
         if self.features == "ngram":
             if ctx is None or ctx.sequence_logits is None:
                 raise ValueError("n-gram routing needs the token ids: call DumeForCausalLM")
-            key = (self.top_k, self.temperature)
+            key = (self.top_k, self.temperature, self.min_weight)
             if key not in ctx.shared_topk:  # every layer routes alike: compute it once
                 logits_BTE = ctx.sequence_logits / self.temperature
                 topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
-                ctx.shared_topk[key] = (topk_index_BTK, topk_logit_BTK.softmax(dim=-1).float())
+                weight_BTK = self._pruned(topk_logit_BTK.softmax(dim=-1).float())
+                ctx.shared_topk[key] = (topk_index_BTK, weight_BTK)
             return ctx.shared_topk[key]
         real_BT = ctx.real_BT if ctx is not None else None
         carried = (
@@ -685,6 +707,7 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
                 router_bias=config.router_bias,
                 features=routing.get("features", "token"),
                 smoothing=routing.get("smoothing", 0.0),
+                min_weight=routing.get("min_weight", 0.0),
                 layer_idx=layer_idx,
             )
         self.ngram_router = None

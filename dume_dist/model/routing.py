@@ -74,6 +74,7 @@ class RoutingSpec:
     preset: str | None = None
     ngram_buckets: int = DEFAULT_BUCKETS
     ngram_alpha: float = DEFAULT_ALPHA
+    min_weight: float = 0.0
 
     def __post_init__(self):
         if self.features not in ROUTING_FEATURES:
@@ -94,6 +95,9 @@ class RoutingSpec:
         _check_setting("smoothing", self.smoothing, lambda v: 0 <= v <= 1)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        mw = self.min_weight
+        if isinstance(mw, bool) or not isinstance(mw, (int, float)) or not 0 <= mw < 0.5:
+            raise ValueError(f"min_weight must be in [0, 0.5), got {mw!r}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.needs_holdout and self.holdout_fraction == 0:
@@ -158,10 +162,14 @@ PRESETS: dict[str, RoutingSpec] = {
         holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
         preset="context",
     ),
+    # k = 2 with weights below 0.05 dropped: the second expert runs only where the sequence's
+    # domain is still uncertain (about 1% of tokens on the shipped experts, docs/routing.md).
     "ngram": RoutingSpec(
         features="ngram",
         solver="nb",
         lam=AUTO,
+        top_k=2,
+        min_weight=0.05,
         holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
         preset="ngram",
     ),
@@ -221,6 +229,8 @@ class SolvedRouting:
             out["smoothing"] = self.smoothing
         if isinstance(self.routers, NgramTables):
             out["ngram"] = self.routers.config()
+        if self.spec.min_weight and self.spec.top_k > 1:
+            out["min_weight"] = float(self.spec.min_weight)
         if self.spec.preset:
             out["preset"] = self.spec.preset
         return out
