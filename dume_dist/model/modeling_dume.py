@@ -324,10 +324,25 @@ class DumeNgramRouter(nn.Module):
         """Cumulative log-likelihoods [B, T, E] (fp64) of every position, and the state after."""
         real_BT = _real_mask(ids_BT[..., None], real_BT)
         vocab = self.unigram_counts.shape[1]
-        if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= vocab):
+        if bool(((ids_BT < 0) | (ids_BT >= vocab)).any()):
             raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
-        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
         uni_EV, ctx_EV, big_EH, denom_E1 = self._tables()
+        if state is not None and ids_BT.shape[1] == 1:  # one decoding step: no scan needed
+            cur_B, real_B = ids_BT[:, 0], real_BT[:, 0]
+            prev_B, has_prev_B = state["last"], state["has_last"]
+            q_EB = (uni_EV[:, cur_B] + self.alpha) / denom_E1
+            c_EB = big_EH[:, ngram_bucket(prev_B, cur_B, self.buckets)]
+            p_EB = torch.where(
+                has_prev_B, (c_EB + self.mu * q_EB) / (ctx_EV[:, prev_B] + self.mu), q_EB
+            )
+            cum_BE = state["cum"] + p_EB.log().T * real_B[:, None]
+            new_state = {
+                "cum": cum_BE,
+                "last": torch.where(real_B, cur_B, prev_B),
+                "has_last": has_prev_B | real_B,
+            }
+            return cum_BE[:, None], new_state
+        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
         q_EBT = (uni_EV[:, ids_BT] + self.alpha) / denom_E1[..., None]
         c_EBT = big_EH[:, ngram_bucket(prev_BT, ids_BT, self.buckets)]
         n_EBT = ctx_EV[:, prev_BT]
@@ -724,7 +739,11 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def moe_blocks(self) -> list[DumeMoeBlock]:
-        return [m for m in self.modules() if isinstance(m, DumeMoeBlock)]
+        blocks = getattr(self, "_moe_block_list", None)
+        if blocks is None:  # found once: the blocks are fixed at construction
+            blocks = [m for m in self.modules() if isinstance(m, DumeMoeBlock)]
+            self._moe_block_list = blocks
+        return blocks
 
     def set_dispatch(self, mode: str) -> None:
         """``"sparse"`` (default): chosen experts on their tokens; ``"all"``: every expert, weighted."""
