@@ -382,7 +382,7 @@ def _register_demo(sub) -> None:
         "--routing",
         choices=ROUTING_PRESETS,
         default=None,
-        help="routing preset of the demo's coordinator (default: the demo's, 'paper')",
+        help="routing preset of the demo's coordinator (default: the demo's, 'ngram')",
     )
     p.set_defaults(func=run_demo)
 

@@ -25,8 +25,9 @@ from rich.console import Console
 from dume_dist.dist import cluster, genesis, tables
 from dume_dist.store import ObjectStore, VersionStore
 
-# The paper's routing (token features, ridge, λ = 1e-2, k = 1); `dume demo --routing` changes it.
-SETTINGS = {"routing": "paper", "temperature": 1.0, "max_tokens_per_seq": 256}
+# The default routing of `dume build` (n-gram naive Bayes, docs/routing.md); `dume demo --routing`
+# changes it (`paper`: the paper's exact routing).
+SETTINGS = {"routing": "ngram", "temperature": 1.0, "max_tokens_per_seq": 256}
 NAMESPACE = "dume-demo"
 
 
