@@ -471,12 +471,10 @@ def test_unlearning_under_context_routing_equals_a_build_without_the_node(expert
     assert flow.routers("v3")["model.layers.0.mlp.router.weight"].shape[0] == 3
 
 
-@pytest.fixture(scope="module")
-def context_founded(experts, tmp_path_factory):
-    """A context-routing store where alpha joined and beta's expert is uploaded; beta's own
+def _founded_with_beta_computed(experts, tmp_path, settings):
+    """A store with ``settings`` where alpha joined and beta's expert is uploaded; beta's own
     statistics (fit and held-out) are computed but not submitted."""
-    tmp_path = tmp_path_factory.mktemp("context")
-    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=CONTEXT)
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=settings)
     flow.add("alpha", "beta")
     flow.join("alpha")
     agent = flow.agent("beta")
@@ -489,6 +487,11 @@ def context_founded(experts, tmp_path_factory):
     flow.job = agent.job(backbone_dir, expert, fingerprint, [str(experts["beta"]["data"])], opts)
     flow.computed = agent.compute(flow.job, threads=1)
     return flow
+
+
+@pytest.fixture(scope="module")
+def context_founded(experts, tmp_path_factory):
+    return _founded_with_beta_computed(experts, tmp_path_factory.mktemp("context"), CONTEXT)
 
 
 def _submit(flow, stats, holdout, sub_id="sub-x"):
@@ -695,22 +698,8 @@ def test_unlearning_under_ngram_routing_equals_a_build_without_the_node(experts,
 
 @pytest.fixture(scope="module")
 def ngram_founded(experts, tmp_path_factory):
-    """An ngram-routing store (64 buckets) where alpha joined and beta's expert is uploaded;
-    beta's own counts (fit and held-out) are computed but not submitted."""
-    tmp_path = tmp_path_factory.mktemp("ngram")
-    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=SMALL_NGRAM)
-    flow.add("alpha", "beta")
-    flow.join("alpha")
-    agent = flow.agent("beta")
-    agent.authenticate()
-    backbone_dir = agent.fetch_backbone()
-    expert = str(experts["beta"]["expert"])
-    spec, fingerprint = agent.check_expert(expert)
-    agent.upload_expert(spec, fingerprint)
-    opts = {k: JOIN[k] for k in ("max_tokens", "seq_len", "batch_size")}
-    flow.job = agent.job(backbone_dir, expert, fingerprint, [str(experts["beta"]["data"])], opts)
-    flow.computed = agent.compute(flow.job, threads=1)
-    return flow
+    """The same with ngram routing (64 buckets): beta's counts computed, not submitted."""
+    return _founded_with_beta_computed(experts, tmp_path_factory.mktemp("ngram"), SMALL_NGRAM)
 
 
 def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):

@@ -10,16 +10,11 @@ interpreter without dume_dist (a saved n-gram model must load and generate there
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from test_modeling_dume import VOCAB, dense_experts, tiny_base_config
-from test_routing import LOAD_AND_GENERATE, _left_padded
+from test_routing import _left_padded, check_loads_and_generates_without_dume_dist
 
 from dume_dist.core.ngram import (
     NgramStats,
@@ -363,29 +358,9 @@ def test_ngram_model_loads_and_generates_without_dume_dist(ngram_build, tmp_path
     _, result = ngram_build
     model = DumeForCausalLM.from_pretrained(result.out_dir).eval()
     assert model.ngram_router is not None and model.moe_blocks()[0].router is None
-    ids_BT, mask_BT = _left_padded(batch=2, length=6)
-    ids_BT = ids_BT.clamp(max=model.config.vocab_size - 1)
-    torch.save((ids_BT, mask_BT), tmp_path / "in.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    env.pop("PYTHONPATH", None)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    args = [str(result.out_dir), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_GENERATE, *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
-    assert "dume_dist" not in out["module"] and torch.equal(out["cached"], out["full"])
-    with torch.no_grad():
-        here = model(ids_BT, attention_mask=mask_BT).logits
-    real = mask_BT.bool()
-    torch.testing.assert_close(out["logits"][real], here[real], rtol=1e-5, atol=1e-5)
+    check_loads_and_generates_without_dume_dist(model, result.out_dir, tmp_path)
     loaded = DumeForCausalLM.from_pretrained(result.out_dir, dtype=torch.bfloat16)
     assert loaded.ngram_router.bigram_counts.dtype == torch.float32
-    assert Path(result.out_dir, "modeling_dume.py").is_file()
-    assert math.isfinite(float(here[real].sum()))
 
 
 def test_ngram_bucket_is_stable():

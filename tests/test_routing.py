@@ -525,10 +525,10 @@ LOAD_AND_GENERATE = textwrap.dedent(
 )
 
 
-def test_context_model_loads_and_generates_without_dume_dist(context_build, tmp_path):
-    _, result = context_build
-    model = DumeForCausalLM.from_pretrained(result.out_dir).eval()
-    assert model.moe_blocks()[0].features == "prefix_mean"
+def check_loads_and_generates_without_dume_dist(model, model_dir, tmp_path) -> None:
+    """In a fresh interpreter where importing dume_dist fails, the saved model loads through
+    ``trust_remote_code``, gives ``model``'s logits, and generates the same with and without a
+    KV cache."""
     ids_BT, mask_BT = _left_padded(batch=2, length=6)
     ids_BT = ids_BT.clamp(max=model.config.vocab_size - 1)
     torch.save((ids_BT, mask_BT), tmp_path / "in.pt")
@@ -536,7 +536,7 @@ def test_context_model_loads_and_generates_without_dume_dist(context_build, tmp_
     env.pop("PYTHONPATH", None)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    args = [str(result.out_dir), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    args = [str(model_dir), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
     run = subprocess.run(
         [sys.executable, "-c", LOAD_AND_GENERATE, *args],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
@@ -549,4 +549,11 @@ def test_context_model_loads_and_generates_without_dume_dist(context_build, tmp_
         here = model(ids_BT, attention_mask=mask_BT).logits
     real = mask_BT.bool()
     torch.testing.assert_close(out["logits"][real], here[real], rtol=1e-5, atol=1e-5)
-    assert Path(result.out_dir, "modeling_dume.py").is_file()
+    assert Path(model_dir, "modeling_dume.py").is_file()
+
+
+def test_context_model_loads_and_generates_without_dume_dist(context_build, tmp_path):
+    _, result = context_build
+    model = DumeForCausalLM.from_pretrained(result.out_dir).eval()
+    assert model.moe_blocks()[0].features == "prefix_mean"
+    check_loads_and_generates_without_dume_dist(model, result.out_dir, tmp_path)

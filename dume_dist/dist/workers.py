@@ -27,6 +27,7 @@ With ``world_size == 1`` there is no process group at all.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,13 +87,7 @@ class StatsWorker:
         ``{"stats": bytes, "holdout": {β: bytes}}`` (``holdout`` empty unless the job asks)."""
         if job.get("features", "token") == "ngram":
             return self._compute_ngram(job, rendezvous)
-        group = self.world_size > 1
-        if group:
-            self._init_group(rendezvous)
-        threads_before = torch.get_num_threads()
-        try:
-            if self.threads:  # restored below: an in-process worker must not change its host
-                torch.set_num_threads(self.threads)
+        with self._group(rendezvous) as group:
             partial = self._partial_grams(job)
             if group:
                 import torch.distributed as dist
@@ -100,12 +95,6 @@ class StatsWorker:
                 grams = partial.to(self.device())
                 dist.all_reduce(grams, op=dist.ReduceOp.SUM)
                 partial = grams.cpu()
-        finally:
-            torch.set_num_threads(threads_before)
-            if group:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
         if self.rank != 0:
             return None
         from dume_dist.model.routing import feature_map_name
@@ -132,22 +121,10 @@ class StatsWorker:
 
     def _compute_ngram(self, job: dict, rendezvous: tuple[str, int] | None) -> dict | None:
         """`compute` for ``ngram`` routing: the group's summed token counts (see the module)."""
-        group = self.world_size > 1
-        if group:
-            self._init_group(rendezvous)
-        threads_before = torch.get_num_threads()
-        try:
-            if self.threads:
-                torch.set_num_threads(self.threads)
+        with self._group(rendezvous) as group:
             counts, pairs = self._partial_counts(job)
             if group:
                 counts, pairs = self._combine_counts(counts, pairs)
-        finally:
-            torch.set_num_threads(threads_before)
-            if group:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
         if self.rank != 0:
             return None
         from dume_dist.model.routing import feature_map_name
@@ -244,6 +221,26 @@ class StatsWorker:
         dist.all_gather(gathered, padded)
         merged = torch.cat([g[: int(n)].cpu() for g, n in zip(gathered, sizes)])
         return counts, coalesce_pairs(merged)
+
+    @contextlib.contextmanager
+    def _group(self, rendezvous: tuple[str, int] | None):
+        """The process group of the job (none for one worker) and this worker's thread count;
+        yields whether there is a group. Both are undone on the way out: an in-process worker
+        must not change its host."""
+        group = self.world_size > 1
+        if group:
+            self._init_group(rendezvous)
+        threads_before = torch.get_num_threads()
+        try:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            yield group
+        finally:
+            torch.set_num_threads(threads_before)
+            if group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
 
     def _init_group(self, rendezvous: tuple[str, int] | None) -> None:
         import torch.distributed as dist
