@@ -158,7 +158,10 @@ def _explicit_counts(ids_BT, mask_BT, max_tokens_per_seq, vocab, buckets):
     return uni, ctx, big, pairs
 
 
-def test_collected_counts_equal_explicit_counting():
+@pytest.mark.parametrize("coalesce_every", [1, None], ids=["coalesce-often", "coalesce-once"])
+def test_collected_counts_equal_explicit_counting(coalesce_every, monkeypatch):
+    if coalesce_every is not None:
+        monkeypatch.setattr("dume_dist.model.collect._PAIRS_BEFORE_COALESCING", coalesce_every)
     batches = [_left_padded(3, 9, seed=s) for s in range(3)]
     batches.append((torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])))
     got = collect_ngram_stats(

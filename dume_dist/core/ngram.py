@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import save as st_save
 
+from dume_dist.core.stats import check_same_backbone
+
 NGRAM_SCHEMA = "dume-ngram-stats/1"
 DEFAULT_BUCKETS = 1 << 18
 DEFAULT_ALPHA = 0.1
@@ -81,15 +83,7 @@ class NgramStats:
                 f"cannot combine n-gram statistics over vocabularies of {self.vocab_size} "
                 f"and {other.vocab_size} tokens"
             )
-        if (
-            self.backbone_fingerprint
-            and other.backbone_fingerprint
-            and self.backbone_fingerprint != other.backbone_fingerprint
-        ):
-            raise ValueError(
-                "cannot combine statistics computed on different backbones "
-                f"({self.backbone_fingerprint[:12]} vs {other.backbone_fingerprint[:12]})"
-            )
+        check_same_backbone(self.backbone_fingerprint, other.backbone_fingerprint)
 
     def _combined(self, other: NgramStats, sign: int) -> NgramStats:
         self._check_compatible(other)
@@ -291,16 +285,14 @@ def bigram_log_probs(
     tables: NgramTables, prev_K: torch.Tensor, cur_K: torch.Tensor, mu: float | None = None
 ) -> torch.Tensor:
     """``log p_j(cur | prev)`` [K, E] (fp64), the formula of ``DumeNgramRouter``."""
-    from dume_dist.model.modeling_dume import ngram_bucket
+    from dume_dist.model.modeling_dume import ngram_log_probs
 
     mu = tables.mu if mu is None else mu
-    uni_EV = tables.unigram_EV.double()
-    vocab = uni_EV.shape[1]
-    q_EV = (uni_EV + tables.alpha) / (uni_EV.sum(dim=1, keepdim=True) + tables.alpha * vocab)
-    q_EK = q_EV[:, cur_K]
-    c_EK = tables.bigram_EH.double()[:, ngram_bucket(prev_K, cur_K, tables.buckets)]
-    n_EK = tables.context_EV.double()[:, prev_K]
-    return ((c_EK + mu * q_EK) / (n_EK + mu)).log().T
+    has_prev = torch.ones_like(cur_K, dtype=torch.bool)
+    return ngram_log_probs(
+        tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_K, cur_K, has_prev, mu,
+        tables.alpha,
+    ).T  # fmt: skip
 
 
 def heldout_logloss(

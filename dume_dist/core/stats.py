@@ -61,15 +61,7 @@ class RouterStats:
                 f"cannot combine statistics of shape {tuple(self.gram_LPP.shape)} "
                 f"with {tuple(other.gram_LPP.shape)}"
             )
-        if (
-            self.backbone_fingerprint
-            and other.backbone_fingerprint
-            and self.backbone_fingerprint != other.backbone_fingerprint
-        ):
-            raise ValueError(
-                "cannot combine statistics computed on different backbones "
-                f"({self.backbone_fingerprint[:12]} vs {other.backbone_fingerprint[:12]})"
-            )
+        check_same_backbone(self.backbone_fingerprint, other.backbone_fingerprint)
 
     def _combined(self, other: RouterStats, gram_LPP: torch.Tensor) -> RouterStats:
         backbone = self.backbone_fingerprint or other.backbone_fingerprint
@@ -92,6 +84,14 @@ class RouterStats:
 
     def with_meta(self, **kwargs) -> RouterStats:
         return replace(self, **kwargs)
+
+
+def check_same_backbone(a: str, b: str) -> None:
+    """Statistics computed on different backbones never combine (empty: a sum, any backbone)."""
+    if a and b and a != b:
+        raise ValueError(
+            f"cannot combine statistics computed on different backbones ({a[:12]} vs {b[:12]})"
+        )
 
 
 def validate_gram(

@@ -154,15 +154,31 @@ class StatsWorker:
             holdout[float(beta)] = stats_to_bytes(stats_of(counts[1], True))
         return {"stats": stats_to_bytes(stats_of(counts[0], False)), "holdout": holdout}
 
+    def _my_batches(self, job: dict, held_out: bool) -> list[list]:
+        """This rank's share of the token batches of the node's fit documents and, with
+        ``held_out``, of its held-out documents (the build's document split, ``split_holdout``):
+        any number of workers sees exactly the batches one worker would."""
+        from transformers import AutoTokenizer
+
+        from dume_dist.model.build import split_holdout
+        from dume_dist.model.data import load_domain_texts, shard, token_batches
+
+        tokenizer = AutoTokenizer.from_pretrained(job["backbone_dir"])
+        texts = load_domain_texts(job["domain"], job["data"])
+        fit_texts, held_texts = split_holdout(texts, job.get("holdout_fraction", 0.0), job["name"])
+        parts = [fit_texts] + ([held_texts] if held_out else [])
+        return [
+            shard(list(token_batches(tokenizer, part, job["batch_size"], job["seq_len"],
+                                     job["max_tokens_per_seq"], job["max_tokens"])),
+                  self.rank, self.world_size)
+            for part in parts
+        ]  # fmt: skip
+
     def _partial_counts(self, job: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[1 or 2, 2V + H]`` (fp64): this rank's fit counts, then (when the job asks for
         held-out statistics) its held-out counts, each ``[unigram_V, context_V, bigram_H]``
         (zeros for a part of which it has no batch); and its held-out bigrams ``[K, 3]``."""
-        from transformers import AutoTokenizer
-
-        from dume_dist.model.build import split_holdout
         from dume_dist.model.collect import collect_ngram_stats
-        from dume_dist.model.data import load_domain_texts, shard, token_batches
         from dume_dist.model.experts import load_config
 
         held_out = bool(job.get("holdout_smoothings"))
@@ -170,16 +186,7 @@ class StatsWorker:
             raise ValueError("ngram routing takes held-out statistics for smoothing 0 only")
         buckets = int(job["ngram_buckets"])
         vocab = int(load_config(Path(job["backbone_dir"])).vocab_size)
-        tokenizer = AutoTokenizer.from_pretrained(job["backbone_dir"])
-        texts = load_domain_texts(job["domain"], job["data"])
-        fit_texts, held_texts = split_holdout(texts, job.get("holdout_fraction", 0.0), job["name"])
-
-        def my_batches(part):
-            batches = list(token_batches(tokenizer, part, job["batch_size"], job["seq_len"],
-                                         job["max_tokens_per_seq"], job["max_tokens"]))  # fmt: skip
-            return shard(batches, self.rank, self.world_size)
-
-        parts = [my_batches(fit_texts)] + ([my_batches(held_texts)] if held_out else [])
+        parts = self._my_batches(job, held_out)
         out = torch.zeros(len(parts), 2 * vocab + buckets, dtype=torch.float64)
         pairs = torch.zeros(0, 3, dtype=torch.int64) if held_out else None
         with self._lock:
@@ -258,12 +265,8 @@ class StatsWorker:
     def _partial_grams(self, job: dict) -> torch.Tensor:
         """``[1 + len(holdout_smoothings), L, P, P]``: this rank's fit Gram, then its held-out
         Gram of each decay (fp64; zeros for a part of which it has no batch)."""
-        from transformers import AutoTokenizer
-
         from dume_dist.model.backbone import Backbone
-        from dume_dist.model.build import split_holdout
         from dume_dist.model.collect import collect_smoothed_stats, dense_model_for
-        from dume_dist.model.data import load_domain_texts, shard, token_batches
         from dume_dist.model.experts import load_expert_spec
         from dume_dist.model.modeling_dume import routing_feature_dim
 
@@ -271,18 +274,7 @@ class StatsWorker:
         smoothings = [float(b) for b in job.get("holdout_smoothings", ())]
         backbone = Backbone.load(Path(job["backbone_dir"]), verify=False)
         spec = load_expert_spec(job["name"], job["expert_dir"])
-        tokenizer = AutoTokenizer.from_pretrained(job["backbone_dir"])
-        texts = load_domain_texts(job["domain"], job["data"])
-        fit_texts, held_texts = split_holdout(texts, job.get("holdout_fraction", 0.0), job["name"])
-
-        def my_batches(part):
-            batches = list(token_batches(tokenizer, part, job["batch_size"], job["seq_len"],
-                                         job["max_tokens_per_seq"], job["max_tokens"]))  # fmt: skip
-            return shard(batches, self.rank, self.world_size)
-
-        parts = [(my_batches(fit_texts), (0.0,))]
-        if smoothings:
-            parts.append((my_batches(held_texts), tuple(smoothings)))
+        parts = list(zip(self._my_batches(job, bool(smoothings)), [(0.0,), tuple(smoothings)]))
         num_layers = backbone.config.num_hidden_layers
         size = routing_feature_dim(features, backbone.config.hidden_size) + 1
         out = torch.zeros(1 + len(smoothings), num_layers, size, size, dtype=torch.float64)

@@ -37,6 +37,8 @@ from dume_dist.model.modeling_dume import (
 )
 from dume_dist.model.routing import feature_map_name
 
+_PAIRS_BEFORE_COALESCING = 1 << 22  # rows of held-out bigrams kept before summing equal ones
+
 
 class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the last MLP input is needed."""
@@ -222,7 +224,8 @@ def collect_ngram_stats(
             bigram_H += torch.bincount(ngram_bucket(prev, cur, buckets), minlength=buckets).double()
             if pairs:
                 found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
-                found = [coalesce_pairs(torch.cat(found))]
+                if sum(len(f) for f in found) > _PAIRS_BEFORE_COALESCING:  # bound the memory
+                    found = [coalesce_pairs(torch.cat(found))]
             bar.update(int(keep_BT.sum()))
     finally:
         bar.close()

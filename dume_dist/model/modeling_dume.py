@@ -172,6 +172,8 @@ def previous_real_tokens(
     """For every position, the id of the sequence's previous real token and whether there is one
     (``state``: ``{"last": [B], "has_last": [B]}`` carried from earlier positions)."""
     batch, length = ids_BT.shape
+    if state is not None and length == 1:  # one decoding step: the carried token, no scan
+        return state["last"][:, None], state["has_last"][:, None]
     pos_BT = torch.arange(length, device=ids_BT.device).expand(batch, length)
     last_incl_BT = torch.where(real_BT, pos_BT, torch.full_like(pos_BT, -1)).cummax(dim=1).values
     prev_pos_BT = torch.cat([last_incl_BT.new_full((batch, 1), -1), last_incl_BT[:, :-1]], dim=1)
@@ -182,6 +184,29 @@ def previous_real_tokens(
         prev_BT = torch.where(carried_BT, state["last"][:, None].expand_as(prev_BT), prev_BT)
         has_prev_BT = has_prev_BT | carried_BT
     return prev_BT, has_prev_BT
+
+
+def ngram_log_probs(
+    unigram_EV: torch.Tensor,
+    context_EV: torch.Tensor,
+    bigram_EH: torch.Tensor,
+    prev: torch.Tensor,
+    cur: torch.Tensor,
+    has_prev: torch.Tensor,
+    mu: float,
+    alpha: float,
+    denom_E1: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``log p_j(cur | prev)`` [E, *cur.shape] (fp64 counts in, fp64 out): the n-gram router's
+    smoothed bigram model (``DumeNgramRouter``), ``q_j(cur)`` where ``has_prev`` is False.
+    ``denom_E1`` (``sum u_j + alpha * V``) may be passed in when it is cached."""
+    vocab = unigram_EV.shape[1]
+    if denom_E1 is None:
+        denom_E1 = unigram_EV.sum(dim=1, keepdim=True) + alpha * vocab
+    denom = denom_E1.reshape(-1, *([1] * cur.dim()))
+    q = (unigram_EV[:, cur] + alpha) / denom
+    c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])]
+    return torch.where(has_prev, (c + mu * q) / (context_EV[:, prev] + mu), q).log()
 
 
 def causal_features(
@@ -327,36 +352,17 @@ class DumeNgramRouter(nn.Module):
         if bool(((ids_BT < 0) | (ids_BT >= vocab)).any()):
             raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
         uni_EV, ctx_EV, big_EH, denom_E1 = self._tables()
-        if state is not None and ids_BT.shape[1] == 1:  # one decoding step: no scan needed
-            cur_B, real_B = ids_BT[:, 0], real_BT[:, 0]
-            prev_B, has_prev_B = state["last"], state["has_last"]
-            q_EB = (uni_EV[:, cur_B] + self.alpha) / denom_E1
-            c_EB = big_EH[:, ngram_bucket(prev_B, cur_B, self.buckets)]
-            p_EB = torch.where(
-                has_prev_B, (c_EB + self.mu * q_EB) / (ctx_EV[:, prev_B] + self.mu), q_EB
-            )
-            cum_BE = state["cum"] + p_EB.log().T * real_B[:, None]
-            new_state = {
-                "cum": cum_BE,
-                "last": torch.where(real_B, cur_B, prev_B),
-                "has_last": has_prev_B | real_B,
-            }
-            return cum_BE[:, None], new_state
         prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
-        q_EBT = (uni_EV[:, ids_BT] + self.alpha) / denom_E1[..., None]
-        c_EBT = big_EH[:, ngram_bucket(prev_BT, ids_BT, self.buckets)]
-        n_EBT = ctx_EV[:, prev_BT]
-        p_EBT = torch.where(has_prev_BT, (c_EBT + self.mu * q_EBT) / (n_EBT + self.mu), q_EBT)
-        logp_BTE = p_EBT.log().permute(1, 2, 0) * real_BT[..., None]
+        logp_EBT = ngram_log_probs(
+            uni_EV, ctx_EV, big_EH, prev_BT, ids_BT, has_prev_BT, self.mu, self.alpha, denom_E1
+        )
+        logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
         cum_BTE = logp_BTE.cumsum(dim=1)
         if state is not None:
             cum_BTE = cum_BTE + state["cum"][:, None]
-        any_real_B = real_BT.any(dim=1)
-        last_B = prev_BT[:, -1]
-        last_real_B = torch.where(real_BT[:, -1], ids_BT[:, -1], last_B)
-        new_state = {
+        new_state = {  # the sequence's last real token so far (the previous one of the next)
             "cum": cum_BTE[:, -1],
-            "last": torch.where(any_real_B, last_real_B, last_B),
+            "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev_BT[:, -1]),
             "has_last": has_prev_BT[:, -1] | real_BT[:, -1],
         }
         return cum_BTE, new_state
@@ -787,9 +793,9 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if kwargs.get("cache") is not None:  # the newer name of the KV cache argument
-            past_key_values = kwargs.pop("cache")
-        kwargs.pop("cache", None)
+        cache = kwargs.pop("cache", None)  # the newer name of the KV cache argument
+        if cache is not None:
+            past_key_values = cache
         routing_state = None
         if routing_is_stateful(self.config.routing):
             past_key_values, routing_state, ctx = self._routing_context(

@@ -280,25 +280,23 @@ def solve_routing(
     settings, held-out statistics ``{β: {name: (expert, stats)}}`` (see
     ``RoutingSpec.holdout_smoothings``). The routers are solved on the fit statistics only."""
     check_contributions(fit, spec.feature_map, "fit")
+    betas = spec.holdout_smoothings()
+    holdout = dict(holdout or {})
+    missing = [b for b in betas if b not in holdout]
+    if missing:
+        raise ValueError(f"held-out statistics for smoothing {missing[0]} are missing")
+    for beta in betas:
+        check_contributions(holdout[beta], spec.holdout_feature_map(beta), "held-out")
+    if spec.features == "ngram":
+        return _solve_ngram(spec, fit, num_experts, holdout)
     selection = None
     lam, smoothing = spec.lam, spec.smoothing
     if spec.needs_holdout:
-        holdout = dict(holdout or {})
-        missing = [b for b in spec.holdout_smoothings() if b not in holdout]
-        if missing:
-            raise ValueError(f"held-out statistics for smoothing {missing[0]} are missing")
-        betas = spec.holdout_smoothings()
-        for beta in betas:
-            check_contributions(holdout[beta], spec.holdout_feature_map(beta), "held-out")
-        if spec.features == "ngram":
-            return _solve_ngram(spec, fit, num_experts, holdout)
         lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
         selection = select_routing(
             fit, {b: holdout[b] for b in betas}, num_experts, solver=spec.solver, lam_grid=lam_grid
         )
         lam = selection.lam if lam == AUTO else float(lam)
         smoothing = selection.smoothing if smoothing == AUTO else float(smoothing)
-    if spec.features == "ngram":
-        return _solve_ngram(spec, fit, num_experts, holdout)
     routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
     return SolvedRouting(routers, spec, float(lam), float(smoothing), selection)

@@ -292,15 +292,14 @@ def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperatu
                 f"({len(experts)}, {dim}) for {features!r} features"
             )
     if stats is not None:
+        expected = (
+            ngram_feature_map(routing["ngram"]["buckets"]) if features == "ngram" else features
+        )
         for name, st in stats.items():
-            if features == "ngram" and st.feature_map == ngram_feature_map(
-                routing["ngram"]["buckets"]
-            ):
-                continue
-            if st.feature_map != features:
+            if st.feature_map != expected:
                 raise ValueError(
                     f"statistics of {name!r} are of feature map {st.feature_map!r}, the routers "
-                    f"use {features!r}"
+                    f"use {expected!r}"
                 )
     if not 1 <= top_k <= len(experts):
         raise ValueError(f"top_k must be in [1, {len(experts)}], got {top_k}")
