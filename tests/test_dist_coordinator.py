@@ -800,8 +800,11 @@ def test_ngram_settings():
     assert settings["feature_map"] == "ngram:64"
     fixed = check_settings({"features": "ngram", "lam": 10.0})
     assert routing_of(fixed).solver == "nb" and routing_of(fixed).holdout_smoothings() == ()
+    assert routing_of(settings).top_k == 2 and routing_of(settings).min_weight == 0.05
+    pruned = check_settings({"routing": "ngram", "min_weight": 0.2})
+    assert routing_of(pruned) == resolve_routing("ngram", min_weight=0.2)
     for bad in ({"routing": "ngram", "ngram_buckets": 0}, {"routing": "ngram", "smoothing": 0.5},
-                {"features": "ngram", "solver": "lda"}):  # fmt: skip
+                {"features": "ngram", "solver": "lda"}, {"routing": "ngram", "min_weight": 0.6}):  # fmt: skip
         with pytest.raises(ValueError) as err:
             check_settings(bad)
         assert "\n" not in str(err.value)

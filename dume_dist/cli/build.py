@@ -14,6 +14,59 @@ ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
 ROUTING_SOLVERS = ("ridge", "lda", "nb")
 
 
+def add_routing_flags(
+    p: argparse.ArgumentParser,
+    *,
+    routing_default: str | None,
+    routing_help: str,
+    holdout_owner: str,
+) -> None:
+    """The routing flags of `dume build` and `dume coordinator start` (a preset, then the
+    `RoutingSpec` fields that override it; None: the preset's value)."""
+    p.add_argument(
+        "--routing",
+        choices=ROUTING_PRESETS,
+        default=routing_default,
+        help=routing_help + "; the flags below override it (docs/routing.md)",
+    )
+    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
+    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
+    p.add_argument(
+        "--lam",
+        type=number_or_auto,
+        default=None,
+        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
+        "'auto': chosen on held-out statistics",
+    )
+    p.add_argument(
+        "--min-weight",
+        type=float,
+        default=None,
+        help="with k > 1: experts whose routing weight is below this do not run (the rest are "
+        "renormalised); in [0, 0.5)",
+    )
+    p.add_argument(
+        "--ngram-buckets",
+        type=int,
+        default=None,
+        help="hash buckets of the n-gram router's bigram counts (default 262144)",
+    )
+    p.add_argument(
+        "--smoothing",
+        type=number_or_auto,
+        default=None,
+        help="decay in [0, 1] of the causal moving average of router logits (0 off, 1 running "
+        "mean), or 'auto'",
+    )
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=None,
+        help=f"share of each {holdout_owner}'s documents held out to choose 'auto' settings "
+        "(default 0.1)",
+    )
+
+
 def number_or_auto(value: str) -> float | str:
     if str(value).strip().lower() == "auto":
         return "auto"
@@ -60,49 +113,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
-    p.add_argument(
-        "--routing",
-        choices=ROUTING_PRESETS,
-        default=None,
-        help="named routing setting: 'ngram' (the default: sequence-level naive Bayes on token "
-        "bigrams, mu chosen on held-out statistics), 'context' (prefix-mean features, lda) or "
-        "'paper' (token features, ridge, λ=1e-2, k=1; the default of --format mixtral); the "
-        "flags below override it (docs/routing.md)",
-    )
-    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
-    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
-    p.add_argument(
-        "--lam",
-        type=number_or_auto,
-        default=None,
-        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
-        "'auto': chosen on held-out statistics",
-    )
-    p.add_argument(
-        "--min-weight",
-        type=float,
-        default=None,
-        help="with k > 1: experts whose routing weight is below this do not run (the rest are "
-        "renormalised); in [0, 0.5)",
-    )
-    p.add_argument(
-        "--ngram-buckets",
-        type=int,
-        default=None,
-        help="hash buckets of the n-gram router's bigram counts (default 262144)",
-    )
-    p.add_argument(
-        "--smoothing",
-        type=number_or_auto,
-        default=None,
-        help="decay in [0, 1] of the causal moving average of router logits (0 off, 1 running "
-        "mean), or 'auto'",
-    )
-    p.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=None,
-        help="share of each expert's documents held out to choose 'auto' settings (default 0.1)",
+    add_routing_flags(
+        p,
+        routing_default=None,
+        routing_help="named routing setting: 'ngram' (the default: sequence-level naive Bayes on "
+        "token bigrams, mu chosen on held-out statistics), 'context' (prefix-mean features, lda) "
+        "or 'paper' (token features, ridge, λ=1e-2, k=1; the default of --format mixtral)",
+        holdout_owner="expert",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
     p.add_argument("--top-k", type=int, default=None, help="experts per token k (default 1)")

@@ -19,14 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from dume_dist.cli.build import (
-    BACKBONE_HELP,
-    ROUTING_FEATURES,
-    ROUTING_PRESETS,
-    ROUTING_SOLVERS,
-    number_or_auto,
-    parse_experts,
-)
+from dume_dist.cli.build import BACKBONE_HELP, ROUTING_PRESETS, add_routing_flags, parse_experts
 
 DEFAULT_OPERATOR_FILE = "~/.dume/operator.credential"
 
@@ -152,43 +145,15 @@ def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _routing_flags(p: argparse.ArgumentParser, fixed_at_genesis: bool = True) -> None:
-    when = " (fixed at genesis)" if fixed_at_genesis else ""
-    p.add_argument(
-        "--routing",
-        choices=ROUTING_PRESETS,
-        default="paper",
-        help="named routing setting" + when + ": 'paper' (the default: token features, ridge, "
-        "λ=1e-2, k=1), 'context' (prefix-mean features, lda, λ chosen on held-out "
-        "statistics) or 'ngram' (sequence-level naive Bayes on hashed token bigrams, mu chosen "
-        "on held-out statistics); the flags below override it (docs/routing.md)",
-    )
-    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
-    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
-    p.add_argument(
-        "--lam",
-        type=number_or_auto,
-        default=None,
-        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
-        "'auto': chosen on held-out statistics each node computes on a share of its documents",
-    )
-    p.add_argument(
-        "--ngram-buckets",
-        type=int,
-        default=None,
-        help="hash buckets of the n-gram router's bigram counts (default 262144)",
-    )
-    p.add_argument(
-        "--smoothing",
-        type=number_or_auto,
-        default=None,
-        help="decay in [0, 1] of the causal moving average of router logits (0 off), or 'auto'",
-    )
-    p.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=None,
-        help="share of each node's documents held out to choose 'auto' settings (default 0.1)",
+def _routing_flags(p: argparse.ArgumentParser) -> None:
+    add_routing_flags(
+        p,
+        routing_default="paper",
+        routing_help="named routing setting (fixed at genesis): 'paper' (the default: token "
+        "features, ridge, λ=1e-2, k=1), 'context' (prefix-mean features, lda, λ chosen on "
+        "held-out statistics) or 'ngram' (sequence-level naive Bayes on hashed token bigrams, mu "
+        "chosen on held-out statistics)",
+        holdout_owner="node",
     )
 
 
@@ -196,7 +161,7 @@ def _routing_settings(args) -> dict:
     """The routing entries of coordinator settings (None: the preset's value)."""
     out = {"routing": args.routing, "features": args.features, "solver": args.solver,
            "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction,
-           "ngram_buckets": args.ngram_buckets}  # fmt: skip
+           "ngram_buckets": args.ngram_buckets, "min_weight": args.min_weight}  # fmt: skip
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -43,6 +43,7 @@ ROUTING_KEYS = (
     "top_k",
     "holdout_fraction",
     "ngram_buckets",
+    "min_weight",
 )
 SETTINGS_KEYS = (*ROUTING_KEYS, "temperature", "max_tokens_per_seq", "feature_map")
 

@@ -87,7 +87,8 @@ def _number_or_auto(key: str, value):
 def check_settings(settings: dict) -> dict:
     """The registry's settings from what genesis was given: the routing (a ``routing`` preset
     name or dict of `RoutingSpec` fields, default ``paper``, with ``features``, ``solver``,
-    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction``, ``ngram_buckets`` on top),
+    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction``, ``ngram_buckets``, ``min_weight`` on
+    top),
     ``temperature`` and ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its JSON), its ``feature_map``,
     and ``lam`` / ``top_k`` (as the spec has them) for readers of older registries."""
     from dume_dist.model.routing import resolve_routing
@@ -110,6 +111,7 @@ def check_settings(settings: dict) -> dict:
             top_k=settings.get("top_k"),
             holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
             ngram_buckets=settings.get("ngram_buckets"),
+            min_weight=settings.get("min_weight"),
         )
     except TypeError as exc:
         raise ValueError(f"bad coordinator settings: {exc}") from None
