@@ -452,25 +452,6 @@ def test_context_routing_equals_the_single_machine_build(experts, tmp_path):
     assert all("holdout" in s for c in manifest["contributors"] for s in c["stats"])
 
 
-def test_unlearning_under_context_routing_equals_a_build_without_the_node(experts, tmp_path):
-    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=CONTEXT)
-    flow.add("alpha", "beta", "gamma")
-    for name in ("alpha", "beta", "gamma"):
-        flow.join(name)
-    held = [h["blob"] for s in flow.status()["registry"]["nodes"]["beta"]["stats"]
-            for h in s["holdout"]]  # fmt: skip
-    result = flow.coord.unlearn(flow.op, "beta", "forget me")
-    assert result["version"] == "v4"
-    assert not any("/beta/" in k for k in flow.store.list("blobs"))
-    assert held and not any(flow.store.exists(f"blobs/{b}.bin") for b in held)
-
-    _single_build(experts, tmp_path / "single", ("alpha", "gamma"), routing="context")
-    assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
-    assert _config_routing(_pulled(flow, "v4")) == _config_routing(tmp_path / "single")
-    # Unlearning changed the routers (λ is chosen again on the remaining held-out statistics).
-    assert flow.routers("v3")["model.layers.0.mlp.router.weight"].shape[0] == 3
-
-
 def _founded_with_beta_computed(experts, tmp_path, settings):
     """A store with ``settings`` where alpha joined and beta's expert is uploaded; beta's own
     statistics (fit and held-out) are computed but not submitted."""
@@ -674,10 +655,20 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     assert manifest["routing"]["solver"] == "nb"
 
 
-def test_unlearning_under_ngram_routing_equals_a_build_without_the_node(experts, tmp_path):
+@pytest.mark.parametrize(
+    "settings,routing,router_key",
+    [
+        (CONTEXT, ("context", {}), "model.layers.0.mlp.router.weight"),
+        (SMALL_NGRAM, ("ngram", {"ngram_buckets": 64}), "ngram_router.unigram_counts"),
+    ],
+    ids=["context", "ngram"],
+)
+def test_unlearning_equals_a_build_without_the_node(
+    experts, tmp_path, settings, routing, router_key
+):
     from dume_dist.model.routing import resolve_routing
 
-    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=SMALL_NGRAM)
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path, settings=settings)
     flow.add("alpha", "beta", "gamma")
     for name in ("alpha", "beta", "gamma"):
         flow.join(name)
@@ -688,12 +679,18 @@ def test_unlearning_under_ngram_routing_equals_a_build_without_the_node(experts,
     assert not any("/beta/" in k for k in flow.store.list("blobs"))
     assert held and not any(flow.store.exists(f"blobs/{b}.bin") for b in held)
 
-    spec = resolve_routing("ngram", ngram_buckets=64)
-    single = _single_build(experts, tmp_path / "single", ("alpha", "gamma"), routing=spec)
+    preset, overrides = routing
+    single = _single_build(
+        experts,
+        tmp_path / "single",
+        ("alpha", "gamma"),
+        routing=resolve_routing(preset, **overrides),
+    )
     assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
     assert _config_routing(_pulled(flow, "v4")) == _config_routing(tmp_path / "single")
     assert flow.versions().get_manifest("v4")["lam"] == single.routing.lam
-    assert flow.routers("v3")["ngram_router.unigram_counts"].shape[0] == 3
+    # Unlearning changed the routers (λ / μ is chosen again on the remaining held-out statistics).
+    assert flow.routers("v3")[router_key].shape[0] == 3
 
 
 @pytest.fixture(scope="module")

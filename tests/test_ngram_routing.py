@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from test_modeling_dume import VOCAB, dense_experts, tiny_base_config
-from test_routing import _left_padded, check_loads_and_generates_without_dume_dist
+from test_routing import _left_padded, check_loads_and_generates_without_dume_dist, tiny_build
 
 from dume_dist.core.ngram import (
     NgramStats,
@@ -315,17 +315,7 @@ def test_heldout_mu_is_the_minimiser_of_the_explicit_heldout_logloss():
 
 @pytest.fixture(scope="module")
 def ngram_build(tmp_path_factory):
-    from tiny_world import make_world
-
-    from dume_dist.model.build import build_dume
-
-    root = tmp_path_factory.mktemp("ngram")
-    world = make_world(root / "world", num_docs=20)
-    result = build_dume(
-        world["experts"], world["data"], root / "model", routing="ngram",
-        max_tokens_per_seq=48, batch_size=4, progress=False,
-    )  # fmt: skip
-    return world, result
+    return tiny_build(tmp_path_factory.mktemp("ngram"), "ngram")
 
 
 def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):

@@ -464,19 +464,23 @@ def test_routing_spec_presets_and_overrides():
 # -- end to end on tiny experts: build, eval + heatmap, save -> load without dume_dist ----------
 
 
-@pytest.fixture(scope="module")
-def context_build(tmp_path_factory):
+def tiny_build(root: Path, routing: str):
+    """The tiny three-domain world and a build of it with ``routing``."""
     from tiny_world import make_world
 
     from dume_dist.model.build import build_dume
 
-    root = tmp_path_factory.mktemp("routing")
     world = make_world(root / "world", num_docs=20)
     result = build_dume(
-        world["experts"], world["data"], root / "model", routing="context",
+        world["experts"], world["data"], root / "model", routing=routing,
         max_tokens_per_seq=48, batch_size=4, progress=False,
     )  # fmt: skip
     return world, result
+
+
+@pytest.fixture(scope="module")
+def context_build(tmp_path_factory):
+    return tiny_build(tmp_path_factory.mktemp("routing"), "context")
 
 
 def test_context_build_records_routing_and_evaluates_with_heatmap(context_build, tmp_path):
