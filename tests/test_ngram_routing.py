@@ -405,3 +405,19 @@ def test_bad_min_weight_is_refused():
         DumeConfig(base_config=tiny_base_config().to_dict(), routing={"min_weight": 0.5})
     with pytest.raises(ValueError, match="min_weight"):
         RoutingSpec(min_weight=-0.1)
+
+
+def test_bench_option_selection_keeps_the_paper_once_as_speed_reference():
+    from dume_dist.bench.routing import DEFAULT_OPTIONS, select_options
+
+    assert select_options(None) == list(DEFAULT_OPTIONS)
+    chosen = select_options(["paper (token", "ngram ("])
+    labels = [label for label, _ in chosen]
+    assert (
+        labels[0].startswith("paper (token") and sum(lab.startswith("paper") for lab in labels) == 1
+    )
+    assert any(lab.startswith("ngram (") for lab in labels)
+    only_ngram = select_options(["ngram ("])
+    assert only_ngram[0] is DEFAULT_OPTIONS[0] and len(only_ngram) == 2
+    with pytest.raises(ValueError, match="no routing option"):
+        select_options(["nothing like it"])

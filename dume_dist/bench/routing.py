@@ -60,6 +60,17 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
 ]  # fmt: skip
 
 
+def select_options(words: Sequence[str] | None) -> list[tuple[str, RoutingSpec]]:
+    """The default options whose label contains any of ``words`` (all without), the paper's
+    first, once: it is the speed reference."""
+    if not words:
+        return list(DEFAULT_OPTIONS)
+    chosen = [opt for opt in DEFAULT_OPTIONS if any(w in opt[0] for w in words)]
+    if not chosen:
+        raise ValueError(f"no routing option matches {list(words)}")
+    return chosen if chosen[0] is DEFAULT_OPTIONS[0] else [DEFAULT_OPTIONS[0], *chosen]
+
+
 def _seconds(fn, model) -> float:
     t0 = time.perf_counter()
     fn(model)

@@ -87,9 +87,9 @@ def run_inference(args) -> int:
 
 def run_routing(args) -> int:
     from dume_dist.bench.routing import (
-        DEFAULT_OPTIONS,
         markdown_table,
         run_routing_bench,
+        select_options,
         write_results,
     )
     from dume_dist.cli.build import parse_experts, parse_named
@@ -105,13 +105,7 @@ def run_routing(args) -> int:
         experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
         train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
         valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
-    options = DEFAULT_OPTIONS
-    if args.option:
-        options = [(label, o) for label, o in options if any(w in label for w in args.option)]
-        if not options:
-            raise ValueError(f"no routing option matches {args.option}")
-        if options[0] is not DEFAULT_OPTIONS[0]:
-            options = [DEFAULT_OPTIONS[0], *options]  # the paper is the speed reference
+    options = select_options(args.option)
     result = run_routing_bench(
         experts, train, valid, options=options, holdout_fraction=args.holdout_fraction,
         seq_len=args.seq_len, max_tokens=args.max_tokens, eval_seq_len=args.eval_seq_len,
