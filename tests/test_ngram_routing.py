@@ -16,15 +16,11 @@ import torch
 from test_modeling_dume import VOCAB, dense_experts, tiny_base_config
 from test_routing import _left_padded, check_loads_and_generates_without_dume_dist, tiny_build
 
-from dume_dist.core.ngram import (
-    NgramStats,
-    heldout_logloss,
-    ngram_tables,
-    select_mu,
-)
+from dume_dist.core.ngram import NgramStats, ngram_tables
 from dume_dist.core.stats import stats_from_bytes, stats_to_bytes
 from dume_dist.model.collect import collect_ngram_stats
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, ngram_bucket
+from dume_dist.model.ngram_select import heldout_logloss, select_mu
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, resolve_routing, solve_routing
 
 torch.set_num_threads(1)

@@ -23,8 +23,7 @@ Shapes: ``V`` vocabulary, ``H`` buckets, ``E`` experts, ``K`` distinct held-out 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -35,7 +34,6 @@ from dume_dist.core.stats import check_same_backbone
 NGRAM_SCHEMA = "dume-ngram-stats/1"
 DEFAULT_BUCKETS = 1 << 18
 DEFAULT_ALPHA = 0.1
-DEFAULT_MU_GRID = tuple(10.0 ** (k / 2) for k in range(0, 9))  # 1 .. 1e4
 
 
 def ngram_feature_map(buckets: int, pairs: bool = False) -> str:
@@ -278,73 +276,4 @@ def ngram_tables(
         torch.stack([t.bigram_H for t in totals]),
         float(mu),
         float(alpha),
-    )
-
-
-def bigram_log_probs(
-    tables: NgramTables, prev_K: torch.Tensor, cur_K: torch.Tensor, mu: float | None = None
-) -> torch.Tensor:
-    """``log p_j(cur | prev)`` [K, E] (fp64), the formula of ``DumeNgramRouter``."""
-    from dume_dist.model.modeling_dume import ngram_log_probs
-
-    mu = tables.mu if mu is None else mu
-    has_prev = torch.ones_like(cur_K, dtype=torch.bool)
-    return ngram_log_probs(
-        tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_K, cur_K, has_prev, mu,
-        tables.alpha,
-    ).T  # fmt: skip
-
-
-def heldout_logloss(
-    tables: NgramTables, heldout: Mapping[str, tuple[int, NgramStats]], mu: float
-) -> float:
-    """Mean over experts of the per-bigram log-loss of the expert posterior (equal priors) on
-    the held-out bigrams of that expert's contributors: how well single bigrams tell the
-    domains apart under ``mu``."""
-    losses: dict[int, list[float]] = {}
-    for name in sorted(heldout):
-        expert, stats = heldout[name]
-        pairs = stats.pairs_K3
-        if pairs is None:
-            raise ValueError(f"held-out statistics of {name!r} carry no bigrams")
-        if pairs.numel() == 0:
-            continue
-        logp_KE = bigram_log_probs(tables, pairs[:, 0], pairs[:, 1], mu)
-        nll_K = -torch.log_softmax(logp_KE, dim=1)[:, expert]
-        total, count = losses.setdefault(expert, [0.0, 0.0])
-        losses[expert] = [
-            total + float((nll_K * pairs[:, 2]).sum()),
-            count + float(pairs[:, 2].sum()),
-        ]
-    if not losses:
-        raise ValueError("held-out statistics hold no bigrams")
-    return sum(t / c for t, c in losses.values()) / len(losses)
-
-
-def select_mu(
-    fit: Mapping[str, tuple[int, NgramStats]],
-    heldout: Mapping[str, tuple[int, NgramStats]],
-    num_experts: int,
-    mu_grid: Sequence[float] = DEFAULT_MU_GRID,
-    alpha: float = DEFAULT_ALPHA,
-):
-    """The ``mu`` of ``mu_grid`` with the least held-out log-loss (tables from ``fit``) and the
-    whole curve, as a ``core.select.Selection``."""
-    from dume_dist.core.select import Selection
-
-    grid = [float(m) for m in mu_grid]
-    if not grid or any(not (m > 0 and math.isfinite(m)) for m in grid):
-        raise ValueError(f"mu grid must be positive numbers, got {list(mu_grid)}")
-    tables = ngram_tables(fit, num_experts, grid[0], alpha)
-    curve = [heldout_logloss(tables, heldout, m) for m in grid]
-    best = min(range(len(grid)), key=curve.__getitem__)
-    tokens = sum(int(s.pairs_K3[:, 2].sum()) for _, s in heldout.values() if s.pairs_K3 is not None)
-    return Selection(
-        lam=grid[best],
-        smoothing=0.0,
-        criterion="nb_logloss",
-        lam_grid=grid,
-        smoothing_grid=[0.0],
-        curves={"nb_logloss": [curve]},
-        num_holdout_tokens=tokens,
     )

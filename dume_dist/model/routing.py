@@ -27,16 +27,15 @@ from dataclasses import dataclass
 from dume_dist.core.ngram import (
     DEFAULT_ALPHA,
     DEFAULT_BUCKETS,
-    DEFAULT_MU_GRID,
     NgramTables,
     ngram_feature_map,
     ngram_tables,
-    select_mu,
 )
 from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
 from dume_dist.core.solve import SOLVERS, Router, solve_routers
 from dume_dist.core.stats import RouterStats
 from dume_dist.model.modeling_dume import ROUTING_FEATURES, routing_feature_dim
+from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu
 
 AUTO = "auto"
 DEFAULT_SMOOTHING_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
