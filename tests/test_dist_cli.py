@@ -14,9 +14,9 @@ from dist_helpers import make_experts
 
 from dume_dist.cli.config import apply_config_defaults
 from dume_dist.cli.main import main, make_parser
-from dume_dist.dist import genesis
-from dume_dist.dist.agent import NodeAgent
-from dume_dist.dist.coordinator import Coordinator
+from dume_dist.distributed import genesis
+from dume_dist.distributed.agent import NodeAgent
+from dume_dist.distributed.coordinator import Coordinator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -167,7 +167,7 @@ def test_clusters_dume_starts_get_token_auth_unless_the_environment_decides(monk
     import subprocess
     import sys
 
-    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+    from dume_dist.distributed.auth import token_auth_for_a_new_cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert token_auth_for_a_new_cluster() is False
@@ -175,7 +175,7 @@ def test_clusters_dume_starts_get_token_auth_unless_the_environment_decides(monk
     assert token_auth_for_a_new_cluster() is True
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     code = (
-        "import os; from dume_dist.dist.auth import token_auth_for_a_new_cluster as f; on = f(); "
+        "import os; from dume_dist.distributed.auth import token_auth_for_a_new_cluster as f; on = f(); "
         "print(on, os.environ['RAY_AUTH_MODE'], len(os.environ['RAY_AUTH_TOKEN']))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -15,9 +15,9 @@ import torch
 from dist_helpers import make_experts
 
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
-from dume_dist.dist import genesis
-from dume_dist.dist.agent import NodeAgent
-from dume_dist.dist.coordinator import Coordinator, routers_of
+from dume_dist.distributed import genesis
+from dume_dist.distributed.agent import NodeAgent
+from dume_dist.distributed.coordinator import Coordinator, routers_of
 from dume_dist.store import BlobStore, ObjectStore, StoreError, StoreNotFound, VersionStore
 
 SETTINGS = {"max_tokens_per_seq": 16, "lam": 1e-2}
@@ -387,7 +387,7 @@ def test_rebase_makes_statistics_stale_until_recomputed(experts, tmp_path):
 
 
 def test_one_worker_per_gpu_else_one_cpu_worker():
-    from dume_dist.dist.agent import local_workers
+    from dume_dist.distributed.agent import local_workers
 
     assert local_workers(None, 0) == (1, "gloo")
     assert local_workers(None, 4) == (4, "nccl")
@@ -530,7 +530,7 @@ def test_statistics_of_the_wrong_feature_map_are_refused(context_founded, expert
 
 
 def test_held_out_hashes_are_in_the_content_digest():
-    from dume_dist.dist import state as st
+    from dume_dist.distributed import state as st
 
     node = {"domain": "d", "state": "active", "expert": {"fingerprint": "f"},
             "stats": [{"sha256": "a", "blob": "stats/n/a"}]}  # fmt: skip
@@ -583,7 +583,7 @@ def test_an_old_registry_keeps_the_papers_routing(experts, tmp_path):
     ],
 )
 def test_bad_routing_settings_are_one_line_errors_and_write_nothing(experts, tmp_path, bad):
-    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.distributed.coordinator import check_settings
 
     with pytest.raises(ValueError) as err:
         check_settings(bad)
@@ -597,8 +597,8 @@ def test_bad_routing_settings_are_one_line_errors_and_write_nothing(experts, tmp
 
 
 def test_settings_resolve_presets_and_overrides():
-    from dume_dist.dist.artifacts import routing_of
-    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.distributed.artifacts import routing_of
+    from dume_dist.distributed.coordinator import check_settings
     from dume_dist.model.routing import resolve_routing
 
     paper = check_settings({})
@@ -773,7 +773,7 @@ def _raises(fn, *args):
 
 
 def test_vocab_size_of_an_old_backbone_record(ngram_founded):
-    from dume_dist.dist.artifacts import record_vocab_size
+    from dume_dist.distributed.artifacts import record_vocab_size
 
     flow = ngram_founded
     state, _ = flow.coord.registry.load()
@@ -788,8 +788,8 @@ def test_vocab_size_of_an_old_backbone_record(ngram_founded):
 
 
 def test_ngram_settings():
-    from dume_dist.dist.artifacts import routing_of
-    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.distributed.artifacts import routing_of
+    from dume_dist.distributed.coordinator import check_settings
     from dume_dist.model.routing import resolve_routing
 
     settings = check_settings({"routing": "ngram", "ngram_buckets": 64})

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_demo_story(tmp_path, capsys):
     import ray
 
-    from dume_dist.dist.demo import run_demo
+    from dume_dist.distributed.demo import run_demo
 
     experts = make_experts(tmp_path)
     domains = ["alpha", "beta", "gamma", "delta", "omega"]

@@ -18,8 +18,8 @@ from dist_helpers import make_experts, short_ray_tmpdir
 from s3server import S3Server
 
 from dume_dist.core.stats import stats_from_bytes
-from dume_dist.dist import cluster, genesis
-from dume_dist.dist.coordinator import Coordinator, routers_of
+from dume_dist.distributed import cluster, genesis
+from dume_dist.distributed.coordinator import Coordinator, routers_of
 from dume_dist.store import BlobStore, ObjectStore, VersionStore
 
 pytestmark = pytest.mark.ray
@@ -122,7 +122,7 @@ class RayFlow:
 
 def _in_process_build(experts, tmp, names):
     """The reference: the same contributions through an in-process coordinator on a new store."""
-    from dume_dist.dist.agent import NodeAgent
+    from dume_dist.distributed.agent import NodeAgent
 
     url = str(tmp / f"ref-{uuid.uuid4().hex[:6]}")
     coord = Coordinator(url, work_dir=str(tmp / "ref-coord"))

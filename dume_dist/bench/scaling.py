@@ -82,8 +82,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _one_count(lc, n: int, work: Path, dims: dict, tokens: int) -> dict:
-    from dume_dist.dist import cluster, genesis
-    from dume_dist.dist.agent import NodeAgent
+    from dume_dist.distributed import cluster, genesis
+    from dume_dist.distributed.agent import NodeAgent
     from dume_dist.store import ObjectStore, VersionStore
 
     t = time.perf_counter()
@@ -158,7 +158,7 @@ def run_scaling_bench(counts=(2, 8, 32), hidden_size: int = 64, num_layers: int 
     """Run the bench on a fresh local Ray cluster (a head and two nodes); returns the results."""
     import torch
 
-    from dume_dist.dist.cluster import LocalCluster
+    from dume_dist.distributed.cluster import LocalCluster
 
     if not counts or min(counts) < 2:
         raise ValueError("contributor counts must be >= 2")

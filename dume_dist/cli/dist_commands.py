@@ -109,14 +109,14 @@ def _operator_secret(args) -> str:
 
 
 def _coordinator(args):
-    from dume_dist.dist.cluster import connect, get_coordinator
+    from dume_dist.distributed.cluster import connect, get_coordinator
 
     connect(args.address, args.namespace)
     return get_coordinator(args.coordinator_name, args.namespace)
 
 
 def _call(handle, method: str, *a):
-    from dume_dist.dist.cluster import get
+    from dume_dist.distributed.cluster import get
 
     return get(getattr(handle, method).remote(*a))
 
@@ -371,7 +371,7 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
 
 def _settings(args) -> dict:
     """Coordinator settings from the flags; checked (one-line errors) before any actor exists."""
-    from dume_dist.dist.coordinator import check_settings
+    from dume_dist.distributed.coordinator import check_settings
 
     settings = {**_routing_settings(args), "temperature": args.temperature,
                 "max_tokens_per_seq": args.max_tokens_per_seq}  # fmt: skip
@@ -382,8 +382,8 @@ def _settings(args) -> dict:
 
 
 def run_coordinator_start(args) -> int:
-    from dume_dist.dist import genesis
-    from dume_dist.dist.cluster import connect, start_coordinator
+    from dume_dist.distributed import genesis
+    from dume_dist.distributed.cluster import connect, start_coordinator
     from dume_dist.store import ObjectStore
 
     settings = _settings(args)  # bad settings: an error before anything is written
@@ -427,7 +427,7 @@ def run_coordinator_start(args) -> int:
 
 
 def run_coordinator_stop(args) -> int:
-    from dume_dist.dist.cluster import connect, stop_coordinator
+    from dume_dist.distributed.cluster import connect, stop_coordinator
 
     connect(args.address, args.namespace)
     stopped = stop_coordinator(args.coordinator_name, args.namespace)
@@ -458,7 +458,7 @@ def run_coordinator_hold(args) -> int:
 
 
 def run_coordinator_rebase(args) -> int:
-    from dume_dist.dist import genesis
+    from dume_dist.distributed import genesis
     from dume_dist.store import ObjectStore
 
     store = ObjectStore(args.store, parse_storage_options(args.storage_option))
@@ -474,7 +474,7 @@ def run_coordinator_rebase(args) -> int:
 
 
 def run_add_node(args) -> int:
-    from dume_dist.dist.genesis import issue_node_credential
+    from dume_dist.distributed.genesis import issue_node_credential
 
     secret, hashed = issue_node_credential(args.name, args.domain)
     _call(_coordinator(args), "add_node", _operator_secret(args), args.name, args.domain, hashed)
@@ -506,7 +506,7 @@ def run_unlearn(args) -> int:
 
 
 def run_node_join(args) -> int:
-    from dume_dist.dist.cluster import launch_agent, run_join
+    from dume_dist.distributed.cluster import launch_agent, run_join
 
     secret = read_secret(args.credential_file, "DUME_CREDENTIAL", "node credential")
     handle = _coordinator(args)
@@ -549,7 +549,7 @@ def _version_store(args):
 
 
 def run_versions_list(args) -> int:
-    from dume_dist.dist.tables import print_versions
+    from dume_dist.distributed.tables import print_versions
 
     vs = _version_store(args)
     print_versions(
@@ -585,10 +585,10 @@ def run_versions_pull(args) -> int:
 
 
 def run_status(args) -> int:
-    from dume_dist.dist.tables import print_status
+    from dume_dist.distributed.tables import print_status
 
     if args.store:
-        from dume_dist.dist.state import public_view
+        from dume_dist.distributed.state import public_view
         from dume_dist.store import ObjectStore, RegistryStore
 
         state, rev = RegistryStore(
@@ -605,10 +605,10 @@ def run_status(args) -> int:
 
 
 def run_demo(args) -> int:
-    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+    from dume_dist.distributed.auth import token_auth_for_a_new_cluster
 
     token_auth = token_auth_for_a_new_cluster()  # before Ray is imported
-    from dume_dist.dist.demo import run_demo as demo
+    from dume_dist.distributed.demo import run_demo as demo
 
     print(
         f"Ray token authentication: {'on (a fresh token for this cluster)' if token_auth else 'off'}"
@@ -621,7 +621,7 @@ def run_demo(args) -> int:
 
 
 def run_bench_scaling(args) -> int:
-    from dume_dist.dist.auth import token_auth_for_a_new_cluster
+    from dume_dist.distributed.auth import token_auth_for_a_new_cluster
 
     token_auth_for_a_new_cluster()  # before Ray is imported
     from dume_dist.bench.scaling import markdown_table, run_scaling_bench, write_results

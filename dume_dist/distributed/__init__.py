@@ -1,4 +1,4 @@
-"""dist: DUME over Ray — the coordinator, node agents and statistics workers (DESIGN §4).
+"""distributed: DUME over Ray — the coordinator, node agents and statistics workers (DESIGN §4).
 
 * `state`       the registry document and its pure rules (canonical order, content digest)
 * `coordinator` `Coordinator`: registry, validation, solve, publish, unlearn (a plain class)

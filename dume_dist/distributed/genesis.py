@@ -11,9 +11,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from dume_dist.dist.agent import _call
-from dume_dist.dist.artifacts import backbone_record, save_backbone_dir
-from dume_dist.dist.coordinator import check_settings, node_material, operator_material
+from dume_dist.distributed.agent import _call
+from dume_dist.distributed.artifacts import backbone_record, save_backbone_dir
+from dume_dist.distributed.coordinator import check_settings, node_material, operator_material
 from dume_dist.store import ObjectStore, hash_secret, new_secret
 
 

@@ -67,7 +67,7 @@ def start_coordinator(
 ):
     """The named detached coordinator actor (created, or found if it already runs).
     ``resources`` (e.g. ``{"dume_coordinator": 0.01}``) places it on a node that has them."""
-    from dume_dist.dist.coordinator import Coordinator
+    from dume_dist.distributed.coordinator import Coordinator
 
     actor = ray.remote(Coordinator).options(
         name=name,
@@ -116,7 +116,7 @@ def pinned(node_id: str) -> NodeAffinitySchedulingStrategy:
 def launch_agent(coordinator, name: str, domain: str, secret: str, *, node_id: str | None = None,
                  cache_dir: str | None = None):  # fmt: skip
     """A node agent pinned to ``node_id`` (default: the node this process runs on)."""
-    from dume_dist.dist.agent import NodeAgent
+    from dume_dist.distributed.agent import NodeAgent
 
     actor = ray.remote(NodeAgent).options(
         scheduling_strategy=pinned(node_id or current_node_id()),
@@ -128,7 +128,7 @@ def launch_agent(coordinator, name: str, domain: str, secret: str, *, node_id: s
 
 
 def remote_worker(node_id: str, backend: str):
-    from dume_dist.dist.workers import StatsWorker
+    from dume_dist.distributed.workers import StatsWorker
 
     gpu = backend == "nccl"
     return ray.remote(StatsWorker).options(
@@ -194,7 +194,7 @@ class LocalCluster:
     ``num_nodes`` nodes, node *i* carrying the custom resource ``dume_node_<i>``. Connects this
     process to it; `shutdown` stops exactly what it started. Ray's temp dir is a short fresh dir
     (socket paths are limited to 107 bytes) so nothing lands in the shared /tmp/ray. Token
-    authentication follows the environment: see `dume_dist.dist.auth`."""
+    authentication follows the environment: see `dume_dist.distributed.auth`."""
 
     def __init__(self, num_nodes: int, cpus_per_node: int = 1, namespace: str = NAMESPACE):
         import tempfile

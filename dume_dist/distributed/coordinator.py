@@ -1,6 +1,6 @@
 """The coordinator: registry of contributors, statistics and experts, versions (DESIGN §4).
 
-A plain class. `dume_dist.dist.cluster` wraps it with ``ray.remote`` as a named, detached actor
+A plain class. `dume_dist.distributed.cluster` wraps it with ``ray.remote`` as a named, detached actor
 (``max_restarts=-1``, ``max_task_retries=-1``); unit tests drive it directly. Its whole state
 lives in the store — the registry (`RegistryStore`, one revision per change), statistics and
 expert MLP blobs (`BlobStore`), versions (`VersionStore`) — so a restarted actor, or a new
@@ -12,7 +12,7 @@ authenticates first, validates everything before writing anything (bad input cha
 nothing), saves the registry, and then publishes a new version when the set of contributions
 changed and publication is not held (`_maybe_publish`, itself idempotent by content digest).
 
-Canonical order: see `dume_dist.dist.state` (expert index = position in the sorted active
+Canonical order: see `dume_dist.distributed.state` (expert index = position in the sorted active
 node names; statistics summed in sorted ``node/sha256`` order).
 """
 
@@ -28,8 +28,8 @@ import torch
 
 from dume_dist.core.ngram import NgramStats
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
-from dume_dist.dist import state as st
-from dume_dist.dist.artifacts import (
+from dume_dist.distributed import state as st
+from dume_dist.distributed.artifacts import (
     SETTINGS_KEYS,
     check_mlp_blob,
     mlp_spec,

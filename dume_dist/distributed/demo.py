@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dume_dist.dist import cluster, genesis, tables
+from dume_dist.distributed import cluster, genesis, tables
 from dume_dist.store import ObjectStore, VersionStore
 
 # The default routing of `dume build` (n-gram naive Bayes, docs/routing.md); `dume demo --routing`

@@ -1,6 +1,6 @@
 """The node agent: a contributor's side of a join (DESIGN §4).
 
-A plain class; `dume_dist.dist.cluster.launch_agent` runs it as a Ray actor pinned to the node
+A plain class; `dume_dist.distributed.cluster.launch_agent` runs it as a Ray actor pinned to the node
 it is launched from (``NodeAffinitySchedulingStrategy(node_id, soft=False)``), so the data paths
 it reads are that node's files. What leaves the node: the expert's MLP weights (once per expert)
 and the summed statistics. Never the data.
@@ -49,7 +49,7 @@ STAGES = (
 def _call(target, method: str, *args):
     fn = getattr(target, method)
     if hasattr(fn, "remote"):
-        from dume_dist.dist.cluster import get
+        from dume_dist.distributed.cluster import get
 
         return get(fn.remote(*args))
     return fn(*args)
@@ -167,7 +167,7 @@ class NodeAgent:
 
     def check_expert(self, expert_dir: str):
         """Load the expert, check it fits the backbone; returns (spec, fingerprint)."""
-        from dume_dist.dist.artifacts import check_expert_fits
+        from dume_dist.distributed.artifacts import check_expert_fits
         from dume_dist.model.experts import expert_fingerprint, load_expert_spec
 
         self._enter("check_expert")
@@ -176,7 +176,7 @@ class NodeAgent:
         return spec, expert_fingerprint(spec)
 
     def upload_expert(self, spec, fingerprint: str) -> dict:
-        from dume_dist.dist.artifacts import mlp_blob
+        from dume_dist.distributed.artifacts import mlp_blob
 
         self._enter("upload_expert")
         registered = self._info.get("expert")
@@ -191,7 +191,7 @@ class NodeAgent:
     def job(
         self, backbone_dir: Path, expert_dir: str, fingerprint: str, data: list[str], opts: dict
     ) -> dict:
-        from dume_dist.dist.artifacts import routing_of
+        from dume_dist.distributed.artifacts import routing_of
 
         settings = self._info["settings"]
         max_tps = settings["max_tokens_per_seq"]
@@ -238,7 +238,7 @@ class NodeAgent:
         self._enter("compute")
         num, backend = local_workers(workers, node_gpus(self.node_id() if self._in_ray() else None))
         if not self._in_ray():
-            from dume_dist.dist.workers import StatsWorker
+            from dume_dist.distributed.workers import StatsWorker
 
             if num != 1:
                 raise ValueError("more than one worker needs Ray")
@@ -248,7 +248,7 @@ class NodeAgent:
     def _compute_in_ray(self, job: dict, num: int, backend: str, threads: int | None) -> dict:
         import ray
 
-        from dume_dist.dist.cluster import get, remote_worker
+        from dume_dist.distributed.cluster import get, remote_worker
 
         node = self.node_id()
         workers = [
