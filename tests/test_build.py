@@ -33,6 +33,7 @@ from dume_dist.model.build import build_dume
 from dume_dist.model.collect import collect_stats, dense_model_for
 from dume_dist.model.data import eval_windows, load_domain_texts, shard, token_batches
 from dume_dist.model.experts import expert_fingerprint, is_mlp_key, load_expert_specs
+from dume_dist.model.formats import BuildStats, CheckpointInput, WriteOptions
 from dume_dist.model.writer import verify_checkpoint, write_dume_checkpoint
 
 MAX_TOK = 12  # max_tokens_per_seq in these tests
@@ -252,10 +253,11 @@ def test_checkpoint_loads_and_routers_match_saved_stats(world, built):
 def test_sharded_checkpoint_equals_single_file(world, built, tmp_path):
     out, result = built
     specs = load_expert_specs({n: world["experts"][n] for n in ("alpha", "beta")})
-    write_dume_checkpoint(
-        tmp_path / "sharded", Backbone.average(specs), specs, result.routers,
-        stats=result.stats, max_shard_bytes=20_000,
+    inp = CheckpointInput(
+        backbone=Backbone.average(specs), experts=specs, routing=result.routing,
+        stats=BuildStats(fit=result.stats),
     )  # fmt: skip
+    write_dume_checkpoint(tmp_path / "sharded", inp, WriteOptions(max_shard_bytes=20_000))
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     verify_checkpoint(tmp_path / "sharded")

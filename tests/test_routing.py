@@ -300,6 +300,8 @@ def test_checkpoint_writer_refuses_statistics_of_another_feature_map(tmp_path):
 
     from dume_dist.model.backbone import Backbone
     from dume_dist.model.experts import load_expert_specs
+    from dume_dist.model.formats import BuildStats, CheckpointInput
+    from dume_dist.model.routing import RoutingSpec, SolvedRouting
     from dume_dist.model.writer import write_dume_checkpoint
 
     world = make_world(tmp_path / "world", num_docs=2)
@@ -308,11 +310,13 @@ def test_checkpoint_writer_refuses_statistics_of_another_feature_map(tmp_path):
     token = _synthetic_stats("token", 0, 0, dim=32)[0.0]
     prefix = _synthetic_stats("prefix_mean", 0, 0, dim=32)[0.0]
     routers = solve_routers({s.name: (j, prefix) for j, s in enumerate(specs)}, len(specs))
+    solved = SolvedRouting(routers, RoutingSpec(features="prefix_mean"), 1e-2, 0.0, None)
+    inp = CheckpointInput(
+        backbone=backbone, experts=specs, routing=solved,
+        stats=BuildStats(fit={s.name: token for s in specs}),
+    )  # fmt: skip
     with pytest.raises(ValueError, match="feature map 'token'"):
-        write_dume_checkpoint(
-            tmp_path / "out", backbone, specs, routers,
-            stats={s.name: token for s in specs}, routing={"features": "prefix_mean"},
-        )  # fmt: skip
+        write_dume_checkpoint(tmp_path / "out", inp)
     assert not (tmp_path / "out").exists()
 
 

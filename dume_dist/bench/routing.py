@@ -34,6 +34,7 @@ from dume_dist.model.build import expert_statistics
 from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.evaluate import evaluate_model, load_causal_lm, routing_summary
 from dume_dist.model.experts import expert_fingerprint, load_expert_specs
+from dume_dist.model.formats import BuildStats, CheckpointInput, WriteOptions
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, solve_routing
 from dume_dist.model.writer import write_dume_checkpoint
 
@@ -185,11 +186,11 @@ def run_routing_bench(
         for i, (label, option) in enumerate(options):
             solved, solve_s, fit = _solve(option, stats[option.features], names)
             out = Path(tmp) / f"opt{i}"
-            write_dume_checkpoint(
-                out, backbone, specs, solved.routers, top_k=option.top_k, lam=solved.lam,
-                stats={n: st for n, (_, st) in fit.items()}, routing=solved.config_routing(),
-                save_stats=False,
+            inp = CheckpointInput(
+                backbone=backbone, experts=specs, routing=solved, top_k=option.top_k,
+                stats=BuildStats(fit={n: st for n, (_, st) in fit.items()}, save=False),
             )  # fmt: skip
+            write_dume_checkpoint(out, inp, WriteOptions(model_card=False))
             model = load_causal_lm(out, device)
             if i == 0:
                 forced = {d: names.index(d) for d in valid if d in names}

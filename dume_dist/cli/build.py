@@ -67,6 +67,34 @@ def add_routing_flags(
     )
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def _size(value: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a size such as 2GB or 500MB, got {value!r}")
+    return max(1, int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def number_or_auto(value: str) -> float | str:
     if str(value).strip().lower() == "auto":
         return "auto"
@@ -140,6 +168,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="dume",
         help="dume (router with bias, remote code) or mixtral (stock transformers)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype of the written weights (default: the experts')",
+    )
+    p.add_argument(
+        "--stats-dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype the experts run in while statistics are collected (default: fp32 on CPU, "
+        "the experts' dtype on GPU; products fp32, sums fp64 either way)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_size,
+        default=None,
+        help="largest safetensors shard, e.g. 2GB or 500MB (default 2GB); the backbone, the "
+        "routers and each expert are always in shards of their own",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run_build)
@@ -175,15 +223,20 @@ def run_build(args) -> int:
     data = parse_named(args.data, "--data")
     out = Path(args.out)
     routing = routing_spec(args)
-    if args.format == "mixtral":
-        return _build_mixtral(args, experts, data, out, routing)
+    if args.format == "mixtral" and (out.exists() and any(out.iterdir()) and not args.overwrite):
+        raise ValueError(f"output directory {out} exists and is not empty (use --overwrite)")
+    extra = {"max_shard_bytes": args.shard_size} if args.shard_size else {}
     result = build_dume(
         experts, data, out,
         backbone=args.backbone, routing=routing, temperature=args.temperature,
         max_tokens_per_seq=args.max_tokens_per_seq, max_tokens=args.max_tokens,
         batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, output_format=args.format, dtype=_dtype(args.dtype),
+        stats_dtype=_dtype(args.stats_dtype), **extra,
     )  # fmt: skip
+    if args.format == "mixtral":
+        print(f"wrote Mixtral model to {out}")
+        return 0
     print(f"wrote DUME model to {out}")
     _print_build_summary(result)
     return 0
@@ -202,33 +255,6 @@ def routing_spec(args):
         ngram_buckets=getattr(args, "ngram_buckets", None),
         min_weight=getattr(args, "min_weight", None),
     )  # fmt: skip
-
-
-def _build_mixtral(args, experts, data, out: Path, routing) -> int:
-    import tempfile
-
-    from dume_dist.model.build import build_dume
-    from dume_dist.model.export_mixtral import export_mixtral
-
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"output directory {out} exists and is not empty (use --overwrite)")
-    if routing.features != "token" or routing.smoothing != 0 or routing.solver != "ridge":
-        raise ValueError(
-            "--format mixtral needs token features, no smoothing and the ridge solver "
-            f"(got features={routing.features}, smoothing={routing.smoothing}, "
-            f"solver={routing.solver}): Mixtral's gate is a linear map of the MLP input"
-        )
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        dume_dir = Path(tmp) / "dume"
-        build_dume(
-            experts, data, dume_dir,
-            backbone=args.backbone, routing=routing, temperature=args.temperature,
-            max_tokens_per_seq=args.max_tokens_per_seq, max_tokens=args.max_tokens,
-            batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
-        )  # fmt: skip
-        export_mixtral(dume_dir, out, overwrite=args.overwrite)
-    print(f"wrote Mixtral model to {out}")
-    return 0
 
 
 def _print_build_summary(result) -> None:

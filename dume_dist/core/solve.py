@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dume_dist.core.stats import RouterStats, sum_stats
+from dume_dist.core.stats import RouterStats, add_stats
 
 SOLVERS = ("ridge", "lda")
 
@@ -54,18 +54,23 @@ def ridge_solve(a_PP: torch.Tensor, b_PE: torch.Tensor, lam: float) -> torch.Ten
 def normal_equations(
     contributions: Mapping[str, tuple[int, RouterStats]], num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum contributions in canonical (sorted-name) order into ``A_LPP`` and ``B_LPE``."""
+    """Sum contributions in canonical (sorted-name) order into ``A_LPP`` and ``B_LPE``.
+
+    One pass, one contribution read at a time (``contributions`` may load lazily): memory is
+    the running sums plus one contribution. ``A`` is bit-identical to ``sum_stats``."""
     if not contributions:
         raise ValueError("no contributions to solve routers from")
-    for name, (expert, _) in contributions.items():
-        if not 0 <= expert < num_experts:
-            raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
-    total = sum_stats({name: stats for name, (_, stats) in contributions.items()})
-    a_LPP = total.gram_LPP
-    b_LPE = torch.zeros(*a_LPP.shape[:2], num_experts, dtype=torch.float64)
+    total, b_LPE = None, None
     for name in sorted(contributions):
         expert, stats = contributions[name]
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
+        total = add_stats(total, stats)
+        if b_LPE is None:
+            b_LPE = torch.zeros(*stats.gram_LPP.shape[:2], num_experts, dtype=torch.float64)
         b_LPE[:, :, expert] += stats.gram_LPP[:, :, -1]
+        del stats
+    a_LPP = total.gram_LPP
     missing = [j for j in range(num_experts) if not b_LPE[0, -1, j] > 0]
     if missing:
         raise ValueError(f"experts {missing} have no statistics: every expert needs data")

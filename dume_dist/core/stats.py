@@ -161,16 +161,27 @@ class GramAccumulator:
         return RouterStats(g_LPP, **meta)
 
 
+def add_stats(total: RouterStats | None, stats: RouterStats) -> RouterStats:
+    """``total + stats`` with ``total``'s matrices updated in place (a copy of ``stats`` when
+    ``total`` is None): the same fp64 additions as ``+``, so a running sum is bit-identical to
+    summing all at once in the same order, and holds one running sum, not a new one per step."""
+    if type(stats) is not RouterStats:  # other statistics types add out of place
+        return stats if total is None else total + stats
+    if total is None:
+        return replace(stats, gram_LPP=stats.gram_LPP.clone())
+    total._check_compatible(stats)
+    return total._combined(stats, total.gram_LPP.add_(stats.gram_LPP))
+
+
 def sum_stats(contributions: Mapping[str, RouterStats]) -> RouterStats:
     """Sum contributions in canonical order (sorted key), so the result is
     bit-identical whatever order they arrived in, and removing one contribution and
-    summing again equals a build that never had it."""
+    summing again equals a build that never had it. Reads one contribution at a time."""
     if not contributions:
         raise ValueError("no statistics to sum")
-    keys = sorted(contributions)
-    total = contributions[keys[0]]
-    for key in keys[1:]:
-        total = total + contributions[key]
+    total = None
+    for key in sorted(contributions):
+        total = add_stats(total, contributions[key])
     return total
 
 

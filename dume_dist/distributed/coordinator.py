@@ -651,6 +651,7 @@ class Coordinator:
 
     def _publish_version(self, state: dict, digest: str, trigger: str) -> str:
         from dume_dist.model.backbone import Backbone
+        from dume_dist.model.formats import CheckpointInput, Provenance
         from dume_dist.model.routing import solve_routing
         from dume_dist.model.writer import write_dume_checkpoint
 
@@ -683,24 +684,20 @@ class Coordinator:
             "routing": solved.manifest_routing(),
         }
         build = self.work_dir / "build" / uuid.uuid4().hex[:12]
-        try:
-            written = write_dume_checkpoint(
-                build / "model",
-                backbone,
-                specs,
-                solved.routers,
-                top_k=min(spec.top_k, len(names)),
-                temperature=settings["temperature"],
-                lam=solved.lam,
-                routing=solved.config_routing(),
+        inp = CheckpointInput(
+            backbone=backbone, experts=specs, routing=solved, top_k=min(spec.top_k, len(names)),
+            temperature=settings["temperature"],
+            provenance=Provenance(
                 domains={n: nodes[n]["domain"] for n in names},
                 expert_fingerprints={n: nodes[n]["expert"]["fingerprint"] for n in names},
-                save_stats=False,
-            )
-            written.pop("files", None)
-            written.pop("schema_version", None)
-            written.pop("parent_version", None)
-            return self.versions.publish(str(build / "model"), {**written, **manifest})
+                extra_manifest=manifest,
+            ),
+        )  # fmt: skip
+        try:
+            written = write_dume_checkpoint(build / "model", inp)
+            for key in ("files", "schema_version", "parent_version"):
+                written.pop(key, None)
+            return self.versions.publish(str(build / "model"), written)
         finally:
             shutil.rmtree(build, ignore_errors=True)
 

@@ -37,11 +37,22 @@ from dume_dist.model.collect import (
     collect_smoothed_stats,
     dense_model_for,
     resolve_device,
+    stats_compute_dtype,
 )
 from dume_dist.model.data import load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
+from dume_dist.model.formats import (
+    BuildStats,
+    CheckpointInput,
+    Provenance,
+    WriteOptions,
+    get_format,
+    write_checkpoint,
+)
+from dume_dist.model.formats.base import DEFAULT_SHARD_BYTES
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
-from dume_dist.model.writer import check_output_dir, write_dume_checkpoint
+from dume_dist.model.stats_files import StatsFiles, contributions
+from dume_dist.model.writer import check_output_dir
 
 
 @dataclass
@@ -120,6 +131,7 @@ def expert_statistics(
     device: torch.device | str = "cpu",
     progress: bool = True,
     fingerprint: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[RouterStats, dict[float, RouterStats]]:
     """One contributor's statistics: fit Grams of ``routing.features`` and, when ``routing``
     chooses a setting on held-out data, ``{β: held-out Gram}`` for ``routing.holdout_smoothings``.
@@ -145,7 +157,9 @@ def expert_statistics(
         if routing.needs_holdout:
             held = {0.0: count(held_texts, True).with_meta(**meta, extra={"split": "holdout"})}
         return fit, held
-    model = dense_model_for(backbone, spec, dtype=torch.float32, device=device)
+    model = dense_model_for(
+        backbone, spec, dtype=stats_compute_dtype(spec, device, dtype), device=device
+    )
 
     def collect(model, part, smoothings):
         batches = token_batches(
@@ -170,6 +184,17 @@ def expert_statistics(
     return fit, held
 
 
+def _check_format(name: str, backbone, specs, routing: RoutingSpec, temperature: float) -> None:
+    """Refuse, before any statistics are computed, a build the output format cannot hold."""
+    smoothing = 0.0 if routing.smoothing in (0, 0.0) else 1.0  # 'auto' may choose > 0
+    preview = CheckpointInput(
+        backbone=backbone, experts=specs, routing=SolvedRouting([], routing, 1.0, smoothing, None),
+        top_k=routing.top_k, temperature=temperature,
+        stats=BuildStats(fit={s.name: None for s in specs}),
+    )  # fmt: skip
+    get_format(name).check(preview)
+
+
 def build_dume(
     experts: Mapping[str, str | Path],
     data: Mapping[str, Sequence[str | Path]],
@@ -190,6 +215,9 @@ def build_dume(
     save_stats: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    output_format: str = "dume",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    stats_dtype: torch.dtype | None = None,
 ) -> BuildResult:
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
@@ -198,11 +226,19 @@ def build_dume(
     default of ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
     ``top_k`` and ``holdout_fraction`` override it. The function keeps ``paper`` as its default so
     that callers comparing with the distributed coordinator (paper routers) keep matching.
-    ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run in fp32 on
-    ``device``; ``dtype`` casts the written weights (default: keep the experts' dtype).
+    ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run on ``device``
+    in ``stats_dtype`` (default: fp32 on CPU, the experts' dtype on GPU; products fp32, sums
+    fp64); ``dtype`` casts the written weights (default: keep the experts' dtype).
+    ``output_format`` names the back end (``model.formats``: ``dume``, ``mixtral``), checked
+    before any statistics are computed; ``max_shard_bytes`` bounds a safetensors shard.
+
+    Memory: one dense model (the expert whose statistics are computed), the backbone, and one
+    contributor's statistics plus the running sums; statistics wait in files, tensors stream
+    from the experts' files to the writer one at a time.
     """
     t0 = time.perf_counter()
     check_output_dir(out_dir, overwrite)
+    get_format(output_format)  # a known name
     spec_routing = resolve_routing(routing, lam=lam, top_k=top_k, holdout_fraction=holdout_fraction)
     specs = load_expert_specs(experts)
     if spec_routing.preset and spec_routing.top_k > len(specs):  # a preset's k, more than there are
@@ -219,58 +255,69 @@ def build_dume(
             f"sequences of {min(seq_len, max_tokens_per_seq)} tokens exceed the experts' "
             f"max_position_embeddings={max_positions}: lower seq_len or max_tokens_per_seq"
         )
-    texts = _load_data(specs, data)
+    _load_data(specs, data)  # every expert has readable, non-empty data (then dropped)
     device = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
     bb = Backbone.from_spec(backbone, specs)
+    _check_format(output_format, bb, specs, spec_routing, temperature)
     seconds = {"validate_and_backbone": time.perf_counter() - t0}
 
-    stats: dict[str, RouterStats] = {}
-    holdout: dict[float, dict[str, RouterStats]] = {}
+    # Statistics go to files as each expert's are computed: memory holds one contributor's.
+    fit_files = StatsFiles()
+    held_files: dict[float, StatsFiles] = {}
     fingerprints: dict[str, str] = {}
     for spec in specs:
         t1 = time.perf_counter()
         fingerprints[spec.name] = expert_fingerprint(spec)
-        stats[spec.name], held = expert_statistics(
-            bb, spec, tokenizer, texts[spec.name], spec_routing,
+        fit, held = expert_statistics(
+            bb, spec, tokenizer, load_domain_texts(spec.name, data[spec.name]), spec_routing,
             batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=max_tokens_per_seq,
             max_tokens=max_tokens, device=device, progress=progress,
-            fingerprint=fingerprints[spec.name],
+            fingerprint=fingerprints[spec.name], dtype=stats_dtype,
         )  # fmt: skip
+        fit_files.put(spec.name, fit)
         for beta, held_stats in held.items():
-            holdout.setdefault(beta, {})[spec.name] = held_stats
+            held_files.setdefault(beta, StatsFiles(fit_files.root / f"holdout-{len(held_files)}"))
+            held_files[beta].put(spec.name, held_stats)
+        del fit, held
         seconds[f"stats:{spec.name}"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     index = {s.name: j for j, s in enumerate(specs)}
     solved = solve_routing(
         spec_routing,
-        {n: (index[n], st) for n, st in stats.items()},
+        contributions(fit_files, index),
         len(specs),
-        {b: {n: (index[n], st) for n, st in per.items()} for b, per in holdout.items()},
+        {b: contributions(files, index) for b, files in held_files.items()},
     )
     seconds["solve"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    manifest = write_dume_checkpoint(
-        out_dir, bb, specs, solved.routers,
-        top_k=spec_routing.top_k, temperature=temperature, lam=solved.lam, dtype=dtype,
-        stats=stats, holdout_stats=holdout, routing=solved.config_routing(),
-        expert_fingerprints=fingerprints, save_stats=save_stats, overwrite=overwrite,
-        extra_manifest={
-            "build": {"max_tokens_per_seq": max_tokens_per_seq, "seq_len": seq_len, "max_tokens": max_tokens},
-            "routing": solved.manifest_routing(),
-        },
+    inp = CheckpointInput(
+        backbone=bb, experts=specs, routing=solved, top_k=spec_routing.top_k,
+        temperature=temperature, dtype=dtype,
+        stats=BuildStats(fit=fit_files, holdout=held_files, save=save_stats),
+        provenance=Provenance(
+            expert_fingerprints=fingerprints,
+            extra_manifest={
+                "build": {"max_tokens_per_seq": max_tokens_per_seq, "seq_len": seq_len, "max_tokens": max_tokens},
+                "routing": solved.manifest_routing(),
+            },
+        ),
+    )  # fmt: skip
+    manifest = write_checkpoint(
+        output_format, inp, out_dir,
+        WriteOptions(overwrite=overwrite, max_shard_bytes=max_shard_bytes),
     )  # fmt: skip
     seconds["write"] = time.perf_counter() - t3
     return BuildResult(
         out_dir=Path(out_dir),
         manifest=manifest,
-        stats=stats,
+        stats=fit_files,
         routers=solved.routers,
         backbone_fingerprint=bb.fingerprint,
         expert_fingerprints=fingerprints,
-        num_tokens={n: s.num_tokens for n, s in stats.items()},
+        num_tokens={n: fit_files[n].num_tokens for n in fit_files},
         seconds=seconds,
-        holdout_stats=holdout,
+        holdout_stats=held_files,
         routing=solved,
     )

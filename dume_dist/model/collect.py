@@ -50,6 +50,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def stats_compute_dtype(
+    spec: ExpertSpec, device: str | torch.device, requested: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype the dense model runs in while collecting statistics: ``requested``, else the
+    expert's own dtype on GPU (products are fp32 and sums fp64 either way) and fp32 on CPU."""
+    if requested is not None:
+        return requested
+    if torch.device(device).type == "cuda":
+        from dume_dist.model.experts import SAFETENSORS_DTYPES
+
+        return SAFETENSORS_DTYPES[spec.index[spec.mlp_names()[0]].dtype]
+    return torch.float32
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)

@@ -234,6 +234,43 @@ class SolvedRouting:
             out["preset"] = self.spec.preset
         return out
 
+    def checkpoint_tensors(self) -> dict:
+        """``{checkpoint name: tensor}`` of the routers (fp32), what a DUME checkpoint holds."""
+        if isinstance(self.routers, NgramTables):
+            return {
+                "ngram_router.bigram_counts": self.routers.bigram_EH.float(),
+                "ngram_router.context_counts": self.routers.context_EV.float(),
+                "ngram_router.unigram_counts": self.routers.unigram_EV.float(),
+            }
+        out = {}
+        for layer, router in enumerate(self.routers):
+            out[f"model.layers.{layer}.mlp.router.weight"] = router.weight_EF.float()
+            out[f"model.layers.{layer}.mlp.router.bias"] = router.bias_E.float()
+        return out
+
+    def bias_free_unsupported(self) -> str | None:
+        """Why these routers have no bias-free linear form on the MLP input (what a router
+        without intercept, Mixtral's gate, can hold); None when they have one."""
+        if isinstance(self.routers, NgramTables) or self.spec.features != "token":
+            return (
+                f"routing features {self.spec.features!r}: a gate without intercept reads the "
+                "MLP input, only 'token' features"
+            )
+        if self.smoothing or self.spec.solver != "ridge":
+            return (
+                f"routing with smoothing or a non-ridge solver (smoothing={self.smoothing}, "
+                f"solver={self.spec.solver!r}); the gate is a plain linear map of the MLP input"
+            )
+        return None
+
+    def bias_free_routers(self, fit: Contributions, num_experts: int) -> list[Router]:
+        """Per layer the ridge router without intercept solved from the fit statistics with this
+        routing's λ (unit-norm rows, temperature not applied)."""
+        reason = self.bias_free_unsupported()
+        if reason:
+            raise ValueError(reason)
+        return solve_routers(fit, num_experts, lam=self.lam, bias=False)
+
     def manifest_routing(self) -> dict:
         """The manifest's record: the spec as asked, the values used, and the held-out curves."""
         return {

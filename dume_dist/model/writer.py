@@ -12,26 +12,17 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from dume_dist.core.ngram import NgramTables, ngram_feature_map
-from dume_dist.core.solve import Router
-from dume_dist.core.stats import RouterStats, stats_to_bytes
 from dume_dist.model.experts import (
-    SAFETENSORS_DTYPES,
-    TOKENIZER_FILES,
+    TORCH_TO_SAFETENSORS,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
-    ExpertSpec,
-    expert_fingerprint,
-    mlp_key_parts,
 )
 
 MANIFEST_NAME = "dume_manifest.json"
@@ -42,19 +33,29 @@ _RESERVED_MANIFEST_KEYS = {"schema_version", "files"}
 
 
 class ShardedWriter:
-    """Add tensors one at a time; a shard is flushed to disk once it holds ``max_shard_bytes``.
+    """Add tensors one at a time; each is written to disk as it arrives (peak memory: one tensor).
 
-    ``close()`` names the shards ``model-0000i-of-0000n.safetensors`` and writes
-    ``model.safetensors.index.json``; a single shard is written as ``model.safetensors`` with no
-    index (what ``save_pretrained`` does). Peak memory: one shard's tensors.
+    ``new_part()`` starts a new shard (unless ``split_parts`` is off: a model small enough for
+    one file): a model's parts (the backbone, the routers, each expert) then live in shards of
+    their own. A shard is also closed once it holds ``max_shard_bytes``. ``close()`` names the shards
+    ``model-0000i-of-0000n.safetensors`` and writes ``model.safetensors.index.json``; a single
+    shard is written as ``model.safetensors`` with no index (what ``save_pretrained`` does).
+
+    A shard's tensor bytes go to a data file as they arrive; when the shard closes its
+    safetensors header (names, dtypes, shapes, offsets in arrival order) is written and the data
+    appended after it, so the header needs no tensor in memory.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, split_parts=True
+    ):
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self.split_parts = split_parts
+        self._data = None  # open data file of the current shard
+        self._entries: dict[str, dict] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._total_bytes = 0
@@ -66,23 +67,44 @@ class ShardedWriter:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.clone()  # a view into a larger storage: safetensors needs its own
         nbytes = tensor.nbytes
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
+        if self._data is None:
+            self._data = open(self.out_dir / f".shard-{len(self._shards):05d}.data", "wb")
+        self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[name] = {
+            "dtype": TORCH_TO_SAFETENSORS[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._pending_bytes, self._pending_bytes + nbytes],
+        }
         self._names.add(name)
-        self._pending[name] = tensor
         self._pending_bytes += nbytes
         self._total_bytes += nbytes
 
+    def new_part(self) -> None:
+        """Close the current shard (with ``split_parts``): what is added next starts a shard of
+        its own."""
+        if self.split_parts:
+            self._flush()
+
     def _flush(self) -> None:
-        if not self._pending:
+        if self._data is None:
             return
+        data_path = Path(self._data.name)
+        self._data.close()
+        self._data = None
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")
+        ).encode()
+        header += b" " * (-len(header) % 8)  # data aligned to 8 bytes, as safetensors writes
+        with open(path, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        data_path.unlink()
+        self._shards.append((path, list(self._entries)))
+        self._entries, self._pending_bytes = {}, 0
 
     def close(self) -> list[Path]:
         """Flush, name the shards, write the index; returns the weight files written."""
@@ -108,6 +130,12 @@ class ShardedWriter:
         }
         (self.out_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+    def abort(self) -> None:
+        """Close the open data file (the directory is removed by its owner)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
 
 
 # -- atomic directories --------------------------------------------------------------------------
@@ -193,221 +221,9 @@ def verify_checkpoint(model_dir: str | Path) -> dict:
 # -- the DUME checkpoint -------------------------------------------------------------------------
 
 
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def write_dume_checkpoint(out_dir: str | Path, inp, options=None) -> dict:
+    """Write ``inp`` (``model.formats.CheckpointInput``) as a DUME model directory, atomically;
+    returns its manifest. See ``model/formats/dume.py``."""
+    from dume_dist.model.formats import write_checkpoint
 
-
-def dume_config_dict(
-    base_config: dict,
-    expert_names: list[str],
-    *,
-    top_k: int,
-    temperature: float,
-    dtype: torch.dtype,
-    routing: Mapping | None = None,
-) -> dict:
-    """config.json of a DUME checkpoint, from ``DumeConfig`` (modeling_dume.py)."""
-    from dume_dist.model.modeling_dume import DumeConfig
-
-    base = dict(base_config, dtype=str(dtype).removeprefix("torch."))
-    config = DumeConfig(
-        base_config=base,
-        num_experts=len(expert_names),
-        num_experts_per_tok=top_k,
-        router_temperature=float(temperature),
-        router_bias=True,
-        expert_names=list(expert_names),
-        routing=dict(routing or {"features": "token"}),
-        dtype=dtype,
-    )
-    return json.loads(config.to_json_string(use_diff=True))
-
-
-def _write_weights(
-    tmp: Path,
-    backbone,
-    experts: Sequence[ExpertSpec],
-    routers: Sequence[Router],
-    dtype: torch.dtype | None,
-    max_shard_bytes: int,
-) -> list[Path]:
-    """Backbone tensors, then per layer: router (fp32) and every expert's MLP tensors."""
-    writer = ShardedWriter(tmp, max_shard_bytes)
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-    for name in sorted(backbone.names(), key=_natural_key):
-        writer.add(name, cast(backbone.tensor(name)))
-    ngram = routers if isinstance(routers, NgramTables) else None
-    if ngram is not None:
-        writer.add("ngram_router.bigram_counts", ngram.bigram_EH.float())
-        writer.add("ngram_router.context_counts", ngram.context_EV.float())
-        writer.add("ngram_router.unigram_counts", ngram.unigram_EV.float())
-    for layer in range(backbone.config.num_hidden_layers):
-        prefix = f"model.layers.{layer}.mlp"
-        if ngram is None:
-            writer.add(f"{prefix}.router.weight", routers[layer].weight_EF.float())
-            writer.add(f"{prefix}.router.bias", routers[layer].bias_E.float())
-        for j, spec in enumerate(experts):
-            for name in spec.mlp_names_of_layer(layer):
-                _, param = mlp_key_parts(name, spec.model_type)
-                writer.add(f"{prefix}.experts.{j}.{param}", cast(spec.tensor(name)))
-    return writer.close()
-
-
-def _check_ngram_router(backbone, experts, tables, routing) -> None:
-    if not isinstance(tables, NgramTables) or routing.get("features") != "ngram":
-        raise ValueError("n-gram routing needs the n-gram router's tables, and only it uses them")
-    if routing.get("ngram") != tables.config():
-        raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
-    want = (len(experts), backbone.config.vocab_size)
-    for name in ("unigram_EV", "context_EV"):
-        if tuple(getattr(tables, name).shape) != want:
-            raise ValueError(
-                f"n-gram {name} has shape {tuple(getattr(tables, name).shape)}, expected {want}"
-            )
-    if tables.bigram_EH.shape[0] != len(experts):
-        raise ValueError(
-            f"n-gram tables have {tables.bigram_EH.shape[0]} experts, not {len(experts)}"
-        )
-
-
-def _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature, routing):
-    from dume_dist.model.modeling_dume import routing_feature_dim
-
-    if not experts:
-        raise ValueError("no experts to write")
-    num_layers = backbone.config.num_hidden_layers
-    features = routing.get("features", "token")
-    if isinstance(routers, NgramTables) or features == "ngram":
-        _check_ngram_router(backbone, experts, routers, routing)
-        routers = []
-    elif len(routers) != num_layers:
-        raise ValueError(f"got {len(routers)} routers for {num_layers} layers")
-    dim = routing_feature_dim(features, backbone.config.hidden_size)
-    for router in routers:
-        if router.bias_E is None:
-            raise ValueError("DUME checkpoints need routers with a bias (solve with bias=True)")
-        if tuple(router.weight_EF.shape) != (len(experts), dim):
-            raise ValueError(
-                f"router weight has shape {tuple(router.weight_EF.shape)}, expected "
-                f"({len(experts)}, {dim}) for {features!r} features"
-            )
-    if stats is not None:
-        expected = (
-            ngram_feature_map(routing["ngram"]["buckets"]) if features == "ngram" else features
-        )
-        for name, st in stats.items():
-            if st.feature_map != expected:
-                raise ValueError(
-                    f"statistics of {name!r} are of feature map {st.feature_map!r}, the routers "
-                    f"use {expected!r}"
-                )
-    if not 1 <= top_k <= len(experts):
-        raise ValueError(f"top_k must be in [1, {len(experts)}], got {top_k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if stats is not None and set(stats) != {s.name for s in experts}:
-        raise ValueError("stats must have one entry per expert")
-
-
-def write_dume_checkpoint(
-    out_dir: str | Path,
-    backbone,
-    experts: Sequence[ExpertSpec],
-    routers: Sequence[Router],
-    *,
-    top_k: int = 1,
-    temperature: float = 1.0,
-    lam: float = 1e-2,
-    dtype: torch.dtype | None = None,
-    stats: Mapping[str, RouterStats] | None = None,
-    holdout_stats: Mapping[float, Mapping[str, RouterStats]] | None = None,
-    routing: Mapping | None = None,
-    domains: Mapping[str, str] | None = None,
-    expert_fingerprints: Mapping[str, str] | None = None,
-    extra_manifest: Mapping | None = None,
-    save_stats: bool = True,
-    overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> dict:
-    """Write a DUME model directory atomically; returns its manifest.
-
-    ``backbone`` is a ``dume_dist.model.backbone.Backbone``. ``dtype`` casts backbone and expert
-    tensors (None keeps the stored dtype); routers are always fp32. With ``stats`` and
-    ``save_stats`` the per-expert statistics blobs go to ``stats/<name>.safetensors`` (they are
-    Gram matrices of the experts' data: leave them out of models published to untrusted readers);
-    ``holdout_stats`` (``{β: {name: stats}}``) go to ``stats/holdout/<name>/<feature map>``.
-    ``routing`` is the config's ``routing`` dict (default ``{"features": "token"}``, the paper).
-    """
-    routing = dict(routing or {"features": "token"})
-    _check_checkpoint_inputs(backbone, experts, routers, stats, top_k, temperature, routing)
-    extra = dict(extra_manifest or {})
-    if _RESERVED_MANIFEST_KEYS & set(extra):
-        raise ValueError(
-            f"extra_manifest may not set {sorted(_RESERVED_MANIFEST_KEYS & set(extra))}"
-        )
-    if not MODELING_FILE.is_file():
-        raise ValueError(f"{MODELING_FILE} is missing: cannot write a loadable DUME model")
-    names = [s.name for s in experts]
-    out_dtype = dtype or SAFETENSORS_DTYPES[experts[0].index[experts[0].mlp_names()[0]].dtype]
-    config = dume_config_dict(
-        backbone.config.to_dict(), names, top_k=top_k, temperature=temperature, dtype=out_dtype,
-        routing=routing,
-    )  # fmt: skip
-    with atomic_directory(out_dir, overwrite) as tmp:
-        _write_weights(tmp, backbone, experts, routers, dtype, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
-        for fname in TOKENIZER_FILES + ("generation_config.json",):
-            if (experts[0].path / fname).is_file():
-                shutil.copyfile(experts[0].path / fname, tmp / fname)
-        stats_blobs = {n: stats_to_bytes(s) for n, s in (stats or {}).items()}
-        held_blobs = {
-            (name, st.feature_map): stats_to_bytes(st)
-            for per_beta in (holdout_stats or {}).values()
-            for name, st in per_beta.items()
-        }
-        if save_stats and stats_blobs:
-            (tmp / "stats").mkdir()
-            for name, blob in stats_blobs.items():
-                (tmp / "stats" / f"{name}.safetensors").write_bytes(blob)
-            for (name, feature_map), blob in held_blobs.items():
-                (tmp / "stats" / "holdout" / name).mkdir(parents=True, exist_ok=True)
-                (tmp / "stats" / "holdout" / name / f"{feature_map}.safetensors").write_bytes(blob)
-        manifest = {
-            "schema_version": MANIFEST_SCHEMA_VERSION,
-            "format": "dume",
-            "parent_version": None,
-            "num_experts": len(experts),
-            "top_k": top_k,
-            "temperature": float(temperature),
-            "lam": float(lam),
-            "feature_map": routing.get("features", "token"),
-            "routing": routing,
-            "backbone": backbone.provenance(),
-            "experts": [
-                _expert_entry(j, spec, stats, stats_blobs, domains, expert_fingerprints, held_blobs)
-                for j, spec in enumerate(experts)
-            ],
-            **extra,
-        }
-        manifest["files"] = file_checksums(tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def _expert_entry(j, spec, stats, blobs, domains, fingerprints, held_blobs=None) -> dict:
-    entry = {
-        "index": j,
-        "name": spec.name,
-        "domain": (domains or {}).get(spec.name, spec.name),
-        "expert_fingerprint": (fingerprints or {}).get(spec.name) or expert_fingerprint(spec),
-    }
-    if stats is not None:
-        entry["stats_fingerprint"] = hashlib.sha256(blobs[spec.name]).hexdigest()
-        entry["num_tokens"] = stats[spec.name].num_tokens
-    held = {fm: blob for (name, fm), blob in (held_blobs or {}).items() if name == spec.name}
-    if held:
-        entry["holdout_stats_fingerprints"] = {
-            fm: hashlib.sha256(blob).hexdigest() for fm, blob in sorted(held.items())
-        }
-    return entry
+    return write_checkpoint("dume", inp, out_dir, options)
