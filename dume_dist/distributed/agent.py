@@ -19,8 +19,10 @@ Steps of `join` (each one thing, each safe to repeat):
 ``submit``        with a submission id = hash(data files, expert, backbone, settings, routing's
                   statistics settings): a rerun after a crash is recognised and counted once
 
-The coordinator is either a Ray actor handle or a plain `Coordinator` (tests): `_call` hides
-the difference.
+The agent talks to the coordinator through a *transport*: `ActorTransport` (the coordinator
+actor's handle, inside one trust domain; or a plain `Coordinator` in tests) or
+`dume_dist.distributed.client.HttpTransport` (the signed HTTP API, from the contributor's own Ray
+cluster). Each transport counts the bytes it sent by kind (``sent``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,58 @@ def _call(target, method: str, *args):
 
         return get(fn.remote(*args))
     return fn(*args)
+
+
+class ActorTransport:
+    """The node's side of the coordinator in one trust domain: the coordinator actor's handle
+    (or a plain `Coordinator` in tests) and the node's secret. `client.HttpTransport` is the
+    other one: the same five calls over the signed HTTP API."""
+
+    kind = "ray"
+
+    def __init__(self, coordinator, name: str, domain: str, secret: str):
+        self.coordinator = coordinator
+        self._who = (secret, name, domain)
+        self.sent = {"expert": 0, "stats": 0, "holdout": 0}
+
+    def node_info(self) -> dict:
+        return _call(self.coordinator, "node_info", *self._who)
+
+    def download_backbone(self, record: dict, dest: Path) -> None:
+        for rel, data in _call(self.coordinator, "backbone_files", *self._who).items():
+            write_checked(dest, rel, data, record)
+
+    def register_expert(self, blob: bytes, fingerprint: str) -> dict:
+        self.sent["expert"] += len(blob)
+        return _call(self.coordinator, "register_expert", *self._who, self._put(blob), fingerprint)
+
+    def submit_stats(self, stats: bytes, submission_id: str, num_tokens: int, holdout: dict):
+        self.sent["stats"] += len(stats)
+        self.sent["holdout"] += sum(len(b) for b in holdout.values())
+        args = [*self._who, self._put(stats), submission_id, num_tokens]
+        if holdout:  # (a coordinator of the paper's routing is called as it always was)
+            args.append(self._put(holdout))
+        return _call(self.coordinator, "submit_stats", *args)
+
+    def leave(self) -> dict:
+        return _call(self.coordinator, "leave", *self._who)
+
+    def _put(self, data):
+        """Large payloads go to the coordinator actor as one object ref (stored once)."""
+        if NodeAgent._in_ray() and hasattr(getattr(self.coordinator, "ping", None), "remote"):
+            import ray
+
+            return ray.put(data)
+        return data
+
+
+def write_checked(dest: Path, rel: str, data: bytes, record: dict) -> None:
+    """One backbone file into ``dest``, refused unless the record lists it with this sha256."""
+    want = record["files"].get(rel)
+    if want is None or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        raise ValueError(f"backbone file {rel} from the coordinator fails its checksum")
+    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    (dest / rel).write_bytes(data)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -97,10 +151,14 @@ def node_gpus(node_id: str | None) -> int:
 
 class NodeAgent:
     def __init__(
-        self, coordinator, name: str, domain: str, secret: str, cache_dir: str | None = None
+        self, coordinator, name: str, domain: str, secret: str | None, cache_dir: str | None = None
     ):
-        self.coordinator = coordinator
-        self.name, self.domain, self._secret = name, domain, secret
+        """``coordinator``: a transport (`ActorTransport`, `client.HttpTransport`), or the
+        coordinator actor's handle / a plain `Coordinator`, used with ``secret``."""
+        if not hasattr(coordinator, "submit_stats") or not hasattr(coordinator, "kind"):
+            coordinator = ActorTransport(coordinator, name, domain, secret)
+        self.transport = coordinator
+        self.name, self.domain = name, domain
         self.cache_dir = Path(cache_dir or os.path.join(tempfile.gettempdir(), "dume-node-cache"))
         self._lock = threading.Lock()
         self._stage = "idle"
@@ -135,7 +193,7 @@ class NodeAgent:
 
     def authenticate(self) -> dict:
         self._enter("authenticate")
-        self._info = _call(self.coordinator, "node_info", self._secret, self.name, self.domain)
+        self._info = self.transport.node_info()
         return self._info
 
     def fetch_backbone(self) -> Path:
@@ -145,16 +203,10 @@ class NodeAgent:
         local = self.cache_dir / "backbones" / record["fingerprint"]
         if local.is_dir():
             return local
-        files = _call(self.coordinator, "backbone_files", self._secret, self.name, self.domain)
         tmp = local.with_name(f".tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         try:
-            for rel, data in files.items():
-                want = record["files"].get(rel)
-                if want is None or hashlib.sha256(data).hexdigest() != want["sha256"]:
-                    raise ValueError(f"backbone file {rel} from the coordinator fails its checksum")
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(data)
+            self.transport.download_backbone(record, tmp)
             os.rename(tmp, local)
         except FileExistsError:
             pass  # another agent on this node got there first
@@ -183,8 +235,7 @@ class NodeAgent:
         if registered is not None and registered["fingerprint"] == fingerprint:
             return {"expert": registered, "changed": False}
         blob = mlp_blob(spec)
-        result = _call(self.coordinator, "register_expert", self._secret, self.name, self.domain,
-                       self._put(blob), fingerprint)  # fmt: skip
+        result = self.transport.register_expert(blob, fingerprint)
         self._info["submissions"] = [] if result["changed"] else self._info["submissions"]
         return result
 
@@ -274,11 +325,7 @@ class NodeAgent:
         self._enter("submit")
         stats, holdout = computed["stats"], computed.get("holdout") or {}
         num_tokens = stats_from_bytes(stats).num_tokens
-        args = [self._secret, self.name, self.domain, self._put(stats), job["submission_id"],
-                num_tokens]  # fmt: skip
-        if holdout:  # (a coordinator of the paper's routing is called as it always was)
-            args.append(self._put(holdout))
-        return _call(self.coordinator, "submit_stats", *args)
+        return self.transport.submit_stats(stats, job["submission_id"], num_tokens, holdout)
 
     # -- the whole join ---------------------------------------------------------------------
 
@@ -330,6 +377,7 @@ class NodeAgent:
             worker_nodes=self.worker_nodes,
             submission_id=job["submission_id"],
             seconds=seconds,
+            sent_bytes=dict(self.transport.sent),
         )
         return result
 
@@ -343,14 +391,6 @@ class NodeAgent:
             return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         except Exception:
             return False
-
-    def _put(self, data: bytes):
-        """Large payloads go to the coordinator as one object ref (stored once)."""
-        if self._in_ray() and hasattr(getattr(self.coordinator, "ping", None), "remote"):
-            import ray
-
-            return ray.put(data)
-        return data
 
     @staticmethod
     def _maybe_crash(crash_after: str | None, step: str) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from dume_dist.core.ngram import NgramStats
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
+from dume_dist.distributed import signing
 from dume_dist.distributed import state as st
 from dume_dist.distributed.artifacts import (
     SETTINGS_KEYS,
@@ -149,6 +150,7 @@ class Coordinator:
         self.storage_options = dict(storage_options or {})
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="dume-coord-"))
         self._store: ObjectStore | None = None  # opened on first use: __init__ never fails
+        self._replay = signing.ReplayGuard()  # signed (HTTP API) requests of this incarnation
 
     # -- store --------------------------------------------------------------------------------
 
@@ -198,8 +200,9 @@ class Coordinator:
         ):
             raise PermissionError("operator credential rejected")
 
-    @staticmethod
-    def _check_node(state: dict, name: str, domain: str, secret: str) -> dict:
+    def _check_node(self, state: dict, name: str, domain: str, secret) -> dict:
+        """The node's record if ``secret`` authenticates it: the secret itself (in-cluster
+        callers) or a signed request from the HTTP API (`signing.envelope`)."""
         rec = state["nodes"].get(name)
         if rec is None:
             raise PermissionError(
@@ -212,7 +215,9 @@ class Coordinator:
             raise PermissionError(
                 f"node {name!r} is registered for domain {rec['domain']!r}, not {domain!r}"
             )
-        if not isinstance(secret, str) or not verify_secret(
+        if signing.is_envelope(secret):
+            signing.verify(secret, rec.get("public_key"), self._replay, name, domain)
+        elif not isinstance(secret, str) or not verify_secret(
             node_material(name, domain, secret), rec["credential_hash"]
         ):
             raise PermissionError(f"credential rejected for node {name!r}")
@@ -242,8 +247,10 @@ class Coordinator:
 
     # -- operator ---------------------------------------------------------------------------
 
-    def add_node(self, operator_secret: str, name: str, domain: str, credential_hash: str) -> dict:
-        """Register a node; it will present the secret whose bound hash is ``credential_hash``."""
+    def add_node(self, operator_secret: str, name: str, domain: str, credential_hash: str,
+                 public_key: str | None = None) -> dict:  # fmt: skip
+        """Register a node; it will present the secret whose bound hash is ``credential_hash``
+        (in the cluster) or sign with the key whose public half is ``public_key`` (HTTP API)."""
         state, rev = self._load_founded()
         self._check_operator(state, operator_secret)
         st.check_name("node name", name)
@@ -256,7 +263,36 @@ class Coordinator:
                 f"node {name!r} already exists (state {rec['state']}, domain {rec['domain']!r})"
             )
         state["nodes"][name] = st.new_node(domain, credential_hash)
+        if public_key is not None:
+            state["nodes"][name]["public_key"] = _check_public_key(public_key)
         return {"node": name, "created": True, "revision": self._save(state, rev)}
+
+    def rotate_credential(self, operator_secret: str, name: str, credential_hash: str,
+                          public_key: str) -> dict:  # fmt: skip
+        """Replace a node's credential (a leaked one, a routine change): the old secret and key
+        stop working at once; its expert, statistics and state are kept. Idempotent."""
+        state, rev = self._load_founded()
+        self._check_operator(state, operator_secret)
+        return self._rotate(state, rev, name, credential_hash, public_key)
+
+    def rotate_own_credential(self, secret, name: str, domain: str, credential_hash: str,
+                              public_key: str) -> dict:  # fmt: skip
+        """A node replaces its own credential (authenticated with the current one)."""
+        state, rev = self._load_founded()
+        self._check_node(state, name, domain, secret)
+        return self._rotate(state, rev, name, credential_hash, public_key)
+
+    def _rotate(self, state: dict, rev: int, name: str, credential_hash: str, public_key: str):
+        rec = state["nodes"].get(name)
+        if rec is None or rec["state"] in ("left", "unlearned"):
+            raise ValueError(f"node {name!r} is not registered (or has left): nothing to rotate")
+        if not isinstance(credential_hash, str) or not credential_hash.startswith("scrypt$"):
+            raise ValueError("credential_hash must be a hash made by hash_secret")
+        key = _check_public_key(public_key)
+        if rec["credential_hash"] == credential_hash and rec.get("public_key") == key:
+            return {"node": name, "rotated": False, "revision": rev}
+        rec["credential_hash"], rec["public_key"] = credential_hash, key
+        return {"node": name, "rotated": True, "revision": self._save(state, rev)}
 
     def set_hold(self, operator_secret: str, hold: bool) -> dict:
         state, rev = self._load_founded()
@@ -336,6 +372,18 @@ class Coordinator:
         self._check_node(state, name, domain, secret)
         local = self._backbone_dir(state)
         return {rel: (local / rel).read_bytes() for rel in state["backbone"]["files"]}
+
+    def backbone_chunk(self, rel: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of one backbone file from ``offset`` (the HTTP API streams the
+        backbone with it after authenticating the node; the backbone is in every version)."""
+        state, _ = self._load_founded()
+        if rel not in state["backbone"]["files"]:
+            raise ValueError(f"{rel!r} is not a backbone file")
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length > 0):
+            raise ValueError("offset and length must be non-negative integers")
+        with open(self._backbone_dir(state) / rel, "rb") as f:
+            f.seek(offset)
+            return f.read(min(length, 1 << 26))
 
     def register_expert(
         self, secret: str, name: str, domain: str, mlp: bytes, fingerprint: str
@@ -708,6 +756,7 @@ class Coordinator:
         rec["state"] = new_state
         rec["reason"] = reason
         rec["credential_hash"] = None
+        rec.pop("public_key", None)
         rec["stats"] = []
         rec["expert"] = None
         rec["retired_at"] = st.now()
@@ -736,6 +785,17 @@ class Coordinator:
         if state != before:
             self._save(state, rev)
         return affected
+
+
+def _check_public_key(key) -> str:
+    import base64
+
+    try:
+        if isinstance(key, str) and len(base64.b64decode(key, validate=True)) == 32:
+            return key
+    except ValueError:
+        pass
+    raise ValueError("public_key must be a base64 Ed25519 public key (32 bytes)")
 
 
 def _manifest_stats(entry: dict) -> dict:

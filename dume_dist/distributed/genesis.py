@@ -101,3 +101,10 @@ def issue_node_credential(name: str, domain: str) -> tuple[str, str]:
     """(secret for the node, the hash the coordinator stores)."""
     secret = new_secret()
     return secret, hash_secret(node_material(name, domain, secret))
+
+
+def node_credential_record(name: str, domain: str, secret: str) -> tuple[str, str]:
+    """What the coordinator stores for ``secret``: (scrypt hash, Ed25519 public key)."""
+    from dume_dist.distributed.signing import public_key
+
+    return hash_secret(node_material(name, domain, secret)), public_key(name, domain, secret)

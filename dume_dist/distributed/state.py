@@ -20,6 +20,7 @@ change). Schema (``dume-registry/1``)::
 A node record::
 
     domain, credential_hash (None once it left or was unlearned),
+    public_key (Ed25519, base64: verifies the node's signed HTTP requests; absent once retired),
     state      registered | active | left | unlearned
     expert     {fingerprint, blob, size} | None
     stats      [{blob, sha256, submission_id, num_tokens, size,
@@ -154,4 +155,5 @@ def public_view(state: dict) -> dict:
     view.pop("operator", None)
     for rec in view.get("nodes", {}).values():
         rec.pop("credential_hash", None)
+        rec.pop("public_key", None)
     return view
