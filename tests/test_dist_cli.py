@@ -183,7 +183,7 @@ def test_clusters_dume_starts_get_token_auth_unless_the_environment_decides(monk
 
 
 def test_coordinator_start_takes_ngram_routing():
-    from dume_dist.cli.dist_commands import _settings
+    from dume_dist.cli.coordinator import settings_from_args as _settings
 
     argv = ["coordinator", "start", "--store", "/nowhere", "--routing", "ngram",
             "--ngram-buckets", "64"]  # fmt: skip

@@ -701,7 +701,7 @@ def ngram_founded(experts, tmp_path_factory):
 
 def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):
     flow = ngram_founded
-    assert flow.job["ngram_buckets"] == 64 and flow.job["holdout_smoothings"] == [0.0]
+    assert flow.job.ngram_buckets == 64 and flow.job.holdout_smoothings == [0.0]
     before = _snapshot(flow)
     stats, held = flow.computed["stats"], flow.computed["holdout"]
     assert set(held) == {0.0}

@@ -314,6 +314,7 @@ def test_cli_flow_on_the_cluster(ray_cluster, experts, tmp_path, capsys):
     assert "latest version v2" in out and "v1" in out
 
     (tmp_path / "wrong").write_text("not-the-credential\n")
+    (tmp_path / "wrong").chmod(0o600)  # a readable-by-others file is refused before it is read
     assert join("alpha", 0, cred=str(tmp_path / "wrong")) == 2
     err = capsys.readouterr().err.strip()
     assert "credential rejected" in err and len(err.splitlines()) == 1

@@ -59,12 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--device", default="cpu")
     rt.set_defaults(func=run_routing)
 
-    try:
-        from dume_dist.cli import dist_commands
-    except ImportError:
-        return
-    if hasattr(dist_commands, "register_bench"):
-        dist_commands.register_bench(kinds)
+    sc = kinds.add_parser(
+        "scaling", help="join / re-solve / unlearn times and bytes pushed, 2-32 contributors"
+    )
+    sc.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    sc.add_argument("--contributors", default="2,8,32", help="comma-separated contributor counts")
+    sc.add_argument("--hidden-size", type=int, default=64)
+    sc.add_argument("--layers", type=int, default=2)
+    sc.add_argument("--intermediate-size", type=int, default=128)
+    sc.add_argument("--tokens", type=int, default=2048, help="statistics tokens per contributor")
+    sc.set_defaults(func=run_scaling)
 
 
 def run_inference(args) -> int:
@@ -115,5 +119,20 @@ def run_routing(args) -> int:
     md = write_results(result, args.json)
     print(markdown_table(result))
     print(f"best: {result['best']}")
+    print(f"wrote {args.json} and {md}")
+    return 0
+
+
+def run_scaling(args) -> int:
+    from dume_dist.distributed.auth import token_auth_for_a_new_cluster
+
+    token_auth_for_a_new_cluster()  # before Ray is imported
+    from dume_dist.bench.scaling import markdown_table, run_scaling_bench, write_results
+
+    counts = [int(c) for c in args.contributors.split(",") if c.strip()]
+    result = run_scaling_bench(counts, hidden_size=args.hidden_size, num_layers=args.layers,
+                               intermediate_size=args.intermediate_size, tokens=args.tokens)  # fmt: skip
+    md = write_results(result, args.json)
+    print(markdown_table(result))
     print(f"wrote {args.json} and {md}")
     return 0

@@ -12,7 +12,18 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("build", "bench", "dist_commands")
+# One module per command group; the distributed groups share `dume_dist.cli.shared`.
+COMMAND_MODULES = (
+    "build",
+    "bench",
+    "coordinator",
+    "node",
+    "admin",
+    "unlearn",
+    "versions",
+    "status",
+    "demo",
+)
 
 
 def make_parser() -> argparse.ArgumentParser:

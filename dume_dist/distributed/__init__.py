@@ -1,7 +1,14 @@
 """distributed: DUME over Ray — the coordinator, node agents and statistics workers (DESIGN §4).
 
-* `state`       the registry document and its pure rules (canonical order, content digest)
-* `coordinator` `Coordinator`: registry, validation, solve, publish, unlearn (a plain class)
+* `state`       the registry as typed records (`Registry`, `NodeRecord`, `NodeState`, ...) and its
+                pure rules (canonical order, content digest)
+* `transitions` every registry change, one function per transition, along `ALLOWED`
+* `identity`    operator and node credentials: materials, checks (one refusal message)
+* `validation`  settings at genesis, every field of a submission, statistics checks
+* `publishing`  solve, write and upload a version; marks of versions with unlearned nodes
+* `workspace`   the coordinator's local cache of the backbone and expert MLPs
+* `coordinator` `Coordinator`: authenticate, validate, transition, save, publish (a plain class)
+* `calls`       `call`: one way to call an actor handle or a plain object
 * `agent`       `NodeAgent`: one contributor's join, pinned to its node (a plain class)
 * `workers`     `StatsWorker`: one per GPU (NCCL) or one CPU worker (gloo), all_reduce of the Gram
 * `artifacts`   the backbone and expert-MLP payloads, adapted from `dume_dist.model`

@@ -37,6 +37,10 @@ import time
 import uuid
 from pathlib import Path
 
+from dume_dist.core.digest import file_sha256
+from dume_dist.distributed.calls import call
+from dume_dist.distributed.jobs import StatsJob
+
 STAGES = (
     "authenticate",
     "fetch_backbone",
@@ -46,15 +50,6 @@ STAGES = (
     "submit",
     "done",
 )
-
-
-def _call(target, method: str, *args):
-    fn = getattr(target, method)
-    if hasattr(fn, "remote"):
-        from dume_dist.distributed.cluster import get
-
-        return get(fn.remote(*args))
-    return fn(*args)
 
 
 class ActorTransport:
@@ -70,15 +65,15 @@ class ActorTransport:
         self.sent = {"expert": 0, "stats": 0, "holdout": 0}
 
     def node_info(self) -> dict:
-        return _call(self.coordinator, "node_info", *self._who)
+        return call(self.coordinator, "node_info", *self._who)
 
     def download_backbone(self, record: dict, dest: Path) -> None:
-        for rel, data in _call(self.coordinator, "backbone_files", *self._who).items():
+        for rel, data in call(self.coordinator, "backbone_files", *self._who).items():
             write_checked(dest, rel, data, record)
 
     def register_expert(self, blob: bytes, fingerprint: str) -> dict:
         self.sent["expert"] += len(blob)
-        return _call(self.coordinator, "register_expert", *self._who, self._put(blob), fingerprint)
+        return call(self.coordinator, "register_expert", *self._who, self._put(blob), fingerprint)
 
     def submit_stats(self, stats: bytes, submission_id: str, num_tokens: int, holdout: dict):
         self.sent["stats"] += len(stats)
@@ -86,10 +81,10 @@ class ActorTransport:
         args = [*self._who, self._put(stats), submission_id, num_tokens]
         if holdout:  # (a coordinator of the paper's routing is called as it always was)
             args.append(self._put(holdout))
-        return _call(self.coordinator, "submit_stats", *args)
+        return call(self.coordinator, "submit_stats", *args)
 
     def leave(self) -> dict:
-        return _call(self.coordinator, "leave", *self._who)
+        return call(self.coordinator, "leave", *self._who)
 
     def _put(self, data):
         """Large payloads go to the coordinator actor as one object ref (stored once)."""
@@ -107,14 +102,6 @@ def write_checked(dest: Path, rel: str, data: bytes, record: dict) -> None:
         raise ValueError(f"backbone file {rel} from the coordinator fails its checksum")
     (dest / rel).parent.mkdir(parents=True, exist_ok=True)
     (dest / rel).write_bytes(data)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def submission_id(data_hashes: list[str], expert_fp: str, backbone_fp: str, settings: dict) -> str:
@@ -241,7 +228,7 @@ class NodeAgent:
 
     def job(
         self, backbone_dir: Path, expert_dir: str, fingerprint: str, data: list[str], opts: dict
-    ) -> dict:
+    ) -> StatsJob:
         from dume_dist.distributed.artifacts import routing_of
 
         settings = self._info["settings"]
@@ -270,20 +257,22 @@ class NodeAgent:
                 raise ValueError(f"data file {path} does not exist on node {self.name}")
         hashes = [file_sha256(p) for p in data]
         backbone_fp = self._info["backbone"]["fingerprint"]
-        return {
-            "name": self.name,
-            "domain": self.domain,
-            "backbone_dir": str(backbone_dir),
-            "expert_dir": str(expert_dir),
-            "data": [str(p) for p in data],
-            "backbone_fingerprint": backbone_fp,
-            "expert_fingerprint": fingerprint,
-            "submission_id": submission_id(hashes, fingerprint, backbone_fp, id_settings),
+        return StatsJob(
+            name=self.name,
+            domain=self.domain,
+            backbone_dir=str(backbone_dir),
+            expert_dir=str(expert_dir),
+            data=[str(p) for p in data],
+            backbone_fingerprint=backbone_fp,
+            expert_fingerprint=fingerprint,
+            submission_id=submission_id(hashes, fingerprint, backbone_fp, id_settings),
             **stats_settings,
             **routing,
-        }
+        )
 
-    def compute(self, job: dict, workers: int | None = None, threads: int | None = None) -> dict:
+    def compute(
+        self, job: StatsJob, workers: int | None = None, threads: int | None = None
+    ) -> dict:
         """Summed statistics of the node's data from its worker group:
         ``{"stats": fit bytes, "holdout": {β: held-out bytes}}``."""
         self._enter("compute")
@@ -296,7 +285,7 @@ class NodeAgent:
             return StatsWorker(0, 1, backend, threads).compute(job)
         return self._compute_in_ray(job, num, backend, threads)
 
-    def _compute_in_ray(self, job: dict, num: int, backend: str, threads: int | None) -> dict:
+    def _compute_in_ray(self, job: StatsJob, num: int, backend: str, threads: int | None) -> dict:
         import ray
 
         from dume_dist.distributed.cluster import get, remote_worker
@@ -318,14 +307,14 @@ class NodeAgent:
             for w in workers:
                 ray.kill(w)
 
-    def submit(self, job: dict, computed: dict) -> dict:
+    def submit(self, job: StatsJob, computed: dict) -> dict:
         """Push ``compute``'s statistics (fit, and held-out when the routing needs them)."""
         from dume_dist.core.stats import stats_from_bytes
 
         self._enter("submit")
         stats, holdout = computed["stats"], computed.get("holdout") or {}
         num_tokens = stats_from_bytes(stats).num_tokens
-        return self.transport.submit_stats(stats, job["submission_id"], num_tokens, holdout)
+        return self.transport.submit_stats(stats, job.submission_id, num_tokens, holdout)
 
     # -- the whole join ---------------------------------------------------------------------
 
@@ -351,7 +340,7 @@ class NodeAgent:
         opts = {"max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len}
         job = self.job(backbone_dir, expert_dir, fingerprint, list(data), opts)
         seconds["prepare"] = time.perf_counter() - t0
-        if job["submission_id"] in self._info["submissions"]:
+        if job.submission_id in self._info["submissions"]:
             result = {
                 "status": "duplicate",
                 "version": self._info.get("latest"),
@@ -375,7 +364,7 @@ class NodeAgent:
             expert_uploaded=uploaded["changed"],
             expert_bytes=uploaded["expert"]["size"],
             worker_nodes=self.worker_nodes,
-            submission_id=job["submission_id"],
+            submission_id=job.submission_id,
             seconds=seconds,
             sent_bytes=dict(self.transport.sent),
         )

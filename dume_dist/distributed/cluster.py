@@ -76,6 +76,9 @@ def start_coordinator(
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=-1,
+        # Threads: a slow call (a credential check, a publish) does not hold up `status`;
+        # registry changes are serialised by the coordinator's own lock.
+        max_concurrency=8,
         num_cpus=0,
         resources=resources or {},
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dume_dist.distributed import cluster, genesis, tables
+from dume_dist.distributed.calls import call
 from dume_dist.store import ObjectStore, VersionStore
 
 # The default routing of `dume build` (n-gram naive Bayes, docs/routing.md); `dume demo --routing`
@@ -119,8 +120,8 @@ def _story(console, url, work, inputs, settings, unlearn, join_opts, show_progre
             for d, node in zip(founding, lc.node_ids)
         }
         _print_joins(console, cluster.run_joins(jobs, show_progress), lc.node_ids)
-        v1 = _call(coord, "publish", op)["version"]
-        _call(coord, "set_hold", op, False)
+        v1 = call(coord, "publish", op)["version"]
+        call(coord, "set_hold", op, False)
         _step(
             console,
             f"operator published [bold]{v1}[/bold] and released the hold (each change now publishes)",
@@ -142,7 +143,7 @@ def _story(console, url, work, inputs, settings, unlearn, join_opts, show_progre
             console, f"contributor {unlearn!r} departs: its node leaves, the operator unlearns it"
         )
         lc.remove_node(lc.node_ids[founding.index(unlearn)])
-        out = _call(coord, "unlearn", op, unlearn, "demo: contributor withdrew consent")
+        out = call(coord, "unlearn", op, unlearn, "demo: contributor withdrew consent")
         console.print(
             f"  statistics and expert deleted from the store → [bold]{out['version']}[/bold]; "
             f"versions marked contains_unlearned: {', '.join(out['affected_versions'])}"
@@ -155,7 +156,7 @@ def _register(coord, op: str, names: list[str]) -> dict[str, str]:
     creds = {}
     for name in names:
         secret, hashed = genesis.issue_node_credential(name, name)
-        _call(coord, "add_node", op, name, name, hashed)
+        call(coord, "add_node", op, name, name, hashed)
         creds[name] = secret
     return creds
 
@@ -173,10 +174,6 @@ def _join_kwargs(inputs: dict, domain: str, opts: dict) -> dict:
         "threads": 1,
         **opts,
     }
-
-
-def _call(handle, method: str, *args):
-    return cluster.get(getattr(handle, method).remote(*args))
 
 
 def _print_joins(console: Console, results: dict, node_ids: list[str]) -> None:

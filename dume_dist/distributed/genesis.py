@@ -11,9 +11,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from dume_dist.distributed.agent import _call
 from dume_dist.distributed.artifacts import backbone_record, save_backbone_dir
-from dume_dist.distributed.coordinator import check_settings, node_material, operator_material
+from dume_dist.distributed.calls import call
+from dume_dist.distributed.identity import node_material, operator_material
+from dume_dist.distributed.validation import check_settings
 from dume_dist.store import ObjectStore, hash_secret, new_secret
 
 
@@ -67,7 +68,7 @@ def found_with(coordinator, record: dict, settings: dict, operator_secret: str |
                hold: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Record the uploaded backbone and the operator credential; returns (result, secret)."""
     secret = operator_secret or new_secret()
-    result = _call(
+    result = call(
         coordinator, "found", hash_secret(operator_material(secret)), record, settings, hold
     )
     return result, secret
@@ -84,7 +85,7 @@ def found(
     hold: bool = False,
 ) -> tuple[dict, str | None]:
     """Found the store unless it already is; returns (result, operator secret if new)."""
-    status = _call(coordinator, "status")
+    status = call(coordinator, "status")
     if status["registry"]:
         return {"founded": False, "revision": status["revision"]}, None
     check_settings(settings)  # bad settings fail before the backbone is uploaded

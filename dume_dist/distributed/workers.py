@@ -12,13 +12,13 @@ race; the port reaches the others through Ray), then every rank:
    exactly the batches one worker would;
 3. collects partial statistics of the routing's features with `collect_smoothed_stats` on
    `dense_model_for(backbone, own expert)`: the fit Gram and one held-out Gram per decay of
-   ``job["holdout_smoothings"]``;
+   ``job.holdout_smoothings``;
 4. one ``all_reduce(SUM)`` of the stacked fp64 Grams; rank 0 returns the summed statistics as
    bytes: ``{"stats": fit, "holdout": {β: held-out}}``.
 
 ``ngram`` routing needs no model: step 3 counts token ids with `collect_ngram_stats` (fit
 counts, and held-out counts with their exact bigrams when the routing chooses ``mu`` on held-out
-data; ``job["ngram_buckets"]`` buckets, the backbone's vocabulary); step 4 all_reduces the
+data; ``job.ngram_buckets`` buckets, the backbone's vocabulary); step 4 all_reduces the
 stacked fp64 count vectors (integers: the sum is exact in any order) and gathers the held-out
 bigram lists, of different lengths per rank, to rank 0, which merges them (`coalesce_pairs`).
 
@@ -36,6 +36,7 @@ import torch
 
 from dume_dist.core.ngram import NgramStats, coalesce_pairs
 from dume_dist.core.stats import RouterStats, stats_to_bytes
+from dume_dist.distributed.jobs import StatsJob
 
 
 def _symmetrised(gram_LPP: torch.Tensor) -> torch.Tensor:
@@ -82,10 +83,10 @@ class StatsWorker:
     def device(self) -> torch.device:
         return torch.device("cuda", 0) if self.backend == "nccl" else torch.device("cpu")
 
-    def compute(self, job: dict, rendezvous: tuple[str, int] | None = None) -> dict | None:
+    def compute(self, job: StatsJob, rendezvous: tuple[str, int] | None = None) -> dict | None:
         """Run the job (see `NodeAgent.job`); rank 0 returns the group's summed statistics
         ``{"stats": bytes, "holdout": {β: bytes}}`` (``holdout`` empty unless the job asks)."""
-        if job.get("features", "token") == "ngram":
+        if job.features == "ngram":
             return self._compute_ngram(job, rendezvous)
         with self._group(rendezvous) as group:
             partial = self._partial_grams(job)
@@ -99,18 +100,18 @@ class StatsWorker:
             return None
         from dume_dist.model.routing import feature_map_name
 
-        features = job.get("features", "token")
+        features = job.features
         meta = dict(
-            backbone_fingerprint=job["backbone_fingerprint"],
-            expert_fingerprint=job["expert_fingerprint"],
+            backbone_fingerprint=job.backbone_fingerprint,
+            expert_fingerprint=job.expert_fingerprint,
         )
-        extra = {"submission_id": job["submission_id"], "workers": self.world_size}
+        extra = {"submission_id": job.submission_id, "workers": self.world_size}
         stats = RouterStats(
             _symmetrised(partial[0]), feature_map=feature_map_name(features), **meta, extra=extra
         )
         stats.validate()
         holdout = {}
-        for i, beta in enumerate(job.get("holdout_smoothings", ())):
+        for i, beta in enumerate(job.holdout_smoothings):
             held = RouterStats(
                 _symmetrised(partial[1 + i]), feature_map=feature_map_name(features, beta),
                 **meta, extra={**extra, "split": "holdout"},
@@ -119,7 +120,7 @@ class StatsWorker:
             holdout[float(beta)] = stats_to_bytes(held)
         return {"stats": stats_to_bytes(stats), "holdout": holdout}
 
-    def _compute_ngram(self, job: dict, rendezvous: tuple[str, int] | None) -> dict | None:
+    def _compute_ngram(self, job: StatsJob, rendezvous: tuple[str, int] | None) -> dict | None:
         """`compute` for ``ngram`` routing: the group's summed token counts (see the module)."""
         with self._group(rendezvous) as group:
             counts, pairs = self._partial_counts(job)
@@ -129,12 +130,12 @@ class StatsWorker:
             return None
         from dume_dist.model.routing import feature_map_name
 
-        buckets = int(job["ngram_buckets"])
+        buckets = int(job.ngram_buckets)
         meta = dict(
-            backbone_fingerprint=job["backbone_fingerprint"],
-            expert_fingerprint=job["expert_fingerprint"],
+            backbone_fingerprint=job.backbone_fingerprint,
+            expert_fingerprint=job.expert_fingerprint,
         )
-        extra = {"submission_id": job["submission_id"], "workers": self.world_size}
+        extra = {"submission_id": job.submission_id, "workers": self.world_size}
 
         def stats_of(part, held: bool) -> NgramStats:
             vocab = (counts.shape[1] - buckets) // 2
@@ -150,11 +151,11 @@ class StatsWorker:
 
         holdout = {}
         if counts.shape[0] > 1:
-            (beta,) = job["holdout_smoothings"]
+            (beta,) = job.holdout_smoothings
             holdout[float(beta)] = stats_to_bytes(stats_of(counts[1], True))
         return {"stats": stats_to_bytes(stats_of(counts[0], False)), "holdout": holdout}
 
-    def _my_batches(self, job: dict, held_out: bool) -> list[list]:
+    def _my_batches(self, job: StatsJob, held_out: bool) -> list[list]:
         """This rank's share of the token batches of the node's fit documents and, with
         ``held_out``, of its held-out documents (the build's document split, ``split_holdout``):
         any number of workers sees exactly the batches one worker would."""
@@ -163,29 +164,29 @@ class StatsWorker:
         from dume_dist.model.build import split_holdout
         from dume_dist.model.data import load_domain_texts, shard, token_batches
 
-        tokenizer = AutoTokenizer.from_pretrained(job["backbone_dir"])
-        texts = load_domain_texts(job["domain"], job["data"])
-        fit_texts, held_texts = split_holdout(texts, job.get("holdout_fraction", 0.0), job["name"])
+        tokenizer = AutoTokenizer.from_pretrained(job.backbone_dir)
+        texts = load_domain_texts(job.domain, job.data)
+        fit_texts, held_texts = split_holdout(texts, job.holdout_fraction, job.name)
         parts = [fit_texts] + ([held_texts] if held_out else [])
         return [
-            shard(list(token_batches(tokenizer, part, job["batch_size"], job["seq_len"],
-                                     job["max_tokens_per_seq"], job["max_tokens"])),
+            shard(list(token_batches(tokenizer, part, job.batch_size, job.seq_len,
+                                     job.max_tokens_per_seq, job.max_tokens)),
                   self.rank, self.world_size)
             for part in parts
         ]  # fmt: skip
 
-    def _partial_counts(self, job: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _partial_counts(self, job: StatsJob) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[1 or 2, 2V + H]`` (fp64): this rank's fit counts, then (when the job asks for
         held-out statistics) its held-out counts, each ``[unigram_V, context_V, bigram_H]``
         (zeros for a part of which it has no batch); and its held-out bigrams ``[K, 3]``."""
         from dume_dist.model.collect import collect_ngram_stats
         from dume_dist.model.experts import load_config
 
-        held_out = bool(job.get("holdout_smoothings"))
-        if held_out and [float(b) for b in job["holdout_smoothings"]] != [0.0]:
+        held_out = bool(job.holdout_smoothings)
+        if held_out and [float(b) for b in job.holdout_smoothings] != [0.0]:
             raise ValueError("ngram routing takes held-out statistics for smoothing 0 only")
-        buckets = int(job["ngram_buckets"])
-        vocab = int(load_config(Path(job["backbone_dir"])).vocab_size)
+        buckets = int(job.ngram_buckets)
+        vocab = int(load_config(Path(job.backbone_dir)).vocab_size)
         parts = self._my_batches(job, held_out)
         out = torch.zeros(len(parts), 2 * vocab + buckets, dtype=torch.float64)
         pairs = torch.zeros(0, 3, dtype=torch.int64) if held_out else None
@@ -196,7 +197,7 @@ class StatsWorker:
                 continue
             counted = collect_ngram_stats(
                 self._counted(mine), vocab_size=vocab, buckets=buckets,
-                max_tokens_per_seq=job["max_tokens_per_seq"], pairs=slot == 1, progress=False,
+                max_tokens_per_seq=job.max_tokens_per_seq, pairs=slot == 1, progress=False,
             )  # fmt: skip
             out[slot] = torch.cat([counted.unigram_V, counted.context_V, counted.bigram_H])
             if slot == 1:
@@ -262,7 +263,7 @@ class StatsWorker:
             self.backend, store=store, rank=self.rank, world_size=self.world_size
         )
 
-    def _partial_grams(self, job: dict) -> torch.Tensor:
+    def _partial_grams(self, job: StatsJob) -> torch.Tensor:
         """``[1 + len(holdout_smoothings), L, P, P]``: this rank's fit Gram, then its held-out
         Gram of each decay (fp64; zeros for a part of which it has no batch)."""
         from dume_dist.model.backbone import Backbone
@@ -270,10 +271,10 @@ class StatsWorker:
         from dume_dist.model.experts import load_expert_spec
         from dume_dist.model.modeling_dume import routing_feature_dim
 
-        features = job.get("features", "token")
-        smoothings = [float(b) for b in job.get("holdout_smoothings", ())]
-        backbone = Backbone.load(Path(job["backbone_dir"]), verify=False)
-        spec = load_expert_spec(job["name"], job["expert_dir"])
+        features = job.features
+        smoothings = [float(b) for b in job.holdout_smoothings]
+        backbone = Backbone.load(Path(job.backbone_dir), verify=False)
+        spec = load_expert_spec(job.name, job.expert_dir)
         parts = list(zip(self._my_batches(job, bool(smoothings)), [(0.0,), tuple(smoothings)]))
         num_layers = backbone.config.num_hidden_layers
         size = routing_feature_dim(features, backbone.config.hidden_size) + 1
@@ -288,7 +289,7 @@ class StatsWorker:
         for mine, betas in parts:
             if mine:
                 grams = collect_smoothed_stats(
-                    model, self._counted(mine), max_tokens_per_seq=job["max_tokens_per_seq"],
+                    model, self._counted(mine), max_tokens_per_seq=job.max_tokens_per_seq,
                     smoothings=betas, features=features, device=device, progress=False,
                 )  # fmt: skip
                 for i, beta in enumerate(betas):

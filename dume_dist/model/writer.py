@@ -9,7 +9,6 @@ directory is removed. A reader never sees a half-written model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dume_dist.core.digest import file_sha256
 from dume_dist.model.experts import (
     TORCH_TO_SAFETENSORS,
     WEIGHTS_INDEX_NAME,
@@ -173,14 +173,6 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            h.update(data)
-    return h.hexdigest()
 
 
 def file_checksums(root: Path, exclude: Sequence[str] = (MANIFEST_NAME,)) -> dict[str, dict]:

@@ -17,6 +17,8 @@ import shutil
 import threading
 import uuid
 
+from dume_dist.core.digest import file_sha256_size
+
 CHUNK_BYTES = 8 * 2**20
 TMP_MARK = ".dume-tmp-"  # prefix of in-flight local temp files; never listed as keys
 
@@ -33,16 +35,6 @@ def copy_stream(src, dst) -> tuple[str, int]:
         digest.update(chunk)
         dst.write(chunk)
         size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def sha256_file(path: str) -> tuple[str, int]:
-    """(sha256 hex, size) of a local file, read in chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
     return digest.hexdigest(), size
 
 
@@ -239,13 +231,13 @@ class FsspecBackend:
         # Hash first, then let fsspec move the bytes. s3fs: a small file is one PUT, a
         # large one a multipart upload that is aborted on error and otherwise becomes
         # visible only on completion, so readers never see a partial object.
-        result = sha256_file(local_path)
+        result = file_sha256_size(local_path)
         self.fs.put_file(local_path, self.path(key))
         return result
 
     def download(self, key: str, local_path: str) -> tuple[str, int]:
         self.fs.get_file(self.path(key), local_path)
-        return sha256_file(local_path)
+        return file_sha256_size(local_path)
 
 
 def protocols(fs) -> tuple[str, ...]:

@@ -17,22 +17,20 @@ import re
 from datetime import datetime, timezone
 
 from .errors import ChecksumError, StoreNotFound
+from .names import check_name
 from .objectstore import ObjectStore, encode_json
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _check_name(what: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"invalid blob {what} {name!r} (letters, digits, '.', '_', '-')")
-    return name
+    return check_name(f"blob {what}", name, max_len=128)
 
 
 def parse_blob_id(blob_id: str) -> tuple[str, str, str]:
     """Split "kind/owner/sha256" -> (kind, owner, sha256); ValueError if malformed."""
     parts = blob_id.split("/") if isinstance(blob_id, str) else []
-    if len(parts) != 3 or not _SHA256.match(parts[2]):
+    if len(parts) != 3 or not _SHA256.fullmatch(parts[2]):
         raise ValueError(f"invalid blob id {blob_id!r} (expected kind/owner/sha256)")
     return _check_name("kind", parts[0]), _check_name("owner", parts[1]), parts[2]
 

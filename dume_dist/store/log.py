@@ -20,7 +20,7 @@ import re
 from .errors import StoreConflict, StoreNotFound
 from .objectstore import ObjectStore
 
-_RECORD = re.compile(r"^(\d{12})\.json$")
+_RECORD = re.compile(r"(\d{12})\.json")
 
 
 class AppendLog:
@@ -44,7 +44,7 @@ class AppendLog:
     def revisions(self) -> list[int]:
         """Every revision present, from a listing (ascending)."""
         names = (key.rsplit("/", 1)[-1] for key in self.store.list(self.prefix))
-        return sorted(int(m.group(1)) for m in map(_RECORD.match, names) if m)
+        return sorted(int(m.group(1)) for m in map(_RECORD.fullmatch, names) if m)
 
     def read(self, revision: int) -> dict:
         return self.store.read_json(self._key(revision))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -72,6 +73,9 @@ def _as_bytes(data) -> bytes:
     raise ValueError(f"expected bytes, got {type(data).__name__}")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no newline, NUL, ... in a key
+
+
 def check_key(key: str, *, prefix: bool = False) -> str:
     """Validate a store key (or, with `prefix`, a directory prefix; "" is the root)."""
     if not isinstance(key, str):
@@ -81,7 +85,12 @@ def check_key(key: str, *, prefix: bool = False) -> str:
         if not key:
             return ""
     for part in key.split("/"):
-        if part in ("", ".", "..") or "\\" in part or "\x00" in part or part.startswith(TMP_MARK):
+        if (
+            part in ("", ".", "..")
+            or "\\" in part
+            or part.startswith(TMP_MARK)
+            or _CONTROL.search(part)
+        ):
             raise ValueError(f"invalid store key {key!r}")
     return key
 

@@ -29,12 +29,12 @@ from .objectstore import ObjectStore, encode_json
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "dume_manifest.json"  # the manifest's name inside a pulled directory
 _GENERATED = ("files", "version", "created_at", "schema_version", "marks")
-_VERSION_ID = re.compile(r"^v([1-9][0-9]*)$")
+_VERSION_ID = re.compile(r"v([1-9][0-9]*)")
 
 
 def parse_version(vid: str) -> int:
     """Parse "v12" -> 12; ValueError for anything else."""
-    m = _VERSION_ID.match(vid) if isinstance(vid, str) else None
+    m = _VERSION_ID.fullmatch(vid) if isinstance(vid, str) else None
     if not m:
         raise ValueError(f"invalid version id {vid!r} (expected v1, v2, ...)")
     return int(m.group(1))
@@ -64,7 +64,7 @@ class VersionStore:
         found: dict[int, set[str]] = {}
         for key in self.store.list(self.prefix):
             vid, _, name = key[len(self.prefix) + 1 :].partition("/")
-            m = _VERSION_ID.match(vid)
+            m = _VERSION_ID.fullmatch(vid)
             if m and name in ("claim.json", "manifest.json", "purged.json"):
                 found.setdefault(int(m.group(1)), set()).add(name)
         return found

@@ -1,0 +1,85 @@
+"""`dume node join|leave`: a contributor's commands (with the credential the operator issued)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dume_dist.cli.shared import coordinator, node_credential_flag, node_secret, ray_flags
+from dume_dist.distributed.calls import call
+
+
+def register(sub) -> None:
+    n = sub.add_parser("node", help="contributor: join with an expert and local data, or leave")
+    ns = n.add_subparsers(dest="command2", required=True, metavar="ACTION")
+
+    p = ns.add_parser(
+        "join", help="upload the expert's MLPs and this node's statistics (data stays here)"
+    )
+    p.add_argument("--name", required=True, help="this node's name (as registered by the operator)")
+    p.add_argument("--domain", required=True, help="this node's domain (as registered)")
+    p.add_argument("--expert", required=True, help="the expert's HF model directory on this node")
+    p.add_argument(
+        "--data", nargs="+", action="extend", required=True, help=".txt/.jsonl files on this node"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="statistics workers (default: one per GPU, else 1)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="cap on the statistics tokens of this run"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="window length (default: max_tokens_per_seq)"
+    )
+    p.add_argument("--cache-dir", default=None, help="where the backbone is cached on this node")
+    p.add_argument(
+        "--node-id", default=None, help="Ray node id to pin the agent to (default: this node)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="do not show progress")
+    node_credential_flag(p)
+    ray_flags(p)
+    p.set_defaults(func=run_join)
+
+    p = ns.add_parser("leave", help="withdraw this node's contribution (a new version without it)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--domain", required=True)
+    node_credential_flag(p)
+    ray_flags(p)
+    p.set_defaults(func=run_leave)
+
+
+def run_join(args) -> int:
+    from dume_dist.distributed.cluster import launch_agent, run_join
+
+    secret = node_secret(args)
+    handle = coordinator(args)
+    data = [str(Path(p).resolve()) for p in args.data]
+    agent = launch_agent(
+        handle, args.name, args.domain, secret, node_id=args.node_id, cache_dir=args.cache_dir
+    )
+    kwargs = {"expert_dir": str(Path(args.expert).resolve()), "data": data, "workers": args.workers,
+              "max_tokens": args.max_tokens, "batch_size": args.batch_size, "seq_len": args.seq_len}  # fmt: skip
+    result = run_join(agent, kwargs, show_progress=not args.no_progress and sys.stderr.isatty())
+    print_join(result)
+    return 0
+
+
+def print_join(result: dict) -> None:
+    status = result["status"]
+    extra = " (already counted: nothing added)" if status == "duplicate" else ""
+    print(
+        f"node {result['node']}: statistics {status}{extra}; latest version {result.get('version') or '(held)'}"
+    )
+    if "stats_bytes" in result:
+        print(f"  pushed {result['stats_bytes']:,} B of statistics; expert MLPs {result['expert_bytes']:,} B "
+              f"({'uploaded' if result['expert_uploaded'] else 'already registered'})")  # fmt: skip
+
+
+def run_leave(args) -> int:
+    result = call(coordinator(args), "leave", node_secret(args), args.name, args.domain)
+    print(f"node {args.name!r} left; latest version {result['version'] or '(none)'}")
+    return 0

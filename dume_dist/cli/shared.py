@@ -1,0 +1,130 @@
+"""What the distributed commands share: the Ray, store and credential flags, reading and writing
+secrets, and reaching the coordinator actor.
+
+Secrets are read from files or the environment, never from the command line: the operator
+credential from ``--operator-credential-file`` (default ``~/.dume/operator.credential``) or
+``$DUME_OPERATOR_CREDENTIAL``; a node credential from ``--credential-file`` or
+``$DUME_CREDENTIAL``. A credential file readable by group or others is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+from pathlib import Path
+
+DEFAULT_OPERATOR_FILE = "~/.dume/operator.credential"
+
+
+def ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or auto)"
+    )
+    p.add_argument("--namespace", default="dume", help="Ray namespace of the coordinator actor")
+    p.add_argument(
+        "--coordinator-name", default="dume-coordinator", help="name of the coordinator actor"
+    )
+
+
+def operator_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--operator-credential-file",
+        default=None,
+        help=f"file holding the operator credential (default $DUME_OPERATOR_CREDENTIAL, else {DEFAULT_OPERATOR_FILE})",
+    )
+
+
+def node_credential_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--credential-file",
+        default=None,
+        help="file holding this node's credential (default $DUME_CREDENTIAL)",
+    )
+
+
+def store_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--store",
+        required=required,
+        default=None,
+        help="store URL: a directory, file://DIR or s3://bucket/prefix",
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)",
+    )
+
+
+def parse_storage_options(values: list[str] | None) -> dict:
+    out = {}
+    for value in values or []:
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {value!r}")
+        out[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+    return out
+
+
+def open_store(args):
+    from dume_dist.store import ObjectStore
+
+    return ObjectStore(args.store, parse_storage_options(args.storage_option))
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def read_secret(path: str | None, env: str, what: str, default_path: str | None = None) -> str:
+    if path is None and os.environ.get(env):
+        return os.environ[env].strip()
+    path = path or default_path
+    if path is None:
+        raise ValueError(f"no {what}: pass its file or set ${env}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"no {what}: {p} does not exist (or set ${env})")
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(
+            f"{what} file {p} is readable by others (mode {mode:04o}): run `chmod 600 {p}`"
+        )
+    secret = p.read_text().strip()
+    if not secret:
+        raise ValueError(f"{what} file {p} is empty")
+    return secret
+
+
+def write_secret(path: str | Path, secret: str) -> Path:
+    """Write ``secret`` to a file only its owner can read, whether or not the file existed
+    (the mode of ``os.open`` applies only to a new file: an existing one is chmod-ed first)."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # before any byte of the secret is written
+        f.truncate(0)
+        f.write(secret + "\n")
+    return p
+
+
+def operator_secret(args) -> str:
+    return read_secret(args.operator_credential_file, "DUME_OPERATOR_CREDENTIAL", "operator credential",
+                       DEFAULT_OPERATOR_FILE)  # fmt: skip
+
+
+def node_secret(args) -> str:
+    return read_secret(args.credential_file, "DUME_CREDENTIAL", "node credential")
+
+
+# -- the coordinator ------------------------------------------------------------------------------
+
+
+def coordinator(args):
+    from dume_dist.distributed.cluster import connect, get_coordinator
+
+    connect(args.address, args.namespace)
+    return get_coordinator(args.coordinator_name, args.namespace)

@@ -1,0 +1,66 @@
+"""`dume versions list|show|pull`: published versions, read from the store (anyone with read
+access to its public prefix)."""
+
+from __future__ import annotations
+
+import json
+
+from dume_dist.cli.shared import open_store, store_flags
+
+
+def register(sub) -> None:
+    v = sub.add_parser("versions", help="published model versions (reads the store)")
+    vs = v.add_subparsers(dest="command2", required=True, metavar="ACTION")
+    p = vs.add_parser("list", help="table of versions")
+    store_flags(p, required=True)
+    p.add_argument("--all", action="store_true", help="include purged versions")
+    p.set_defaults(func=run_list)
+    p = vs.add_parser("show", help="one version's manifest")
+    p.add_argument("version")
+    store_flags(p, required=True)
+    p.set_defaults(func=run_show)
+    p = vs.add_parser("pull", help="download a version (checksums verified) into DIR")
+    p.add_argument("version")
+    p.add_argument("dir")
+    store_flags(p, required=True)
+    p.set_defaults(func=run_pull)
+
+
+def _version_store(args):
+    from dume_dist.store import VersionStore
+
+    return VersionStore(open_store(args))
+
+
+def _manifest_or_tombstone(vs, vid: str) -> dict:
+    from dume_dist.store import StoreNotFound
+
+    try:
+        return vs.get_manifest(vid)
+    except StoreNotFound:
+        return {"version": vid, "purged": True}
+
+
+def run_list(args) -> int:
+    from dume_dist.distributed.tables import print_versions
+
+    vs = _version_store(args)
+    print_versions(
+        [_manifest_or_tombstone(vs, v) for v in vs.list_versions(include_purged=args.all)]
+    )
+    return 0
+
+
+def run_show(args) -> int:
+    manifest = _version_store(args).get_manifest(args.version)
+    manifest.pop("files", None)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    return 0
+
+
+def run_pull(args) -> int:
+    manifest = _version_store(args).pull(args.version, args.dir)
+    print(
+        f"pulled {args.version} into {args.dir} ({len(manifest['files'])} files, checksums verified)"
+    )
+    return 0

@@ -1,0 +1,26 @@
+"""`StatsJob`: what a node agent asks its statistics workers to compute (one typed record
+instead of a dict read by key in the agent and the workers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StatsJob:
+    name: str  # the node (and its expert's name)
+    domain: str
+    backbone_dir: str  # the node's cached backbone directory
+    expert_dir: str
+    data: list[str]  # the node's local data files
+    backbone_fingerprint: str
+    expert_fingerprint: str
+    submission_id: str  # names the contribution by what determines it (`agent.submission_id`)
+    batch_size: int
+    seq_len: int
+    max_tokens_per_seq: int
+    max_tokens: int | None
+    features: str = "token"  # the coordinator's routing features
+    holdout_fraction: float = 0.0  # share of documents held out (0: no held-out statistics)
+    holdout_smoothings: list[float] = field(default_factory=list)  # one held-out set per decay
+    ngram_buckets: int | None = None  # ngram routing: hash buckets of the bigram counts

@@ -1,0 +1,137 @@
+"""Publishing: from the registry's active contributions to an immutable version, and the marks
+of versions that contained a node later unlearned.
+
+A version's bits depend only on `state.content` (the backbone, settings, and per active node its
+expert and statistics hashes); its manifest carries that ``content_digest``. Statistics are read
+back from the store and summed in canonical order (`dume_dist.distributed.state`), so a
+re-publish of the same content is bit-identical, whichever coordinator runs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from dume_dist.core.stats import stats_from_bytes
+from dume_dist.distributed.artifacts import routing_of
+from dume_dist.distributed.state import Registry, VersionEntry
+from dume_dist.distributed.transitions import mark_unlearned
+from dume_dist.distributed.workspace import Workspace
+from dume_dist.store import BlobStore, StoreNotFound, VersionStore
+
+UNLEARNED_MARK = "contains_unlearned"
+
+
+class Publisher:
+    def __init__(self, versions: VersionStore, blobs: BlobStore, workspace: Workspace):
+        self.versions, self.blobs, self.workspace = versions, blobs, workspace
+
+    def adoptable(self, reg: Registry, digest: str) -> str | None:
+        """The newest listed version if the registry does not know it and it was built from
+        exactly this content (its publisher crashed before recording it)."""
+        latest = self.versions.latest()
+        if latest is None or reg.version(latest) is not None:
+            return None
+        manifest = self.versions.get_manifest(latest)
+        return latest if manifest.get("content_digest") == digest else None
+
+    def contributions(self, reg: Registry, names: list[str]):
+        """Fit contributions ``{"<node>/<sha256>": (expert index, stats)}`` and held-out ones
+        ``{β: {"<node>/<fit sha256>": (expert index, stats)}}`` (sorted keys: canonical order)."""
+        fit, holdout = {}, {}
+        for index, name in enumerate(names):
+            for entry in reg.nodes[name].stats:
+                key = f"{name}/{entry.sha256}"
+                fit[key] = (index, stats_from_bytes(self.blobs.get_blob(entry.blob)))
+                for held in entry.holdout:
+                    stats = stats_from_bytes(self.blobs.get_blob(held.blob))
+                    holdout.setdefault(float(held.smoothing), {})[key] = (index, stats)
+        return fit, holdout
+
+    def manifest(self, reg: Registry, names: list[str], digest: str, trigger: str, solved) -> dict:
+        nodes, last = reg.nodes, reg.last_version()
+        return {
+            "content_digest": digest,
+            "trigger": trigger,
+            "parent": last.version if last else None,
+            "contributors": [
+                {
+                    "name": n,
+                    "domain": nodes[n].domain,
+                    "expert_index": j,
+                    "expert_fingerprint": nodes[n].expert.fingerprint,
+                    "stats": [s.manifest() for s in nodes[n].stats],
+                    "num_tokens": nodes[n].num_tokens,
+                }
+                for j, n in enumerate(names)
+            ],
+            "expert_order": "active node names sorted; expert index = position",
+            "max_tokens_per_seq": reg.settings["max_tokens_per_seq"],
+            "routing": solved.manifest_routing(),
+        }
+
+    def publish(self, reg: Registry, digest: str, trigger: str) -> str:
+        """Solve the routers of the active nodes, write the checkpoint, upload it as a version."""
+        from dume_dist.model.backbone import Backbone
+        from dume_dist.model.formats import CheckpointInput, Provenance
+        from dume_dist.model.routing import solve_routing
+        from dume_dist.model.writer import write_dume_checkpoint
+
+        names, settings, nodes = reg.active_nodes(), reg.settings, reg.nodes
+        spec = routing_of(settings)
+        fit, holdout = self.contributions(reg, names)
+        solved = solve_routing(spec, fit, len(names), holdout)
+        backbone = Backbone.load(self.workspace.backbone_dir(reg))
+        specs = [self.workspace.expert_spec(reg, n, nodes[n].expert.fingerprint) for n in names]
+        inp = CheckpointInput(
+            backbone=backbone, experts=specs, routing=solved, top_k=min(spec.top_k, len(names)),
+            temperature=settings["temperature"],
+            provenance=Provenance(
+                domains={n: nodes[n].domain for n in names},
+                expert_fingerprints={n: nodes[n].expert.fingerprint for n in names},
+                extra_manifest=self.manifest(reg, names, digest, trigger, solved),
+            ),
+        )  # fmt: skip
+        build = self.workspace.work_dir / "build" / uuid.uuid4().hex[:12]
+        try:
+            written = write_dume_checkpoint(build / "model", inp)
+            for key in ("files", "schema_version", "parent_version"):
+                written.pop(key, None)
+            return self.versions.publish(str(build / "model"), written)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+    def mark(self, entry: VersionEntry, name: str, purge: bool, reason: str) -> None:
+        """Mark one version that contained ``name`` (and purge it if asked). Idempotent."""
+        mark_unlearned(entry, name)
+        vid = entry.version
+        if not entry.purged:
+            try:
+                current = self.versions.get_manifest(vid)["marks"].get(UNLEARNED_MARK, [])
+                if name not in current:
+                    self.versions.mark(vid, UNLEARNED_MARK, sorted({*current, name}))
+            except StoreNotFound:
+                entry.purged = True  # purged out of band
+        if purge and not entry.purged:
+            self.versions.purge(vid, reason=f"contains unlearned node {name}: {reason}")
+            entry.purged = True
+
+
+def routers_of(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The router tensors of a published DUME model directory (for comparisons): the per-layer
+    linear routers, or the n-gram router's count tables."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(
+            {
+                k: v
+                for k, v in load_file(str(file)).items()
+                if ".mlp.router." in k or k.startswith("ngram_router.")
+            }
+        )
+    return out

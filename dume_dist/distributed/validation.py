@@ -1,0 +1,253 @@
+"""What the coordinator accepts: settings at genesis, and every field of a node's submission.
+
+Everything a contributor sends is checked here before anything is written: names, sizes and
+types of the request fields, then the statistics (identity, shapes, fingerprints, token claim)
+and their held-out companions. A refusal is a one-line ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dume_dist.core.ngram import NgramStats
+from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
+from dume_dist.distributed.artifacts import SETTINGS_KEYS, routing_of
+from dume_dist.distributed.state import NodeRecord, Registry
+
+DIST_FEATURES = ("token", "prefix_mean", "ngram")  # the features node workers compute
+MAX_FIELD_CHARS = 256  # submission ids, reasons, fingerprints: short strings only
+
+Stats = RouterStats | NgramStats
+
+
+def check_text(what: str, value, max_chars: int = MAX_FIELD_CHARS) -> str:
+    """A short, single-line string field of a request."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value or len(value) > max_chars or not value.isprintable():
+        raise ValueError(f"{what} must be 1-{max_chars} printable characters on one line")
+    return value
+
+
+def check_public_key(key) -> str:
+    """A base64 Ed25519 public key (32 bytes)."""
+    import base64
+
+    try:
+        if isinstance(key, str) and len(key) <= 64 and len(base64.b64decode(key, validate=True)) == 32:  # fmt: skip
+            return key
+    except ValueError:
+        pass
+    raise ValueError("public_key must be a base64 Ed25519 public key (32 bytes)")
+
+
+def check_credential_hash(value) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("scrypt$")
+        or len(value) > MAX_FIELD_CHARS
+    ):
+        raise ValueError("credential_hash must be a hash made by hash_secret")
+    return value
+
+
+def check_count(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {type(value).__name__}")
+    return value
+
+
+def parse_stats(stats) -> Stats:
+    try:
+        parsed = stats_from_bytes(bytes(stats)) if isinstance(stats, (bytes, bytearray)) else stats
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"statistics blob is malformed: {exc!r}") from None
+    if not isinstance(parsed, (RouterStats, NgramStats)):
+        raise ValueError(
+            f"statistics must be bytes, RouterStats or NgramStats, got {type(stats).__name__}"
+        )
+    return parsed
+
+
+def stats_bytes(stats, parsed: Stats) -> bytes:
+    return bytes(stats) if isinstance(stats, (bytes, bytearray)) else stats_to_bytes(parsed)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def _number_or_auto(key: str, value):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number or 'auto', got {value!r}") from None
+    return value
+
+
+def check_settings(settings: dict) -> dict:
+    """The registry's settings from what genesis was given: the routing (a ``routing`` preset
+    name or dict of `RoutingSpec` fields, default ``paper``, with ``features``, ``solver``,
+    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction``, ``ngram_buckets``, ``min_weight`` on
+    top), ``temperature`` and ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its
+    JSON), its ``feature_map``, and ``lam`` / ``top_k`` (as the spec has them) for readers of
+    older registries."""
+    from dume_dist.model.routing import resolve_routing
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown coordinator setting {unknown[0]!r}")
+    try:
+        temperature = float(settings.get("temperature", 1.0))
+        max_tps = settings.get("max_tokens_per_seq", 1024)
+        holdout_fraction = settings.get("holdout_fraction")
+        spec = resolve_routing(
+            settings.get("routing") or "paper",
+            features=settings.get("features"),
+            solver=settings.get("solver"),
+            lam=_number_or_auto("lam", settings.get("lam")),
+            smoothing=_number_or_auto("smoothing", settings.get("smoothing")),
+            top_k=settings.get("top_k"),
+            holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
+            ngram_buckets=settings.get("ngram_buckets"),
+            min_weight=settings.get("min_weight"),
+        )
+    except TypeError as exc:
+        raise ValueError(f"bad coordinator settings: {exc}") from None
+    if spec.features not in DIST_FEATURES:
+        raise ValueError(
+            f"features {spec.features!r} are not supported by the distributed pipeline "
+            f"(it computes {', '.join(DIST_FEATURES)})"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(max_tps, bool) or not isinstance(max_tps, int) or max_tps < 1:
+        raise ValueError(f"max_tokens_per_seq must be a positive integer, got {max_tps!r}")
+    given_map = settings.get("feature_map")
+    if given_map is not None and given_map != spec.feature_map:
+        raise ValueError(
+            f"feature_map {given_map!r} does not match the routing's {spec.feature_map!r}"
+        )
+    return {
+        "lam": spec.lam,
+        "temperature": temperature,
+        "top_k": spec.top_k,
+        "max_tokens_per_seq": max_tps,
+        "feature_map": spec.feature_map,
+        "routing": spec.to_json(),
+    }
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+class StatsValidator:
+    """Checks a submission against one registry. ``vocab_size`` is the backbone's (a callable:
+    reading it may need the backbone's files, only n-gram routing asks)."""
+
+    def __init__(self, reg: Registry, vocab_size):
+        self.reg = reg
+        self.spec = routing_of(reg.settings)
+        self._vocab_size = vocab_size
+
+    def _check_kind(self, parsed: Stats) -> None:
+        from dume_dist.model.modeling_dume import routing_feature_dim
+
+        spec, backbone = self.spec, self.reg.backbone
+        if spec.features == "ngram":
+            if not isinstance(parsed, NgramStats):
+                raise ValueError(
+                    f"statistics are Gram matrices of feature map {parsed.feature_map!r}; the "
+                    "coordinator's ngram routing needs n-gram counts (NgramStats)"
+                )
+            parsed.validate(vocab_size=self._vocab_size(), buckets=spec.ngram_buckets)
+        else:
+            if not isinstance(parsed, RouterStats):
+                raise ValueError(
+                    f"statistics are n-gram counts ({parsed.feature_map!r}); the coordinator's "
+                    f"{spec.features} routing needs Gram statistics (RouterStats)"
+                )
+            parsed.validate(
+                num_layers=backbone["num_layers"],
+                feature_dim=routing_feature_dim(spec.features, backbone["feature_dim"]),
+            )
+
+    def stats(self, node: NodeRecord, name: str, stats, num_tokens, feature_map: str) -> Stats:
+        backbone = self.reg.backbone
+        parsed = parse_stats(stats)
+        self._check_kind(parsed)
+        if parsed.feature_map != feature_map:
+            raise ValueError(
+                f"statistics use feature map {parsed.feature_map!r}, the model {feature_map!r}"
+            )
+        if parsed.backbone_fingerprint != backbone["fingerprint"]:
+            raise ValueError(
+                f"statistics were computed on backbone {parsed.backbone_fingerprint[:12] or '(none)'}, "
+                f"the model's is {backbone['fingerprint'][:12]}: recompute them"
+            )
+        if node.expert is None:
+            raise ValueError(
+                f"node {name!r} has no expert registered: upload its MLP weights first"
+            )
+        if parsed.expert_fingerprint != node.expert.fingerprint:
+            raise ValueError(
+                f"statistics were computed with expert {parsed.expert_fingerprint[:12] or '(none)'}, "
+                f"node {name!r} registered {node.expert.fingerprint[:12]}: recompute them"
+            )
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens != parsed.num_tokens:  # fmt: skip
+            raise ValueError(
+                f"submission claims {str(num_tokens)[:40]} tokens, its statistics count {parsed.num_tokens}"
+            )
+        return parsed
+
+    def holdout(self, node: NodeRecord, name: str, fit: Stats, holdout) -> dict[float, tuple[Stats, bytes]]:  # fmt: skip
+        """``{β: (statistics, bytes)}`` of a submission's held-out statistics, each checked like
+        fit statistics (identity ``spec.holdout_feature_map(β)``; for ngram the counts with the
+        exact held-out bigrams); exactly the decays the routing needs."""
+        spec = self.spec
+        needed = spec.holdout_smoothings()
+        given = _holdout_by_decay(holdout)
+        missing = [b for b in needed if b not in given]
+        if missing:
+            raise ValueError(
+                f"the coordinator's routing ({spec.features}, {spec.solver}, lam={spec.lam}, "
+                f"smoothing={spec.smoothing}) needs held-out statistics for smoothing "
+                f"{', '.join(map(str, needed))}; the submission lacks {missing[0]} "
+                "(a node agent of this version computes them)"
+            )
+        extra = sorted(set(given) - set(needed))
+        if extra:
+            raise ValueError(
+                f"held-out statistics for smoothing {extra[0]} are not used by the coordinator's "
+                f"routing (it needs {list(needed) or 'none'})"
+            )
+        out = {}
+        for beta in needed:
+            value = given[beta]
+            claim = parse_stats(value).num_tokens
+            parsed = self.stats(node, name, value, claim, spec.holdout_feature_map(beta))
+            if parsed.expert_fingerprint != fit.expert_fingerprint:
+                raise ValueError("held-out and fit statistics were computed with different experts")
+            out[beta] = (parsed, stats_bytes(value, parsed))
+        return out
+
+
+def _holdout_by_decay(holdout) -> dict:
+    if holdout is not None and not isinstance(holdout, dict):
+        raise ValueError(
+            f"holdout must be a dict {{smoothing: statistics}}, got {type(holdout).__name__}"
+        )
+    if holdout is not None and len(holdout) > 16:
+        raise ValueError(f"holdout has {len(holdout)} entries (at most 16 decays)")
+    given = {}
+    for key, value in (holdout or {}).items():
+        try:
+            beta = float(key)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"held-out statistics key {str(key)[:40]!r} is not a smoothing decay"
+            ) from None
+        given[beta] = value
+    return given
