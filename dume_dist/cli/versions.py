@@ -4,6 +4,7 @@ access to its public prefix)."""
 from __future__ import annotations
 
 import json
+import sys
 
 from dume_dist.cli.shared import open_store, store_flags
 
@@ -32,22 +33,28 @@ def _version_store(args):
     return VersionStore(open_store(args))
 
 
-def _manifest_or_tombstone(vs, vid: str) -> dict:
-    from dume_dist.store import StoreNotFound
+def manifest_or_note(vs, vid: str) -> dict:
+    """The version's manifest; a purged version's tombstone; for a version whose manifest
+    cannot be read, a note saying why (one bad version never hides the others)."""
+    from dume_dist.store import StoreError, StoreNotFound
 
     try:
         return vs.get_manifest(vid)
     except StoreNotFound:
         return {"version": vid, "purged": True}
+    except StoreError as exc:
+        return {"version": vid, "unreadable": " ".join(str(exc).split())}
 
 
 def run_list(args) -> int:
     from dume_dist.distributed.tables import print_versions
 
     vs = _version_store(args)
-    print_versions(
-        [_manifest_or_tombstone(vs, v) for v in vs.list_versions(include_purged=args.all)]
-    )
+    manifests = [manifest_or_note(vs, v) for v in vs.list_versions(include_purged=args.all)]
+    print_versions(manifests)
+    for m in manifests:
+        if "unreadable" in m:
+            print(f"version {m['version']} skipped: {m['unreadable']}", file=sys.stderr)
     return 0
 
 

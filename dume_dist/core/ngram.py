@@ -138,6 +138,31 @@ class NgramStats:
         return replace(self, **kwargs)
 
 
+def ngram_layout(vocab_size: int, buckets: int, pairs: bool) -> dict[str, tuple[str, tuple]]:
+    """The safetensors tensors of an n-gram statistics blob (`ngram_to_bytes`); the number of
+    held-out bigrams is free (bounded by `check_count_values`)."""
+    out = {"unigram": ("F64", (vocab_size,)), "context": ("F64", (vocab_size,)),
+           "bigram": ("F64", (buckets,))}  # fmt: skip
+    if pairs:
+        out["pairs"] = ("I64", (None, 3))
+    return out
+
+
+def check_count_values(stats: NgramStats, max_tokens: int) -> None:
+    """What the router needs of one contribution's counts (after `NgramStats.validate`): no
+    more tokens than one submission may claim, every count within the token count (so sums stay
+    exact integers and every published log-probability finite), held-out bigrams no more than
+    the tokens they came from."""
+    n = float(stats.unigram_V.sum())
+    if not n <= max_tokens:
+        raise ValueError(f"n-gram statistics count {n:.3g} tokens, more than one submission may ({max_tokens})")  # fmt: skip
+    if float(stats.bigram_H.sum()) > n:
+        raise ValueError("n-gram statistics: more bigrams than tokens")
+    if stats.pairs_K3 is not None and len(stats.pairs_K3):
+        if float(stats.pairs_K3[:, 2].double().sum()) > n:
+            raise ValueError("n-gram statistics: more held-out bigrams than tokens")
+
+
 def _validate_pairs(pairs_K3: torch.Tensor, vocab_size: int) -> None:
     if pairs_K3.dtype != torch.int64 or pairs_K3.dim() != 2 or pairs_K3.shape[1] != 3:
         raise ValueError("held-out bigrams must be an int64 tensor [K, 3] (prev, id, count)")

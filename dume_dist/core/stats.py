@@ -123,6 +123,51 @@ def validate_gram(
         raise ValueError("statistics have a negative diagonal (not a Gram matrix)")
 
 
+# What one submission may claim: 2**40 tokens (about 10^12). Counts and sums of many
+# submissions then stay exact integers in fp64 (below 2**53).
+MAX_TOKENS = 2**40
+PSD_RTOL = 1e-6  # eigenvalues down to -PSD_RTOL * trace are fp32-product rounding, not an attack
+NORM_RTOL = 1e-2  # slack on the per-token feature norm bound (rounding of the norm's output)
+
+
+def gram_layout(num_layers: int, feature_dim: int) -> dict[str, tuple[str, tuple]]:
+    """The safetensors tensors of a Gram statistics blob (`stats_to_bytes`), for
+    `core.header.check_layout`."""
+    p = feature_dim + 1
+    return {"gram_packed": ("F64", (num_layers, p * (p + 1) // 2))}
+
+
+def check_gram_values(gram_LPP: torch.Tensor, feature_norm_sq_L: torch.Tensor | None = None,
+                      max_tokens: int = MAX_TOKENS) -> None:  # fmt: skip
+    """What the solve needs of one contribution (after `validate_gram`): a token count within
+    ``max_tokens``; per layer, features no larger than a real token's can be (``Σ diag[:F] ≤
+    n · feature_norm_sq_L[l]``, the bound on ``|f|²`` of one token that the backbone allows);
+    and positive semi-definiteness (Cholesky of ``G + δI``, ``δ = PSD_RTOL · trace``: one
+    ``(F+1)³/3`` factorisation per layer). With these, adding the contribution to any others
+    keeps ``A + λI`` positive definite and every entry within ``max_tokens · max bound``."""
+    n = float(gram_LPP[0, -1, -1])
+    if n > max_tokens:
+        raise ValueError(f"statistics count {n:.0f} tokens, more than one submission may ({max_tokens})")  # fmt: skip
+    diag_LP = torch.diagonal(gram_LPP, dim1=1, dim2=2)
+    trace_L = diag_LP.sum(dim=1)
+    if feature_norm_sq_L is not None:
+        limit_L = n * feature_norm_sq_L.double() * (1 + NORM_RTOL) + NORM_RTOL
+        over = (trace_L - n > limit_L).nonzero()
+        if len(over):
+            raise ValueError(
+                f"statistics of layer {int(over[0])} have larger features than the backbone "
+                "allows (not a Gram of its tokens)"
+            )
+    eye = torch.eye(gram_LPP.shape[1], dtype=torch.float64)
+    for layer in range(gram_LPP.shape[0]):
+        delta = PSD_RTOL * max(float(trace_L[layer]), 1.0)
+        _, info = torch.linalg.cholesky_ex(gram_LPP[layer] + delta * eye)
+        if int(info) != 0:
+            raise ValueError(
+                f"statistics of layer {layer} are not positive semi-definite (not a Gram matrix)"
+            )
+
+
 class GramAccumulator:
     """Running per-layer ``Σ f̃ f̃ᵀ``: per-batch products in fp32 (or the input's
     precision), running sums in fp64 so that the order of batches barely matters and

@@ -84,6 +84,7 @@ def start_coordinator(
     )
     handle = actor.remote(store_url, storage_options, work_dir)
     get(handle.ping.remote())
+    get(handle.recover.remote())  # versions a crashed predecessor left unrecorded or unmarked
     return handle
 
 

@@ -76,6 +76,7 @@ class Coordinator:
         self._store: ObjectStore | None = None  # opened on first use: __init__ never fails
         self._lock = threading.RLock()  # one registry change at a time (a threaded actor)
         self._verifier = Verifier()
+        self._bounds: dict = {}  # backbone fingerprint -> feature norm bound per layer
         self._replay = signing.ReplayGuard()  # signed (HTTP API) requests of this incarnation
 
     # -- store --------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class Coordinator:
     workspace = property(lambda self: self._open()[5])
 
     def _load(self) -> tuple[Registry | None, int]:
-        state, rev = self.registry.load()
+        state, rev = self.registry.load(check=Registry.from_json)
         return (Registry.from_json(state) if state else None), rev
 
     def _load_founded(self) -> tuple[Registry, int]:
@@ -223,12 +224,16 @@ class Coordinator:
             reason = check_text("unlearning reason", reason.strip() if isinstance(reason, str) else reason)  # fmt: skip
             if name not in reg.nodes:
                 raise ValueError(f"unknown node {str(name)[:80]!r}: nothing to unlearn")
-            if reg.nodes[name].state is not NodeState.UNLEARNED:
-                tr.retire(reg, name, NodeState.UNLEARNED, reason)
+            node = reg.nodes[name]
+            if node.state is not NodeState.UNLEARNED or (purge and not node.purge):
+                if node.state is not NodeState.UNLEARNED:
+                    tr.retire(reg, name, NodeState.UNLEARNED, reason)
+                node.purge = node.purge or bool(purge)
                 rev = self._save(reg, rev)
+            reg, rev = self._reconcile(reg, rev)  # marks (or purges) what contained it
             self.blobs.delete_owner(name)
+            affected = [v.version for v in reg.versions_containing(name)]
             version = self._maybe_publish(f"unlearn {name}")
-            affected = self._mark_versions(name, bool(purge), reason)
             return {"node": name, "version": version, "affected_versions": affected,
                     **self._summary()}  # fmt: skip
 
@@ -323,7 +328,7 @@ class Coordinator:
             duplicate = self._duplicate(rec, submission_id, sha)
             if duplicate is not None:
                 return self._duplicate_answer(name, duplicate)
-            validator = StatsValidator(reg, lambda: self._vocab_size(reg))
+            validator = StatsValidator(reg, lambda: self._vocab_size(reg), lambda: self._feature_bound(reg))  # fmt: skip
             feature_map = validator.spec.feature_map
             parsed = validator.stats(rec, name, stats, num_tokens, feature_map)
             held = validator.holdout(rec, name, parsed, holdout)
@@ -378,7 +383,7 @@ class Coordinator:
 
     def status(self) -> dict:
         """The registry without secrets, plus its revision and the store URL."""
-        state, rev = self.registry.load()
+        state, rev = self.registry.load(check=Registry.from_json)
         return {"store": self.store_url, "revision": rev, "registry": public_view(state)}
 
     def ping(self) -> str:
@@ -396,33 +401,48 @@ class Coordinator:
         except ValueError:
             return record_vocab_size(reg.backbone, self.workspace.backbone_dir(reg))
 
+    def _feature_bound(self, reg: Registry):
+        """Per layer, the largest ``|x|²`` of a token's MLP input on this backbone (cached)."""
+        from dume_dist.model.backbone import Backbone
+        from dume_dist.model.feature_bounds import mlp_input_norm_sq_bound
+
+        fingerprint = reg.backbone["fingerprint"]
+        if fingerprint not in self._bounds:
+            backbone = Backbone.load(self.workspace.backbone_dir(reg), verify=False)
+            self._bounds[fingerprint] = mlp_input_norm_sq_bound(backbone)
+        return self._bounds[fingerprint]
+
     # -- publishing -------------------------------------------------------------------------
 
     def _maybe_publish(self, trigger: str, force: bool = False) -> str | None:
         """Publish a version if the contributions changed and publication is not held; returns
-        the newest version id. Idempotent: a crash after the upload but before the registry
-        recorded it is healed by adopting the version whose manifest has the same digest."""
+        the newest version id. Idempotent: the store's versions are reconciled with the
+        registry first, so a version uploaded by a publisher that crashed before recording it
+        is adopted (and is the new version's parent), never published twice."""
         with self._lock:
-            reg, rev = self._load_founded()
+            reg, rev = self._reconcile(*self._load_founded())
             if (reg.hold and not force) or not reg.needs_publish():
                 return reg.latest()
             digest = reg.content_digest()
-            vid = self.publisher.adoptable(reg, digest)
-            vid = vid or self.publisher.publish(reg, digest, trigger)
+            vid = self.publisher.publish(reg, digest, trigger)
             tr.record_version(reg, vid, digest, trigger, reg.active_nodes())
             self._save(reg, rev)
             return vid
 
-    def _mark_versions(self, name: str, purge: bool, reason: str) -> list[str]:
-        """Mark each earlier version that contained ``name`` (and purge it if asked); records
-        the marks in the registry. Idempotent."""
+    def _reconcile(self, reg: Registry, rev: int) -> tuple[Registry, int]:
+        """Make the registry explain every listed version (`Publisher.reconcile`): adopt
+        versions it does not know, mark (or purge) those that contain an unlearned node.
+        Saves when anything changed; returns the registry and its revision."""
         with self._lock:
-            reg, rev = self._load_founded()
-            before = reg.to_json()
-            affected = []
-            for entry in reg.versions_containing(name):
-                affected.append(entry.version)
-                self.publisher.mark(entry, name, purge, reason)
-            if reg.to_json() != before:
-                self._save(reg, rev)
-            return affected
+            if self.publisher.reconcile(reg):
+                rev = self._save(reg, rev)
+            return reg, rev
+
+    def recover(self) -> dict:
+        """What a restarted coordinator runs first (`cluster.start_coordinator`; every publish
+        and unlearn runs it too): the registry reconciled with the store's versions."""
+        with self._lock:
+            reg, rev = self._load()
+            if reg is not None:
+                reg, rev = self._reconcile(reg, rev)
+            return {"revision": rev, "latest": reg.latest() if reg else None}

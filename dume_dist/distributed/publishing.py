@@ -17,10 +17,10 @@ import torch
 
 from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed.artifacts import routing_of
-from dume_dist.distributed.state import Registry, VersionEntry
+from dume_dist.distributed.state import Registry, VersionEntry, now
 from dume_dist.distributed.transitions import mark_unlearned
 from dume_dist.distributed.workspace import Workspace
-from dume_dist.store import BlobStore, StoreNotFound, VersionStore
+from dume_dist.store import BlobStore, StoreError, StoreNotFound, VersionStore, parse_version
 
 UNLEARNED_MARK = "contains_unlearned"
 
@@ -29,14 +29,41 @@ class Publisher:
     def __init__(self, versions: VersionStore, blobs: BlobStore, workspace: Workspace):
         self.versions, self.blobs, self.workspace = versions, blobs, workspace
 
-    def adoptable(self, reg: Registry, digest: str) -> str | None:
-        """The newest listed version if the registry does not know it and it was built from
-        exactly this content (its publisher crashed before recording it)."""
-        latest = self.versions.latest()
-        if latest is None or reg.version(latest) is not None:
-            return None
-        manifest = self.versions.get_manifest(latest)
-        return latest if manifest.get("content_digest") == digest else None
+    def reconcile(self, reg: Registry) -> bool:
+        """Hold the invariants between the registry and the listed versions, whatever crashed
+        or raced before: every listed version is in the registry (a version whose publisher
+        died before recording it is adopted from its manifest; one whose manifest cannot be
+        read is hidden), and every version that contains an unlearned node is marked, or
+        purged when its unlearning asked for that. Returns whether ``reg`` changed."""
+        changed = False
+        known = {v.version for v in reg.versions}
+        for vid in self.versions.list_versions():
+            if vid not in known:
+                reg.versions.append(self._adopt(vid))
+                changed = True
+        reg.versions.sort(key=lambda v: parse_version(v.version))
+        for name in reg.unlearned():
+            node = reg.nodes[name]
+            for entry in reg.versions_containing(name):
+                if name not in entry.marked or (node.purge and not entry.purged):
+                    self.mark(entry, name, node.purge, node.reason or "unlearned")
+                    changed = True
+        return changed
+
+    def _adopt(self, vid: str) -> VersionEntry:
+        try:
+            manifest = self.versions.get_manifest(vid)
+            names = [c["name"] for c in manifest["contributors"]]
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("contributor names")
+        except (StoreError, KeyError, TypeError) as exc:
+            if isinstance(exc, StoreNotFound):  # purged meanwhile
+                return VersionEntry(vid, "", [], None, "adopted", now(), purged=True, adopted=True)
+            self.versions.purge(vid, reason="its manifest is unreadable and the registry does not know it")  # fmt: skip
+            return VersionEntry(vid, "", [], None, "hidden", now(), purged=True, adopted=True)
+        return VersionEntry(vid, str(manifest.get("content_digest", "")), names,
+                            manifest.get("parent"), f"adopted ({manifest.get('trigger', '')})",
+                            str(manifest.get("created_at", now())), adopted=True)  # fmt: skip
 
     def contributions(self, reg: Registry, names: list[str]):
         """Fit contributions ``{"<node>/<sha256>": (expert index, stats)}`` and held-out ones
@@ -105,8 +132,8 @@ class Publisher:
             shutil.rmtree(build, ignore_errors=True)
 
     def mark(self, entry: VersionEntry, name: str, purge: bool, reason: str) -> None:
-        """Mark one version that contained ``name`` (and purge it if asked). Idempotent."""
-        mark_unlearned(entry, name)
+        """Mark one version that contained ``name`` (and purge it if asked). Idempotent. A
+        version whose manifest cannot be read is purged: it must not stay listed unmarked."""
         vid = entry.version
         if not entry.purged:
             try:
@@ -115,6 +142,9 @@ class Publisher:
                     self.versions.mark(vid, UNLEARNED_MARK, sorted({*current, name}))
             except StoreNotFound:
                 entry.purged = True  # purged out of band
+            except StoreError:
+                purge = True
+        mark_unlearned(entry, name)
         if purge and not entry.purged:
             self.versions.purge(vid, reason=f"contains unlearned node {name}: {reason}")
             entry.purged = True

@@ -149,6 +149,7 @@ class NodeRecord:
     registered_at: str | None = None
     retired_at: str | None = None
     public_key: str | None = None  # Ed25519, base64: verifies its signed HTTP API requests
+    purge: bool = False  # unlearned with purge: every version that contained it is deleted
 
     @classmethod
     def from_json(cls, d: dict) -> NodeRecord:
@@ -162,6 +163,7 @@ class NodeRecord:
             registered_at=d.get("registered_at"),
             retired_at=d.get("retired_at"),
             public_key=d.get("public_key"),
+            purge=bool(d.get("purge", False)),
         )
 
     def to_json(self) -> dict:
@@ -178,6 +180,8 @@ class NodeRecord:
             out["retired_at"] = self.retired_at
         if self.public_key is not None:
             out["public_key"] = self.public_key
+        if self.purge:
+            out["purge"] = True
         return out
 
     @property

@@ -19,6 +19,9 @@ def versions_table(manifests: list[dict], title: str = "versions") -> Table:
         if m.get("purged"):
             table.add_row(m["version"], "", "", "[dim](purged)[/dim]", "", "")
             continue
+        if "unreadable" in m:
+            table.add_row(m["version"], "", "", "[red](unreadable manifest: skipped)[/red]", "", "")
+            continue
         contributors = m.get("contributors", [])
         experts = ", ".join(
             c["name"] if c["name"] == c["domain"] else f"{c['name']} ({c['domain']})"

@@ -7,8 +7,16 @@ and their held-out companions. A refusal is a one-line ``ValueError``.
 
 from __future__ import annotations
 
-from dume_dist.core.ngram import NgramStats
-from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
+from dume_dist.core.header import check_layout, parse_header
+from dume_dist.core.ngram import NgramStats, check_count_values, ngram_layout
+from dume_dist.core.stats import (
+    MAX_TOKENS,
+    RouterStats,
+    check_gram_values,
+    gram_layout,
+    stats_from_bytes,
+    stats_to_bytes,
+)
 from dume_dist.distributed.artifacts import SETTINGS_KEYS, routing_of
 from dume_dist.distributed.state import NodeRecord, Registry
 
@@ -144,17 +152,32 @@ def check_settings(settings: dict) -> dict:
 
 
 class StatsValidator:
-    """Checks a submission against one registry. ``vocab_size`` is the backbone's (a callable:
-    reading it may need the backbone's files, only n-gram routing asks)."""
+    """Checks a submission against one registry. ``vocab_size`` and ``feature_bound`` are the
+    backbone's (callables: they may need the backbone's files): its vocabulary size, and per
+    layer the largest ``|x|²`` of one token's MLP input (`model.feature_bounds`; None: unknown)."""
 
-    def __init__(self, reg: Registry, vocab_size):
+    def __init__(self, reg: Registry, vocab_size, feature_bound=lambda: None):
         self.reg = reg
         self.spec = routing_of(reg.settings)
         self._vocab_size = vocab_size
+        self._feature_bound = feature_bound
 
-    def _check_kind(self, parsed: Stats) -> None:
+    def _feature_dim(self) -> int:
         from dume_dist.model.modeling_dume import routing_feature_dim
 
+        return routing_feature_dim(self.spec.features, self.reg.backbone["feature_dim"])
+
+    def _check_header(self, data: bytes, feature_map: str) -> None:
+        """Names, dtypes and shapes from the safetensors header, before any tensor is read."""
+        _, entries = parse_header(data, "statistics blob")
+        if self.spec.features == "ngram":  # held-out bigrams or not: the feature map tells
+            layout = ngram_layout(self._vocab_size(), self.spec.ngram_buckets, pairs=True)
+            check_layout("statistics blob", entries, layout, optional=("pairs",))
+        else:
+            layout = gram_layout(self.reg.backbone["num_layers"], self._feature_dim())
+            check_layout("statistics blob", entries, layout)
+
+    def _check_kind(self, parsed: Stats) -> None:
         spec, backbone = self.spec, self.reg.backbone
         if spec.features == "ngram":
             if not isinstance(parsed, NgramStats):
@@ -163,19 +186,23 @@ class StatsValidator:
                     "coordinator's ngram routing needs n-gram counts (NgramStats)"
                 )
             parsed.validate(vocab_size=self._vocab_size(), buckets=spec.ngram_buckets)
+            check_count_values(parsed, MAX_TOKENS)
         else:
             if not isinstance(parsed, RouterStats):
                 raise ValueError(
                     f"statistics are n-gram counts ({parsed.feature_map!r}); the coordinator's "
                     f"{spec.features} routing needs Gram statistics (RouterStats)"
                 )
-            parsed.validate(
-                num_layers=backbone["num_layers"],
-                feature_dim=routing_feature_dim(spec.features, backbone["feature_dim"]),
-            )
+            feature_dim = self._feature_dim()
+            parsed.validate(num_layers=backbone["num_layers"], feature_dim=feature_dim)
+            bound_L = self._feature_bound()
+            blocks = feature_dim // backbone["feature_dim"]  # token: 1, prefix_mean: 2
+            check_gram_values(parsed.gram_LPP, None if bound_L is None else blocks * bound_L)
 
     def stats(self, node: NodeRecord, name: str, stats, num_tokens, feature_map: str) -> Stats:
         backbone = self.reg.backbone
+        if isinstance(stats, (bytes, bytearray)):
+            self._check_header(bytes(stats), feature_map)
         parsed = parse_stats(stats)
         self._check_kind(parsed)
         if parsed.feature_map != feature_map:

@@ -35,6 +35,8 @@ class AppendLog:
         """The newest revision; 0 for an empty log."""
         try:
             revision = int(self.store.read_bytes(f"{self.prefix}/HEAD").decode())
+            if revision < 0 or (revision > 0 and not self.store.exists(self._key(revision))):
+                raise ValueError("HEAD points past the log")  # a corrupt hint: list instead
         except (StoreNotFound, ValueError):
             revision = max(self.revisions(), default=0)
         while self.store.exists(self._key(revision + 1)):

@@ -12,11 +12,14 @@ two coordinators on one store cannot overwrite each other. Old revisions are kep
 (an audit trail, and what makes a stale writer's conflict detectable).
 """
 
+import logging
 from datetime import datetime, timezone
 
-from .errors import StoreConflict
+from .errors import StoreConflict, StoreError
 from .log import AppendLog
 from .objectstore import ObjectStore, encode_json
+
+_log = logging.getLogger("dume_dist.store")
 
 
 class RegistryStore:
@@ -24,13 +27,31 @@ class RegistryStore:
         self.store = store
         self.log = AppendLog(store, prefix)
 
-    def load(self, revision: int | None = None) -> tuple[dict, int]:
-        """(state, revision) of the newest save (or of `revision`); ({}, 0) for a fresh store."""
-        if revision is None:
-            revision = self.log.head()
-        if revision == 0:
-            return {}, 0
-        return self.log.read(revision)["state"], revision
+    def load(self, revision: int | None = None, check=None) -> tuple[dict, int]:
+        """(state, revision) of the newest save (or of `revision`); ({}, 0) for a fresh store.
+
+        A newest revision that cannot be read (truncated, not JSON, or refused by ``check``, a
+        callable that raises ValueError for a state it cannot use) is skipped with a warning:
+        the state is the newest valid revision's, the revision the newest number, so the next
+        `save` supersedes the bad one."""
+        head = self.log.head() if revision is None else revision
+        for rev in range(head, 0, -1) if revision is None else [revision]:
+            try:
+                state = self.log.read(rev)["state"]
+                if not isinstance(state, dict):
+                    raise ValueError("state is not a JSON object")
+                if check is not None:
+                    check(state)
+            except (StoreError, ValueError, KeyError, TypeError) as exc:
+                if revision is not None:
+                    raise
+                _log.warning("%s: registry revision %d is unreadable (%s): using an older one",
+                             self.store.url, rev, " ".join(str(exc).split())[:200])  # fmt: skip
+                continue
+            return state, head
+        if head:
+            raise StoreError(f"{self.store.url}: none of the {head} registry revisions is readable")
+        return {}, 0
 
     def save(self, state: dict, expected_revision: int) -> int:
         """Persist `state` as the revision after `expected_revision`; return the new revision.
