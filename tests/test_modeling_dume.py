@@ -120,6 +120,24 @@ def test_per_sequence_forced_experts_match_row_by_row_forcing():
         torch.testing.assert_close(mixed[row], logits_of(dume, ids[row : row + 1])[0])
 
 
+def test_per_token_forced_experts_follow_each_position():
+    dume = dume_from_dense(dense_experts(tiny_base_config(), 3))
+    ids = random_ids(batch=2)
+    length = ids.shape[1]
+    switch = length // 2
+    per_token = torch.zeros(2, length, dtype=torch.long)
+    per_token[:, switch:] = 2
+    dume.set_forced_expert(per_token)
+    mixed = logits_of(dume, ids)
+    dume.set_forced_expert(0)  # causal: positions before the switch never see expert 2
+    torch.testing.assert_close(mixed[:, :switch], logits_of(dume, ids)[:, :switch])
+    dume.set_forced_expert(torch.full((2, length), 1))
+    constant = logits_of(dume, ids)
+    dume.set_forced_expert(1)
+    torch.testing.assert_close(constant, logits_of(dume, ids))
+    assert not torch.allclose(mixed[:, switch:], logits_of(dume, ids)[:, switch:])
+
+
 def naive_moe(block: DumeMoeBlock, hidden_ND: torch.Tensor) -> torch.Tensor:
     """Token by token: logits = (W x + b) / T, top-k, softmax over the k, weighted expert sum."""
     out = []

@@ -154,13 +154,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
-        default=1024,
-        help="leading tokens of each sequence used for statistics",
+        default=None,
+        help="leading tokens of each sequence used for statistics (default: the experts' "
+        "max_position_embeddings, at most 1024)",
     )
     p.add_argument(
         "--max-tokens", type=int, default=None, help="cap on statistics tokens per expert"
     )
-    p.add_argument("--seq-len", type=int, default=512, help="window length for statistics")
+    p.add_argument(
+        "--seq-len", type=int, default=None,
+        help="window length for statistics (default: --max-tokens-per-seq)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--format",
@@ -213,6 +217,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-eval-tokens", type=int, default=32768, help="per domain")
     e.add_argument("--device", default=None)
+    e.add_argument(
+        "--mixed",
+        action="store_true",
+        help="mixed-domain sequences (one segment per domain) against the segment oracle",
+    )
+    e.add_argument("--segment", type=int, default=64, help="--mixed: tokens per segment")
+    e.add_argument("--segments", type=int, default=4, help="--mixed: segments per sequence")
+    e.add_argument("--sequences", type=int, default=64, help="--mixed: number of sequences")
+    e.add_argument("--seed", type=int, default=0, help="--mixed: seed of the sequences")
+    e.add_argument(
+        "--delays", type=int, nargs="*", default=[4, 16], help="--mixed: oracle delays (tokens)"
+    )
+    e.add_argument("--routing-png", help="--mixed: PNG of the routing along a few sequences")
     e.set_defaults(func=run_eval)
 
 
@@ -289,6 +306,8 @@ def run_eval(args) -> int:
     from dume_dist.model.evaluate import compare, print_table, write_heatmap
 
     data = parse_named(args.data, "--data")
+    if args.mixed:
+        return _run_eval_mixed(args, data)
     experts = parse_experts(args.experts) if args.experts else None
     table = compare(
         args.model, data, experts=experts, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -303,4 +322,39 @@ def run_eval(args) -> int:
             raise ValueError("--heatmap needs a DUME model (no routing was recorded)")
         write_heatmap(table, args.heatmap)
         print(f"wrote {args.heatmap}")
+    return 0
+
+
+def _run_eval_mixed(args, data) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from dume_dist.model.evaluate import load_causal_lm
+    from dume_dist.model.mixed import (
+        MixedSettings,
+        mixed_report,
+        print_mixed,
+        to_json,
+        write_routing_png,
+    )
+
+    settings = MixedSettings(
+        segment=args.segment, segments=args.segments, sequences=args.sequences, seed=args.seed,
+        delays=tuple(args.delays), batch_size=args.batch_size,
+    )  # fmt: skip
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not Path(args.model, "config.json").is_file():
+        raise ValueError(f"no model at {args.model} (config.json missing)")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    model = load_causal_lm(args.model, device)
+    if model.config.model_type != "dume":
+        raise ValueError("--mixed needs a DUME model (its experts are named after the domains)")
+    result = mixed_report(model, tokenizer, data, settings, device=device)
+    print_mixed(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(result), indent=2))
+        print(f"wrote {args.json}")
+    if args.routing_png:
+        write_routing_png(result, model.config.expert_names, args.routing_png)
+        print(f"wrote {args.routing_png}")
     return 0

@@ -204,14 +204,21 @@ class NodeAgent:
             shutil.rmtree(tmp, ignore_errors=True)
         return local
 
-    def check_expert(self, expert_dir: str):
-        """Load the expert, check it fits the backbone; returns (spec, fingerprint)."""
+    def check_expert(self, expert_dir: str, data: list[str] | None = None):
+        """Load the expert, check it fits the backbone and tokenizes like it (on sample text and
+        the head of ``data``); returns (spec, fingerprint)."""
         from dume_dist.distributed.artifacts import check_expert_fits
+        from dume_dist.model.data import load_domain_texts
         from dume_dist.model.experts import expert_fingerprint, load_expert_spec
+        from dume_dist.model.tokenizer import check_expert_tokenizer
 
         self._enter("check_expert")
         spec = load_expert_spec(self.name, expert_dir)
         check_expert_fits(spec, self._info["backbone"])
+        backbone_dir = self.cache_dir / "backbones" / self._info["backbone"]["fingerprint"]
+        if backbone_dir.is_dir():
+            texts = load_domain_texts(self.domain, data) if data else []
+            check_expert_tokenizer(backbone_dir, spec.path, texts)
         return spec, expert_fingerprint(spec)
 
     def upload_expert(self, spec, fingerprint: str) -> dict:
@@ -334,7 +341,7 @@ class NodeAgent:
         seconds = {}
         self.authenticate()
         backbone_dir = self.fetch_backbone()
-        spec, fingerprint = self.check_expert(expert_dir)
+        spec, fingerprint = self.check_expert(expert_dir, data)
         uploaded = self.upload_expert(spec, fingerprint)
         self._maybe_crash(crash_after, "upload_expert")
         opts = {"max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len}

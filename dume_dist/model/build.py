@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from dume_dist.core.solve import Router
 from dume_dist.core.stats import RouterStats
@@ -52,7 +52,10 @@ from dume_dist.model.formats import (
 from dume_dist.model.formats.base import DEFAULT_SHARD_BYTES
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
 from dume_dist.model.stats_files import StatsFiles, contributions
+from dume_dist.model.tokenizer import experts_tokenizer, sample_texts
 from dume_dist.model.writer import check_output_dir
+
+DEFAULT_MAX_TOKENS_PER_SEQ = 1024
 
 
 @dataclass
@@ -100,11 +103,35 @@ def _load_data(experts: Sequence[ExpertSpec], data: Mapping[str, Sequence]) -> d
     return {n: load_domain_texts(n, data[n]) for n in names}
 
 
+def chunk_documents(texts: Sequence[str], pieces: int) -> list[str]:
+    """``texts`` cut on line boundaries (on spaces within a very long line) into about ``pieces``
+    chunks of similar size, in order: held-out splits of a few long documents."""
+    size = max(1, -(-sum(len(t) for t in texts) // pieces))
+    out: list[str] = []
+    for text in texts:
+        cur = ""
+        for line in text.splitlines(keepends=True):
+            while len(cur) + len(line) > size and len(line) > size:  # a very long line
+                cut = line.rfind(" ", 0, size - len(cur)) + 1 or max(1, size - len(cur))
+                out.append(cur + line[:cut])
+                cur, line = "", line[cut:]
+            cur += line
+            if len(cur) >= size:
+                out.append(cur)
+                cur = ""
+        out.append(cur)
+    return [t.strip() for t in out if t.strip()]
+
+
 def split_holdout(texts: Sequence[str], fraction: float, name: str) -> tuple[list, list]:
     """``(fit, held_out)`` documents: a document is held out when a hash of its text falls below
-    ``fraction`` (stable under reordering and added documents); both parts are non-empty."""
+    ``fraction`` (stable under reordering and added documents); both parts are non-empty. Fewer
+    than ``4 / fraction`` documents (one long file, say) are first cut into that many chunks."""
     if fraction <= 0:
         return list(texts), []
+    wanted = math.ceil(4 / fraction)
+    if len(texts) < wanted:
+        texts = chunk_documents(texts, wanted)
     keys = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64 for t in texts]
     held = [i for i, k in enumerate(keys) if k < fraction] or [
         min(range(len(texts)), key=keys.__getitem__)
@@ -136,7 +163,8 @@ def expert_statistics(
     """One contributor's statistics: fit Grams of ``routing.features`` and, when ``routing``
     chooses a setting on held-out data, ``{β: held-out Gram}`` for ``routing.holdout_smoothings``.
     Both carry the backbone's and the expert's fingerprints."""
-    fit_texts, held_texts = split_holdout(texts, routing.holdout_fraction, spec.name)
+    fraction = routing.holdout_fraction if routing.needs_holdout else 0.0  # fixed: no held-out
+    fit_texts, held_texts = split_holdout(texts, fraction, spec.name)
     meta = dict(
         backbone_fingerprint=backbone.fingerprint,
         expert_fingerprint=fingerprint or expert_fingerprint(spec),
@@ -206,7 +234,7 @@ def build_dume(
     top_k: int | None = None,
     routing: str | RoutingSpec | Mapping | None = "paper",
     holdout_fraction: float | None = None,
-    max_tokens_per_seq: int = 1024,
+    max_tokens_per_seq: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 8,
     seq_len: int | None = None,
@@ -226,7 +254,8 @@ def build_dume(
     default of ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
     ``top_k`` and ``holdout_fraction`` override it. The function keeps ``paper`` as its default so
     that callers comparing with the distributed coordinator (paper routers) keep matching.
-    ``seq_len`` (window length) defaults to ``max_tokens_per_seq``; statistics run on ``device``
+    ``max_tokens_per_seq`` defaults to the experts' ``max_position_embeddings`` (at most 1024),
+    ``seq_len`` (window length) to ``max_tokens_per_seq``; statistics run on ``device``
     in ``stats_dtype`` (default: fp32 on CPU, the experts' dtype on GPU; products fp32, sums
     fp64); ``dtype`` casts the written weights (default: keep the experts' dtype).
     ``output_format`` names the back end (``model.formats``: ``dume``, ``mixtral``), checked
@@ -243,13 +272,17 @@ def build_dume(
     specs = load_expert_specs(experts)
     if spec_routing.preset and spec_routing.top_k > len(specs):  # a preset's k, more than there are
         spec_routing = spec_routing.replace(top_k=len(specs))
+    max_positions = getattr(specs[0].config, "max_position_embeddings", None)
+    if max_tokens_per_seq is None:  # the experts' position limit, at most the paper's 1024
+        max_tokens_per_seq = min(
+            DEFAULT_MAX_TOKENS_PER_SEQ, max_positions or DEFAULT_MAX_TOKENS_PER_SEQ
+        )
     seq_len = seq_len if seq_len is not None else max_tokens_per_seq
     _check_options(
         temperature=temperature, top_k=spec_routing.top_k, num_experts=len(specs),
         max_tokens_per_seq=max_tokens_per_seq, max_tokens=max_tokens,
         batch_size=batch_size, seq_len=seq_len,
     )  # fmt: skip
-    max_positions = getattr(specs[0].config, "max_position_embeddings", None)
     if max_positions and min(seq_len, max_tokens_per_seq) > max_positions:
         raise ValueError(
             f"sequences of {min(seq_len, max_tokens_per_seq)} tokens exceed the experts' "
@@ -257,7 +290,9 @@ def build_dume(
         )
     _load_data(specs, data)  # every expert has readable, non-empty data (then dropped)
     device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
+    # one tokenizer: the experts' as AutoTokenizer resolves it, checked alike on their text
+    sample = sample_texts(load_domain_texts(s.name, data[s.name]) for s in specs)
+    tokenizer = experts_tokenizer([(s.name, s.path) for s in specs], sample)
     bb = Backbone.from_spec(backbone, specs)
     _check_format(output_format, bb, specs, spec_routing, temperature)
     seconds = {"validate_and_backbone": time.perf_counter() - t0}
@@ -294,7 +329,7 @@ def build_dume(
     t3 = time.perf_counter()
     inp = CheckpointInput(
         backbone=bb, experts=specs, routing=solved, top_k=spec_routing.top_k,
-        temperature=temperature, dtype=dtype,
+        temperature=temperature, dtype=dtype, tokenizer=tokenizer, tokenizer_sample=tuple(sample),
         stats=BuildStats(fit=fit_files, holdout=held_files, save=save_stats),
         provenance=Provenance(
             expert_fingerprints=fingerprints,

@@ -675,15 +675,16 @@ class DumeMoeBlock(nn.Module):
         forced = self.forced_expert
         if isinstance(forced, int):
             return self.experts[forced](hidden_BTD)
-        if forced.shape != hidden_BTD.shape[:1]:
+        if forced.shape not in (hidden_BTD.shape[:1], hidden_BTD.shape[:2]):
             raise ValueError(
-                f"forced expert ids have shape {tuple(forced.shape)}, expected [batch={hidden_BTD.shape[0]}]"
+                f"forced expert ids have shape {tuple(forced.shape)}, expected [batch] or "
+                f"[batch, length] = {tuple(hidden_BTD.shape[:2])}"
             )
         forced = forced.to(hidden_BTD.device)
         out_BTD = torch.empty_like(hidden_BTD)
         for j in forced.unique().tolist():
-            rows = (forced == j).nonzero().squeeze(1)
-            out_BTD[rows] = self.experts[j](hidden_BTD[rows])
+            where = forced == j  # rows [B] or positions [B, T]
+            out_BTD[where] = self.experts[j](hidden_BTD[where])
         return out_BTD
 
 
@@ -759,11 +760,14 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             block.dispatch = mode
 
     def set_forced_expert(self, expert: int | torch.Tensor | None) -> None:
-        """Bypass the routers: expert j in every layer, per-sequence ids [B], or None to route."""
+        """Bypass the routers: expert j in every layer, per-sequence ids [B], per-token ids
+        [B, T], or None to route."""
         num_experts = self.config.num_experts
         if isinstance(expert, torch.Tensor):
-            if expert.dim() != 1 or expert.dtype not in (torch.int32, torch.int64):
-                raise ValueError("forced expert ids must be a 1-D integer tensor [batch]")
+            if expert.dim() not in (1, 2) or expert.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    "forced expert ids must be an integer tensor [batch] or [batch, length]"
+                )
             if expert.numel() and not (0 <= int(expert.min()) and int(expert.max()) < num_experts):
                 raise ValueError(f"forced expert ids must be in [0, {num_experts})")
             expert = expert.long()

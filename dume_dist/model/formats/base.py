@@ -56,6 +56,10 @@ class CheckpointInput:
     stats: BuildStats | None = None
     provenance: Provenance = field(default_factory=Provenance)
     tokenizer_dir: Path | None = None  # default: the first expert's directory
+    # The experts' tokenizer as AutoTokenizer resolved it (default: loaded from tokenizer_dir),
+    # and text on which the written checkpoint's tokenizer is checked to agree with it.
+    tokenizer: Any = None
+    tokenizer_sample: Sequence[str] = ()
 
     @property
     def expert_names(self) -> list[str]:

@@ -20,8 +20,9 @@ import torch
 from dume_dist.core.ngram import NgramTables, ngram_feature_map
 from dume_dist.core.stats import stats_to_bytes
 from dume_dist.model.card import write_model_card
-from dume_dist.model.experts import SAFETENSORS_DTYPES, TOKENIZER_FILES, expert_fingerprint
+from dume_dist.model.experts import SAFETENSORS_DTYPES, expert_fingerprint
 from dume_dist.model.formats.base import CheckpointInput, OutputFormat, WriteOptions
+from dume_dist.model.tokenizer import has_tokenizer, load_tokenizer, write_checkpoint_tokenizer
 from dume_dist.model.writer import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
@@ -129,7 +130,7 @@ class DumeFormat(OutputFormat):
             write_weights(tmp, inp, options.max_shard_bytes)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
-            copy_tokenizer(inp.tokenizer_source(), tmp)
+            copy_tokenizer(inp, tmp)
             blobs, held = _write_stats(tmp, inp)
             manifest = {
                 "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -152,10 +153,17 @@ class DumeFormat(OutputFormat):
         return manifest
 
 
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for fname in TOKENIZER_FILES + ("generation_config.json",):
-        if (src / fname).is_file():
-            shutil.copyfile(src / fname, dst / fname)
+def copy_tokenizer(inp: CheckpointInput, dst: Path) -> None:
+    """The experts' tokenizer, saved as ``AutoTokenizer`` resolved it for them and checked to
+    load back from ``dst`` (its ``config.json`` written) to the same tokenization."""
+    src = inp.tokenizer_source()
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
+    tokenizer = inp.tokenizer
+    if tokenizer is None and has_tokenizer(src):
+        tokenizer = load_tokenizer(src)
+    if tokenizer is not None:
+        write_checkpoint_tokenizer(dst, tokenizer, inp.tokenizer_sample)
 
 
 def _base_model(inp: CheckpointInput) -> str | None:

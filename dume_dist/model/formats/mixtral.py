@@ -241,7 +241,7 @@ class MixtralFormat(OutputFormat):
             finally:
                 writer.abort()
             config.save_pretrained(str(tmp))
-            copy_tokenizer(inp.tokenizer_source(), tmp)
+            copy_tokenizer(inp, tmp)
             if options.model_card:
                 card = {**info, "num_experts": len(inp.experts), "experts": _card_experts(inp)}
                 card["routing"] = {
