@@ -6,6 +6,7 @@ Experts: hidden 32, 2 layers, a WordLevel tokenizer; each domain's text uses its
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -15,8 +16,15 @@ import torch
 from tiny_world import SPECIALS, make_config, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dume_dist.distributed import genesis
+from dume_dist.distributed.agent import NodeAgent
+from dume_dist.distributed.coordinator import Coordinator, routers_of
+from dume_dist.store import CURRENT, ObjectStore, VersionStore
+
 WORDS_PER_DOMAIN = 40
 DOMAINS = ("alpha", "beta", "gamma", "delta", "omega")
+SETTINGS = {"max_tokens_per_seq": 16, "lam": 1e-2}
+JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
 
 
 def _tokenizer(num_words: int):
@@ -73,3 +81,56 @@ def short_ray_tmpdir() -> str:
     d = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
     os.makedirs(os.path.join(d, "ray"), exist_ok=True)
     return d
+
+
+class Flow:
+    """A store, an in-process coordinator and credentials for some nodes."""
+
+    def __init__(
+        self, url, experts, tmp, backbone=None, storage_options=None, hold=False, settings=None
+    ):
+        self.url, self.experts, self.tmp = url, experts, tmp
+        self.options = storage_options or {}
+        self.store = ObjectStore(url, self.options)
+        self.coord = Coordinator(url, self.options, work_dir=str(tmp / "coord"))
+        backbone = backbone or f"base:{experts['base']}"
+        self.founded, self.op = genesis.found(
+            self.coord, self.store, backbone=backbone, founding={},
+            settings=settings or SETTINGS, hold=hold,
+        )  # fmt: skip
+        self.creds: dict[str, str] = {}
+
+    def add(self, *names):
+        for name in names:
+            secret, hashed = genesis.issue_node_credential(name, name)
+            self.coord.add_node(self.op, name, name, hashed)
+            self.creds[name] = secret
+
+    def agent(self, name):
+        return NodeAgent(
+            self.coord, name, name, self.creds[name], cache_dir=str(self.tmp / "cache")
+        )
+
+    def join(self, name, data=None, expert=None, **kw):
+        agent = self.agent(name)
+        expert = expert or self.experts[name]["expert"]
+        data = data or [self.experts[name]["data"]]
+        return agent.join(str(expert), [str(d) for d in data], **{**JOIN, **kw})
+
+    def status(self):
+        return self.coord.status()
+
+    def versions(self):
+        return VersionStore(self.store, CURRENT.versions)
+
+    def routers(self, vid):
+        dest = self.tmp / f"pull-{hashlib.sha1(self.url.encode()).hexdigest()[:6]}-{vid}"
+        if not dest.exists():
+            self.versions().pull(vid, str(dest))
+        return routers_of(dest)
+
+
+def assert_same_routers(a: dict, b: dict):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

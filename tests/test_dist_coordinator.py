@@ -12,16 +12,18 @@ import json
 
 import pytest
 import torch
-from dist_helpers import make_experts
+from dist_helpers import JOIN, SETTINGS, Flow, assert_same_routers, make_experts
 
 from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
 from dume_dist.distributed import genesis
-from dume_dist.distributed.agent import NodeAgent
 from dume_dist.distributed.coordinator import Coordinator, routers_of
-from dume_dist.store import BlobStore, ObjectStore, StoreError, StoreNotFound, VersionStore
-
-SETTINGS = {"max_tokens_per_seq": 16, "lam": 1e-2}
-JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
+from dume_dist.store import (
+    CURRENT,
+    BlobStore,
+    ObjectStore,
+    StoreError,
+    StoreNotFound,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,59 +37,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
     return make_experts(tmp_path_factory.mktemp("experts"))
-
-
-class Flow:
-    """A store, an in-process coordinator and credentials for some nodes."""
-
-    def __init__(
-        self, url, experts, tmp, backbone=None, storage_options=None, hold=False, settings=None
-    ):
-        self.url, self.experts, self.tmp = url, experts, tmp
-        self.options = storage_options or {}
-        self.store = ObjectStore(url, self.options)
-        self.coord = Coordinator(url, self.options, work_dir=str(tmp / "coord"))
-        backbone = backbone or f"base:{experts['base']}"
-        self.founded, self.op = genesis.found(
-            self.coord, self.store, backbone=backbone, founding={},
-            settings=settings or SETTINGS, hold=hold,
-        )  # fmt: skip
-        self.creds: dict[str, str] = {}
-
-    def add(self, *names):
-        for name in names:
-            secret, hashed = genesis.issue_node_credential(name, name)
-            self.coord.add_node(self.op, name, name, hashed)
-            self.creds[name] = secret
-
-    def agent(self, name):
-        return NodeAgent(
-            self.coord, name, name, self.creds[name], cache_dir=str(self.tmp / "cache")
-        )
-
-    def join(self, name, data=None, expert=None, **kw):
-        agent = self.agent(name)
-        expert = expert or self.experts[name]["expert"]
-        data = data or [self.experts[name]["data"]]
-        return agent.join(str(expert), [str(d) for d in data], **{**JOIN, **kw})
-
-    def status(self):
-        return self.coord.status()
-
-    def versions(self):
-        return VersionStore(self.store)
-
-    def routers(self, vid):
-        dest = self.tmp / f"pull-{hashlib.sha1(self.url.encode()).hexdigest()[:6]}-{vid}"
-        if not dest.exists():
-            self.versions().pull(vid, str(dest))
-        return routers_of(dest)
-
-
-def assert_same_routers(a: dict, b: dict):
-    assert a.keys() == b.keys() and a
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts, tmp_path):
@@ -112,9 +61,9 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
 
     result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
     assert result["version"] == "v4" and result["affected_versions"] == ["v2", "v3"]
-    blobs = BlobStore(flow.store)
+    blobs = BlobStore(flow.store, CURRENT.blobs)
     assert blobs.list_blobs("stats", "beta") == [] and blobs.list_blobs("expert", "beta") == []
-    assert not any("/beta/" in k for k in flow.store.list("blobs"))
+    assert not any("/beta/" in k for k in flow.store.list(CURRENT.blobs))
     assert flow.versions().get_manifest("v2")["marks"]["contains_unlearned"] == ["beta"]
     assert "contains_unlearned" not in flow.versions().get_manifest("v1")["marks"]
 
@@ -148,7 +97,7 @@ def test_unlearn_purge_deletes_earlier_versions(experts, tmp_path):
     assert flow.versions().list_versions() == ["v3"]
     with pytest.raises(StoreNotFound):
         flow.versions().get_manifest("v1")
-    assert not flow.store.list("versions/v1/files")
+    assert not flow.store.list(f"{CURRENT.versions}/v1/files")
     registry = flow.status()["registry"]
     assert [v["purged"] for v in registry["versions"]] == [True, True, False]
     assert registry["nodes"]["beta"]["state"] == "unlearned"
@@ -186,7 +135,7 @@ def test_duplicate_submission_is_counted_once(experts, tmp_path):
     assert rerun["status"] == "duplicate" and rerun["version"] == "v1"
     # The same bytes under another submission id (a retried push): counted once as well.
     blob = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["blob"]
-    data = BlobStore(flow.store).get_blob(blob)
+    data = BlobStore(flow.store, CURRENT.blobs).get_blob(blob)
     again = flow.coord.submit_stats(flow.creds["alpha"], "alpha", "alpha", data, "other-id", tokens)
     assert again["status"] == "duplicate"
     registry = flow.status()["registry"]
@@ -209,7 +158,7 @@ def test_improving_a_domain_adds_and_a_new_expert_invalidates(experts, tmp_path)
     assert replaced["expert_uploaded"] and replaced["version"] == "v4"
     alpha = flow.status()["registry"]["nodes"]["alpha"]
     assert len(alpha["stats"]) == 1 and alpha["stats"][0]["blob"] not in old_blobs
-    assert all(not flow.store.exists(f"blobs/{b}.bin") for b in old_blobs)
+    assert all(not flow.store.exists(f"{CURRENT.blobs}/{b}.bin") for b in old_blobs)
 
 
 def test_hold_publish_and_leave(experts, tmp_path):
@@ -227,7 +176,7 @@ def test_hold_publish_and_leave(experts, tmp_path):
         "alpha",
         "beta",
     ]
-    assert not flow.store.list("blobs/stats/gamma")
+    assert not flow.store.list(f"{CURRENT.blobs}/stats/gamma")
     # Leaving does not mark old versions (the node withdrew; unlearning marks).
     assert "contains_unlearned" not in flow.versions().get_manifest("v1")["marks"]
 
@@ -247,7 +196,7 @@ def founded(experts, tmp_path_factory):
     spec, fingerprint = agent.check_expert(str(experts["beta"]["expert"]))
     agent.upload_expert(spec, fingerprint)
     data = flow.status()["registry"]["nodes"]["alpha"]["stats"][0]["blob"]
-    good = stats_from_bytes(BlobStore(flow.store).get_blob(data))
+    good = stats_from_bytes(BlobStore(flow.store, CURRENT.blobs).get_blob(data))
     flow.good = good.with_meta(
         expert_fingerprint=fingerprint
     )  # beta's fingerprint, alpha's numbers
@@ -327,7 +276,7 @@ def test_bad_requests_change_nothing(founded, experts):
     with pytest.raises(PermissionError, match="operator credential rejected"):
         flow.coord.add_node("nope", "eve", "eve", "x")
     with pytest.raises(ValueError, match="fingerprint"):
-        mlp = BlobStore(flow.store).get_blob(
+        mlp = BlobStore(flow.store, CURRENT.blobs).get_blob(
             flow.status()["registry"]["nodes"]["alpha"]["expert"]["blob"]
         )
         flow.coord.register_expert(flow.creds["beta"], "beta", "beta", mlp, "2" * 64)
@@ -377,7 +326,7 @@ def test_rebase_makes_statistics_stale_until_recomputed(experts, tmp_path):
     registry = flow.status()["registry"]
     assert registry["backbone"]["fingerprint"] == record["fingerprint"] != old_fp
     assert {r["state"] for r in registry["nodes"].values()} == {"registered"}
-    assert not flow.store.list("blobs/stats")
+    assert not flow.store.list(f"{CURRENT.blobs}/stats")
     assert flow.join("alpha")["version"] == "v3"  # each recomputation publishes (unless held)
     again = flow.join("beta")
     assert again["status"] == "accepted" and again["version"] == "v4"
@@ -438,7 +387,7 @@ def test_context_routing_equals_the_single_machine_build(experts, tmp_path):
     for name in names:
         (entry,) = nodes[name]["stats"]
         assert [h["smoothing"] for h in entry["holdout"]] == [0.0]
-        assert flow.store.exists(f"blobs/{entry['holdout'][0]['blob']}.bin")
+        assert flow.store.exists(f"{CURRENT.blobs}/{entry['holdout'][0]['blob']}.bin")
 
     single = _single_build(experts, tmp_path / "single", names, routing="context")
     pulled = _pulled(flow, "v3")
@@ -513,7 +462,7 @@ def test_statistics_of_the_wrong_feature_map_are_refused(context_founded, expert
     paper.add("beta")
     paper.join("beta")
     blob = paper.status()["registry"]["nodes"]["beta"]["stats"][0]["blob"]
-    token = stats_from_bytes(BlobStore(paper.store).get_blob(blob))
+    token = stats_from_bytes(BlobStore(paper.store, CURRENT.blobs).get_blob(blob))
     token = token.with_meta(expert_fingerprint=fit.expert_fingerprint,
                             backbone_fingerprint=fit.backbone_fingerprint)  # fmt: skip
     with pytest.raises(ValueError):
@@ -547,7 +496,7 @@ def test_an_old_registry_keeps_the_papers_routing(experts, tmp_path):
     from dume_dist.store import RegistryStore
 
     flow = Flow(str(tmp_path / "store"), experts, tmp_path)
-    registry = RegistryStore(flow.store)
+    registry = RegistryStore(flow.store, CURRENT.registry)
     state, rev = registry.load()
     old = {"lam": 0.05, "temperature": 1.0, "top_k": 1, "max_tokens_per_seq": 16,
            "feature_map": "token"}  # fmt: skip
@@ -639,7 +588,7 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
         (entry,) = nodes[name]["stats"]
         (held,) = entry["holdout"]
         assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:262144+pairs"
-        stats = stats_from_bytes(BlobStore(flow.store).get_blob(entry["blob"]))
+        stats = stats_from_bytes(BlobStore(flow.store, CURRENT.blobs).get_blob(entry["blob"]))
         assert isinstance(stats, NgramStats) and stats.pairs_K3 is None
 
     single = _single_build(experts, tmp_path / "single", names, routing="ngram")
@@ -676,8 +625,8 @@ def test_unlearning_equals_a_build_without_the_node(
             for h in s["holdout"]]  # fmt: skip
     result = flow.coord.unlearn(flow.op, "beta", "forget me")
     assert result["version"] == "v4"
-    assert not any("/beta/" in k for k in flow.store.list("blobs"))
-    assert held and not any(flow.store.exists(f"blobs/{b}.bin") for b in held)
+    assert not any("/beta/" in k for k in flow.store.list(CURRENT.blobs))
+    assert held and not any(flow.store.exists(f"{CURRENT.blobs}/{b}.bin") for b in held)
 
     preset, overrides = routing
     single = _single_build(

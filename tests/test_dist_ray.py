@@ -20,7 +20,7 @@ from s3server import S3Server
 from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed import cluster, genesis
 from dume_dist.distributed.coordinator import Coordinator, routers_of
-from dume_dist.store import BlobStore, ObjectStore, VersionStore
+from dume_dist.store import CURRENT, BlobStore, ObjectStore, VersionStore
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -113,7 +113,7 @@ class RayFlow:
 
     def routers(self, vid):
         dest = self.tmp / f"pull-{self.name}-{vid}"
-        VersionStore(self.store).pull(vid, str(dest))
+        VersionStore(self.store, CURRENT.versions).pull(vid, str(dest))
         return routers_of(dest), dest
 
     def stop(self):
@@ -134,8 +134,10 @@ def _in_process_build(experts, tmp, names):
         NodeAgent(coord, name, name, secret, cache_dir=str(tmp / "ref-cache")).join(
             str(experts[name]["expert"]), [str(experts[name]["data"])], **JOIN
         )
-    vid = VersionStore(ObjectStore(url)).latest()
-    VersionStore(ObjectStore(url)).pull(vid, str(tmp / f"{url.rsplit('/', 1)[-1]}-model"))
+    vid = VersionStore(ObjectStore(url), CURRENT.versions).latest()
+    VersionStore(ObjectStore(url), CURRENT.versions).pull(
+        vid, str(tmp / f"{url.rsplit('/', 1)[-1]}-model")
+    )
     return routers_of(tmp / f"{url.rsplit('/', 1)[-1]}-model")
 
 
@@ -232,9 +234,9 @@ def test_found_join_restart_unlearn_on_the_cluster(ray_cluster, experts, tmp_pat
 
         unlearned = flow.call("unlearn", flow.op, "beta", "test")
         assert unlearned["version"] == "v4" and unlearned["affected_versions"] == ["v2", "v3"]
-        assert not BlobStore(flow.store).list_blobs("stats", "beta")
-        assert not BlobStore(flow.store).list_blobs("expert", "beta")
-        versions = VersionStore(flow.store)
+        assert not BlobStore(flow.store, CURRENT.blobs).list_blobs("stats", "beta")
+        assert not BlobStore(flow.store, CURRENT.blobs).list_blobs("expert", "beta")
+        versions = VersionStore(flow.store, CURRENT.versions)
         assert versions.get_manifest("v3")["marks"]["contains_unlearned"] == ["beta"]
         routers, model_dir = flow.routers("v4")
         assert_same_routers(routers, _in_process_build(experts, tmp_path, ["alpha", "gamma"]))

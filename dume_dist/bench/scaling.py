@@ -84,7 +84,7 @@ def _dir_bytes(path: Path) -> int:
 def _one_count(lc, n: int, work: Path, dims: dict, tokens: int) -> dict:
     from dume_dist.distributed import cluster, genesis
     from dume_dist.distributed.agent import NodeAgent
-    from dume_dist.store import ObjectStore, VersionStore
+    from dume_dist.store import ObjectStore, VersionStore, reader_layout
 
     t = time.perf_counter()
     synth = make_synthetic_experts(work / "experts", n, tokens=tokens, **dims)
@@ -131,7 +131,8 @@ def _one_count(lc, n: int, work: Path, dims: dict, tokens: int) -> dict:
     unlearned = cluster.get(coord.unlearn.remote(op, names[0], "bench"))
     unlearn_s = time.perf_counter() - t
     assert unlearned["version"] != version, "unlearning must publish a new version"
-    versions = VersionStore(ObjectStore(url))
+    store = ObjectStore(url)
+    versions = VersionStore(store, reader_layout(store).versions)
     version_bytes = sum(
         f["size"] for f in versions.get_manifest(unlearned["version"])["files"].values()
     )

@@ -19,9 +19,10 @@ def run_status(args) -> int:
 
     if args.store:
         from dume_dist.distributed.state import public_view
-        from dume_dist.store import RegistryStore
+        from dume_dist.store import RegistryStore, coordinator_layout
 
-        state, rev = RegistryStore(open_store(args)).load()
+        store = open_store(args)
+        state, rev = RegistryStore(store, coordinator_layout(store).registry).load()
         status = {"store": args.store, "revision": rev, "registry": public_view(state)}
     else:
         status = call(coordinator(args), "status")

@@ -28,9 +28,10 @@ def register(sub) -> None:
 
 
 def _version_store(args):
-    from dume_dist.store import VersionStore
+    from dume_dist.store import VersionStore, reader_layout
 
-    return VersionStore(open_store(args))
+    store = open_store(args)
+    return VersionStore(store, reader_layout(store).versions)
 
 
 def manifest_or_note(vs, vid: str) -> dict:

@@ -79,15 +79,15 @@ def mlp_layout(spec: ExpertSpec) -> dict[str, list]:
     return {n: [spec.index[n].dtype, list(spec.index[n].shape)] for n in spec.mlp_names()}
 
 
-def backbone_record(backbone: Backbone, ref: ExpertSpec) -> dict:
+def backbone_record(backbone: Backbone, ref: ExpertSpec, prefix: str = BACKBONE_PREFIX) -> dict:
     """Registry entry of a backbone; ``ref`` is a founding expert (or the base) whose MLP layout
-    and tokenizer every later expert must share."""
+    and tokenizer every later expert must share. Its files go under ``prefix``/fingerprint."""
     config = backbone.config
     return {
         "fingerprint": backbone.fingerprint,
         "kind": backbone.kind,
         "sources": backbone.sources,
-        "prefix": f"{BACKBONE_PREFIX}/{backbone.fingerprint}",
+        "prefix": f"{prefix}/{backbone.fingerprint}",
         "num_layers": int(config.num_hidden_layers),
         "feature_dim": int(config.hidden_size),
         "vocab_size": int(config.vocab_size),

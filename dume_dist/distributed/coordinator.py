@@ -51,7 +51,13 @@ from dume_dist.distributed.validation import (
     stats_bytes,
 )
 from dume_dist.distributed.workspace import Workspace
-from dume_dist.store import BlobStore, ObjectStore, RegistryStore, VersionStore
+from dume_dist.store import (
+    BlobStore,
+    ObjectStore,
+    RegistryStore,
+    VersionStore,
+    coordinator_layout,
+)
 
 __all__ = [
     "DIST_FEATURES",
@@ -88,10 +94,11 @@ class Coordinator:
     def _open_locked(self):
         if self._store is None:
             store = ObjectStore(self.store_url, self.storage_options)
-            blobs = BlobStore(store)
-            versions = VersionStore(store)
+            layout = coordinator_layout(store)
+            blobs = BlobStore(store, layout.blobs)
+            versions = VersionStore(store, layout.versions)
             workspace = Workspace(self.work_dir, store, blobs)
-            self._stores = (store, RegistryStore(store), blobs, versions,
+            self._stores = (store, RegistryStore(store, layout.registry), blobs, versions,
                             Publisher(versions, blobs, workspace), workspace)  # fmt: skip
             self._store = store
         return self._stores
@@ -371,6 +378,7 @@ class Coordinator:
         """The node withdraws itself: its contribution is removed and its blobs deleted. A
         replayed call (the node already left) is authenticated like the first one."""
         if self._verifier.left_before(self._load_founded()[0], name, domain, secret):
+            self.blobs.delete_owner(name)  # what a crash may have left of its blobs
             return {"node": name, "version": self._maybe_publish(f"leave {name}"), **self._summary()}  # fmt: skip
         with self._as_node(secret, name, domain) as (reg, rev):
             blobs = tr.retire(reg, name, NodeState.LEFT, "left")

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from dume_dist.distributed import cluster, genesis, tables
 from dume_dist.distributed.calls import call
-from dume_dist.store import ObjectStore, VersionStore
+from dume_dist.store import ObjectStore, VersionStore, reader_layout
 
 # The default routing of `dume build` (n-gram naive Bayes, docs/routing.md); `dume demo --routing`
 # changes it (`paper`: the paper's exact routing).
@@ -203,7 +203,8 @@ def _report_single_threaded(*args) -> dict:
 def _report(
     console: Console, url: str, work: Path, inputs: dict, eval_tokens: int, seq_len: int
 ) -> dict:
-    versions = VersionStore(ObjectStore(url))
+    store = ObjectStore(url)
+    versions = VersionStore(store, reader_layout(store).versions)
     manifests = [versions.get_manifest(v) for v in versions.list_versions()]
     console.print(tables.versions_table(manifests))
     domains = [*inputs["founding"], inputs["joining"]]

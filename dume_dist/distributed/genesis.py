@@ -43,7 +43,9 @@ def build_backbone(spec: str, founding: dict[str, str]):
 
 def upload_backbone(store: ObjectStore, backbone, ref) -> dict:
     """Save the backbone (and the tokenizer) and upload it; returns its registry record."""
-    record = backbone_record(backbone, ref)
+    from dume_dist.store import coordinator_layout
+
+    record = backbone_record(backbone, ref, coordinator_layout(store).backbone)
     with tempfile.TemporaryDirectory(prefix="dume-backbone-") as tmp:
         local = Path(tmp) / "backbone"
         save_backbone_dir(backbone, ref.path, local)
@@ -52,9 +54,9 @@ def upload_backbone(store: ObjectStore, backbone, ref) -> dict:
 
 
 def is_founded(store: ObjectStore) -> bool:
-    from dume_dist.store import RegistryStore
+    from dume_dist.store import RegistryStore, coordinator_layout
 
-    return bool(RegistryStore(store).load()[0])
+    return bool(RegistryStore(store, coordinator_layout(store).registry).load()[0])
 
 
 def prepare(store: ObjectStore, backbone: str, founding: dict[str, str]) -> dict:

@@ -134,16 +134,16 @@ class Publisher:
     def mark(self, entry: VersionEntry, name: str, purge: bool, reason: str) -> None:
         """Mark one version that contained ``name`` (and purge it if asked). Idempotent. A
         version whose manifest cannot be read is purged: it must not stay listed unmarked."""
-        vid = entry.version
+        vid, current = entry.version, None
         if not entry.purged:
             try:
                 current = self.versions.get_manifest(vid)["marks"].get(UNLEARNED_MARK, [])
-                if name not in current:
-                    self.versions.mark(vid, UNLEARNED_MARK, sorted({*current, name}))
             except StoreNotFound:
                 entry.purged = True  # purged out of band
-            except StoreError:
+            except StoreError:  # unreadable: hidden instead
                 purge = True
+        if current is not None and name not in current and not purge:
+            self.versions.mark(vid, UNLEARNED_MARK, sorted({*current, name}))
         mark_unlearned(entry, name)
         if purge and not entry.purged:
             self.versions.purge(vid, reason=f"contains unlearned node {name}: {reason}")
