@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import save as st_save
 
-from dume_dist.core.stats import check_same_backbone
+from dume_dist.core.stats import check_same_backbone, parse_extra
 
 NGRAM_SCHEMA = "dume-ngram-stats/1"
 DEFAULT_BUCKETS = 1 << 18
@@ -228,7 +228,7 @@ def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         feature_map=meta.get("feature_map", ""),
         backbone_fingerprint=meta.get("backbone_fingerprint", ""),
         expert_fingerprint=meta.get("expert_fingerprint", ""),
-        extra=json.loads(meta.get("extra") or "{}"),
+        extra=parse_extra(meta),
         pairs_K3=tensors.get("pairs"),
     )
     stats.validate()

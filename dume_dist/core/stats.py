@@ -291,10 +291,28 @@ def stats_from_bytes(data: bytes) -> RouterStats:
         feature_map=meta["feature_map"],
         backbone_fingerprint=meta.get("backbone_fingerprint", ""),
         expert_fingerprint=meta.get("expert_fingerprint", ""),
-        extra=json.loads(meta.get("extra") or "{}"),
+        extra=parse_extra(meta),
     )
     stats.validate(num_layers=int(meta["num_layers"]))
     return stats
+
+
+MAX_EXTRA_CHARS = 1 << 16
+
+
+def parse_extra(meta) -> dict:
+    """A blob's free-form ``extra`` metadata: a JSON object of at most 64 KiB (deeply nested or
+    oversized JSON is refused with a one-line ValueError, never a RecursionError)."""
+    text = meta.get("extra") or "{}"
+    if not isinstance(text, str) or len(text) > MAX_EXTRA_CHARS:
+        raise ValueError(f"statistics metadata 'extra' is larger than {MAX_EXTRA_CHARS} characters")
+    try:
+        extra = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("statistics metadata 'extra' is not valid JSON") from None
+    if not isinstance(extra, dict):
+        raise ValueError("statistics metadata 'extra' must be a JSON object")
+    return extra
 
 
 def _read_metadata(data: bytes) -> dict:

@@ -45,6 +45,7 @@ from dume_dist.distributed.validation import (
     DIST_FEATURES,
     StatsValidator,
     check_credential_hash,
+    check_mlp_header,
     check_public_key,
     check_settings,
     check_text,
@@ -81,6 +82,7 @@ class Coordinator:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="dume-coord-"))
         self._store: ObjectStore | None = None  # opened on first use: __init__ never fails
         self._lock = threading.RLock()  # one registry change at a time (a threaded actor)
+        self._open_lock = threading.Lock()
         self._verifier = Verifier()
         self._bounds: dict = {}  # backbone fingerprint -> feature norm bound per layer
         self._replay = signing.ReplayGuard()  # signed (HTTP API) requests of this incarnation
@@ -88,7 +90,7 @@ class Coordinator:
     # -- store --------------------------------------------------------------------------------
 
     def _open(self):
-        with self._lock:
+        with self._open_lock:  # not the registry lock: reads and credential checks never wait
             return self._open_locked()
 
     def _open_locked(self):
@@ -303,8 +305,7 @@ class Coordinator:
             check_text("expert fingerprint", fingerprint, 64)
             if rec.expert is not None and rec.expert.fingerprint == fingerprint:
                 return {"expert": rec.expert.to_json(), "changed": False, "revision": rev}
-            if not isinstance(mlp, (bytes, bytearray)):
-                raise ValueError(f"expert MLP weights must be bytes, got {type(mlp).__name__}")
+            check_mlp_header(mlp, reg.backbone["mlp_layout"])
             self.workspace.expert_spec(reg, name, fingerprint, bytes(mlp))  # validates it
             blob = self.blobs.put_blob("expert", name, bytes(mlp), {"fingerprint": fingerprint})
             stale = tr.set_expert(reg, name, ExpertRecord(fingerprint, blob, len(mlp)))

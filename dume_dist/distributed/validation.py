@@ -57,6 +57,16 @@ def check_credential_hash(value) -> str:
     return value
 
 
+def check_mlp_header(mlp, mlp_layout: dict) -> None:
+    """An expert upload has exactly the backbone's MLP tensors (names, dtypes, shapes), read
+    from its safetensors header before any tensor is."""
+    if not isinstance(mlp, (bytes, bytearray)):
+        raise ValueError(f"expert MLP weights must be bytes, got {type(mlp).__name__}")
+    _, entries = parse_header(mlp, "expert MLP blob")
+    layout = {name: (dtype, tuple(shape)) for name, (dtype, shape) in mlp_layout.items()}
+    check_layout("expert MLP blob", entries, layout)
+
+
 def check_count(what: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{what} must be a non-negative integer, got {type(value).__name__}")
@@ -202,7 +212,7 @@ class StatsValidator:
     def stats(self, node: NodeRecord, name: str, stats, num_tokens, feature_map: str) -> Stats:
         backbone = self.reg.backbone
         if isinstance(stats, (bytes, bytearray)):
-            self._check_header(bytes(stats), feature_map)
+            self._check_header(stats, feature_map)
         parsed = parse_stats(stats)
         self._check_kind(parsed)
         if parsed.feature_map != feature_map:
