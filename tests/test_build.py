@@ -4,7 +4,6 @@ Tiny random Llama experts (hidden 32, 2 layers) with a WordLevel tokenizer are b
 module fixture; each domain's text uses its own part of the vocabulary.
 """
 
-import hashlib
 import json
 import shutil
 
@@ -79,6 +78,7 @@ def built(world):
     result = build_dume(
         {n: world["experts"][n] for n in names}, {n: world["data"][n] for n in names}, out,
         max_tokens_per_seq=MAX_TOK, seq_len=16, batch_size=4, progress=False,
+        save_stats=world["root"] / "built-stats",
     )  # fmt: skip
     return out, result
 
@@ -221,7 +221,8 @@ def test_checkpoint_loads_and_routers_match_saved_stats(world, built):
     manifest = verify_checkpoint(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.expert_names == ["alpha", "beta"]
-    stats = {n: load_stats(out / "stats" / f"{n}.safetensors") for n in ("alpha", "beta")}
+    kept = out.parent / "built-stats"
+    stats = {n: load_stats(kept / n / "fit.safetensors") for n in ("alpha", "beta")}
     routers = solve_routers({"alpha": (0, stats["alpha"]), "beta": (1, stats["beta"])}, 2, lam=1e-2)
     for layer, router in enumerate(routers):
         block = model.model.layers[layer].mlp
@@ -234,8 +235,7 @@ def test_checkpoint_loads_and_routers_match_saved_stats(world, built):
         key = f"model.layers.1.mlp.experts.1.{param}"
         assert torch.equal(model.state_dict()[key], beta.tensor(name))
     entries = {e["name"]: e for e in manifest["experts"]}
-    blob = (out / "stats" / "beta.safetensors").read_bytes()
-    assert entries["beta"]["stats_fingerprint"] == hashlib.sha256(blob).hexdigest()
+    assert not (out / "stats").exists()  # statistics stay out of the model directory
     assert entries["beta"]["num_tokens"] == result.num_tokens["beta"] > 0
     assert manifest["backbone"]["fingerprint"] == result.backbone_fingerprint
     assert manifest["parent_version"] is None and manifest["top_k"] == 1
@@ -280,10 +280,10 @@ def test_verify_detects_corruption(built, tmp_path):
     with pytest.raises(ValueError, match="model.safetensors is corrupt"):
         verify_checkpoint(copy)
     shutil.copyfile(out / "model.safetensors", weights)
-    (copy / "stats" / "alpha.safetensors").unlink()
-    with pytest.raises(ValueError, match="alpha.safetensors is missing"):
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json is missing"):
         verify_checkpoint(copy)
-    shutil.copyfile(out / "stats" / "alpha.safetensors", copy / "stats" / "alpha.safetensors")
+    shutil.copyfile(out / "tokenizer.json", copy / "tokenizer.json")
     (copy / "extra.py").write_text("print('hi')\n")
     with pytest.raises(ValueError, match="extra.py is not in the manifest"):
         verify_checkpoint(copy)

@@ -38,7 +38,8 @@ def _build_args(world, out, *extra):
 def built(world):
     """The paper's routing: every baseline of the eval table applies (bias-free included)."""
     out = world["root"] / "model"
-    assert main(_build_args(world, out, "--routing", "paper")) == 0
+    stats = world["root"] / "model-stats"
+    assert main(_build_args(world, out, "--routing", "paper", "--save-stats", str(stats))) == 0
     return out
 
 
@@ -65,7 +66,7 @@ def test_build_then_eval_prints_every_baseline(world, built, tmp_path, capsys):
     code = main([
         "eval", "--model", str(built), *_flags(world, "--experts", "experts"),
         *_flags(world, "--data", "data"), "--json", str(js), "--heatmap", str(png),
-        "--seq-len", "16",
+        "--seq-len", "16", "--stats", str(world["root"] / "model-stats"),
     ])  # fmt: skip
     assert code == 0
     result = json.loads(js.read_text())

@@ -99,8 +99,14 @@ def build_tiny_dume(root: Path, family: str = "llama", tie: bool = False) -> Pat
         experts[name] = expert_dir
         data[name] = [root / f"{family}-{name}.txt"]
     out = root / f"dume-{family}"
-    build_dume(experts, data, out, max_tokens_per_seq=32, batch_size=4, progress=False)
+    build_dume(experts, data, out, max_tokens_per_seq=32, batch_size=4, progress=False,
+               save_stats=stats_of(out))  # fmt: skip
     return out
+
+
+def stats_of(dume_dir: Path) -> Path:
+    """Where ``build_tiny_dume`` keeps the statistics of ``dume_dir`` (never inside it)."""
+    return Path(dume_dir).parent / f"{Path(dume_dir).name}-stats"
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +126,7 @@ def tied_dume(mistral_dume, tmp_path_factory) -> Path:
     dst = _edited_copy(
         mistral_dume, tmp_path_factory.mktemp("tied") / "dume", tie_word_embeddings=True
     )
+    shutil.copytree(stats_of(mistral_dume), stats_of(dst))
     weights = load_file(str(dst / "model.safetensors"))
     del weights["lm_head.weight"]
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -163,6 +170,7 @@ def test_export_equals_dume_with_bias_free_routers(
         temperature=temperature,
         layout=layout,
         **kwargs,
+        stats_dir=stats_of(dume_dir),
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixtral"]  # no temporary left over
     if shard_bytes:
@@ -185,7 +193,11 @@ def test_export_equals_dume_with_bias_free_routers(
 
 def load_dume_reference(dume_dir: Path, top_k: int, temperature: float):
     dume = em.load_dume_with_bias_free_routers(
-        dume_dir, top_k=top_k, temperature=temperature, dtype=torch.float32
+        dume_dir,
+        top_k=top_k,
+        temperature=temperature,
+        dtype=torch.float32,
+        stats_dir=stats_of(dume_dir),
     ).eval()
     for block in dume.moe_blocks():
         assert torch.count_nonzero(block.router.bias) == 0
@@ -196,12 +208,14 @@ def load_dume_reference(dume_dir: Path, top_k: int, temperature: float):
 def test_gate_is_the_bias_free_ridge_solution_over_t(llama_dume, tmp_path):
     manifest = json.loads((llama_dume / "dume_manifest.json").read_text())
     contributions = {
-        name: (j, load_stats(llama_dume / "stats" / f"{name}.safetensors"))
+        name: (j, load_stats(stats_of(llama_dume) / name / "fit.safetensors"))
         for j, name in enumerate(NAMES)
     }
     want = solve_routers(contributions, len(NAMES), lam=manifest["lam"], bias=False)
     biased = solve_routers(contributions, len(NAMES), lam=manifest["lam"], bias=True)
-    out = em.export_mixtral(llama_dume, tmp_path / "m", temperature=0.25)
+    out = em.export_mixtral(
+        llama_dume, tmp_path / "m", temperature=0.25, stats_dir=stats_of(llama_dume)
+    )
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         for layer, router in enumerate(want):
             gate = f.get_tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")
@@ -211,12 +225,12 @@ def test_gate_is_the_bias_free_ridge_solution_over_t(llama_dume, tmp_path):
     info = json.loads((out / em.EXPORT_INFO_NAME).read_text())
     assert (info["lam"], info["temperature"], info["top_k"]) == (manifest["lam"], 0.25, 1)
     # Another lam gives another router.
-    other = em.bias_free_routers(llama_dume, lam=10.0)
+    other = em.bias_free_routers(llama_dume, lam=10.0, stats_dir=stats_of(llama_dume))
     assert not torch.allclose(other[0].weight_EF, want[0].weight_EF, atol=1e-3)
 
 
 def test_config_carries_the_dense_settings_and_llama3_rope(llama_dume, tmp_path):
-    out = em.export_mixtral(llama_dume, tmp_path / "m")
+    out = em.export_mixtral(llama_dume, tmp_path / "m", stats_dir=stats_of(llama_dume))
     raw = json.loads((out / "config.json").read_text())
     assert raw["model_type"] == "mixtral" and raw["architectures"] == ["MixtralForCausalLM"]
     assert "auto_map" not in raw
@@ -264,10 +278,12 @@ def test_config_carries_the_dense_settings_and_llama3_rope(llama_dume, tmp_path)
 
 
 def test_mistral_sliding_window_and_tied_embeddings(mistral_dume, tied_dume, tmp_path):
-    out = em.export_mixtral(mistral_dume, tmp_path / "m")
+    out = em.export_mixtral(mistral_dume, tmp_path / "m", stats_dir=stats_of(mistral_dume))
     raw = json.loads((out / "config.json").read_text())
     assert raw["sliding_window"] == 8 and raw["tie_word_embeddings"] is False
-    out = em.export_mixtral(tied_dume, tmp_path / "t", verify=False)
+    out = em.export_mixtral(
+        tied_dume, tmp_path / "t", verify=False, stats_dir=stats_of(mistral_dume)
+    )
     raw = json.loads((out / "config.json").read_text())
     assert raw["sliding_window"] == 8 and raw["tie_word_embeddings"] is True
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -298,38 +314,43 @@ def test_unrepresentable_models_are_refused_before_writing(llama_dume, tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(ValueError, match=message) as err:
-        em.export_mixtral(bad, work / "out", verify=False)
+        em.export_mixtral(bad, work / "out", verify=False, stats_dir=stats_of(llama_dume))
     assert "\n" not in str(err.value)
     assert list(work.iterdir()) == []
 
 
 def test_bad_inputs_are_refused(llama_dume, tmp_path):
     with pytest.raises(ValueError, match="not a DUME checkpoint"):
-        em.export_mixtral(llama_dume.parent / "llama-alpha", tmp_path / "a")
+        em.export_mixtral(
+            llama_dume.parent / "llama-alpha", tmp_path / "a", stats_dir=stats_of(llama_dume)
+        )
     with pytest.raises(ValueError, match="top_k must be"):
-        em.export_mixtral(llama_dume, tmp_path / "a", top_k=4)
+        em.export_mixtral(llama_dume, tmp_path / "a", top_k=4, stats_dir=stats_of(llama_dume))
     with pytest.raises(ValueError, match="onto itself"):
-        em.export_mixtral(llama_dume, llama_dume, overwrite=True)
+        em.export_mixtral(llama_dume, llama_dume, overwrite=True, stats_dir=stats_of(llama_dume))
     with pytest.raises(ValueError, match="layout must be"):
-        em.export_mixtral(llama_dume, tmp_path / "a", layout="w1w2w3")
+        em.export_mixtral(
+            llama_dume, tmp_path / "a", layout="w1w2w3", stats_dir=stats_of(llama_dume)
+        )
+    assert not (llama_dume / "stats").exists()  # statistics are kept outside the model
+    with pytest.raises(ValueError, match="no statistics for expert 'alpha'"):
+        em.export_mixtral(llama_dume, tmp_path / "a")
     nostats = tmp_path / "nostats"
-    shutil.copytree(llama_dume, nostats)
-    (nostats / "stats" / "beta.safetensors").unlink()
-    with pytest.raises(ValueError, match="stats/beta.safetensors is missing"):
-        em.export_mixtral(nostats, tmp_path / "a")
+    shutil.copytree(stats_of(llama_dume), nostats)
+    shutil.rmtree(nostats / "beta")
     with pytest.raises(ValueError, match="no statistics for expert 'beta'"):
-        em.export_mixtral(nostats, tmp_path / "a", verify=False)
+        em.export_mixtral(llama_dume, tmp_path / "a", stats_dir=nostats)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(llama_dume, corrupt)
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="corrupt"):
-        em.export_mixtral(corrupt, tmp_path / "a")
+        em.export_mixtral(corrupt, tmp_path / "a", stats_dir=stats_of(llama_dume))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        em.export_mixtral(llama_dume, tmp_path / "full")
+        em.export_mixtral(llama_dume, tmp_path / "full", stats_dir=stats_of(llama_dume))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "full", "nostats"]
 
 
@@ -345,5 +366,7 @@ def test_failure_while_writing_leaves_nothing(llama_dume, tmp_path, monkeypatch)
     original = em.ShardedWriter.add
     monkeypatch.setattr(em.ShardedWriter, "add", failing_add)
     with pytest.raises(OSError, match="disk full"):
-        em.export_mixtral(llama_dume, tmp_path / "out", max_shard_bytes=1000)
+        em.export_mixtral(
+            llama_dume, tmp_path / "out", max_shard_bytes=1000, stats_dir=stats_of(llama_dume)
+        )
     assert list(tmp_path.iterdir()) == []

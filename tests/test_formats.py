@@ -58,8 +58,9 @@ def test_every_format_says_whether_it_holds_a_build(world):
 def test_direct_mixtral_build_equals_the_export_of_a_dume_build(world, tmp_path):
     experts = dict(world["experts"])
     data = dict(world["data"])
-    build_dume(experts, data, tmp_path / "dume", routing="paper", top_k=2, **KW)
-    export_mixtral(tmp_path / "dume", tmp_path / "exported")
+    kept = tmp_path / "kept"
+    build_dume(experts, data, tmp_path / "dume", routing="paper", top_k=2, save_stats=kept, **KW)
+    export_mixtral(tmp_path / "dume", tmp_path / "exported", stats_dir=kept)
     result = build_dume(
         experts, data, tmp_path / "direct", routing="paper", top_k=2, output_format="mixtral", **KW
     )

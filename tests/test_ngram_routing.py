@@ -328,8 +328,9 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     }  # fmt: skip
     assert config["num_experts_per_tok"] == 2 and config["routing"]["min_weight"] == 0.05
     assert all(s.feature_map.startswith("ngram:") for s in result.stats.values())
-    held = sorted((result.out_dir / "stats" / "holdout").rglob("*.safetensors"))
-    assert len(held) == 3 and all("+pairs" in p.name for p in held)
+    held = sorted((result.out_dir.parent / "kept").rglob("holdout-*.safetensors"))
+    assert len(held) == 3
+    assert all(stats_from_bytes(p.read_bytes()).feature_map.endswith("+pairs") for p in held)
     table = compare(
         result.out_dir, world["data"], experts=world["experts"], seq_len=24, batch_size=4,
         max_eval_tokens=400,

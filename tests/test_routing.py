@@ -477,7 +477,7 @@ def tiny_build(root: Path, routing: str):
     world = make_world(root / "world", num_docs=20)
     result = build_dume(
         world["experts"], world["data"], root / "model", routing=routing,
-        max_tokens_per_seq=48, batch_size=4, progress=False,
+        max_tokens_per_seq=48, batch_size=4, progress=False, save_stats=root / "kept",
     )  # fmt: skip
     return world, result
 
@@ -501,7 +501,7 @@ def test_context_build_records_routing_and_evaluates_with_heatmap(context_build,
     assert config["routing"]["features"] == "prefix_mean"
     assert config["routing"].get("smoothing", 0.0) == routing["smoothing"]
     assert all(s.feature_map == "prefix_mean" for s in result.stats.values())
-    held_files = sorted((result.out_dir / "stats" / "holdout").rglob("*.safetensors"))
+    held_files = sorted((result.out_dir.parent / "kept").rglob("holdout-*.safetensors"))
     assert len(held_files) == 3 * len(PRESETS["context"].holdout_smoothings())
     table = compare(result.out_dir, world["data"], seq_len=24, batch_size=4, max_eval_tokens=400)
     acc = table.routing_accuracy["dume k=1"]

@@ -70,6 +70,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--tokens", type=int, default=2048, help="statistics tokens per contributor")
     sc.set_defaults(func=run_scaling)
 
+    lk = kinds.add_parser(
+        "leakage", help="what a curious coordinator recovers from each routing kind's statistics"
+    )
+    lk.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    lk.add_argument(
+        "--expert",
+        action="append",
+        metavar="NAME=DIR",
+        help="an expert (default: the shipped ones)",
+    )
+    lk.add_argument(
+        "--train", action="append", metavar="NAME=PATH", help="statistics text of NAME (repeat)"
+    )
+    lk.add_argument("--kind", action="append", choices=("ngram", "paper", "context"), default=None)
+    lk.add_argument("--seq-len", type=int, default=512, help="statistics window length")
+    lk.add_argument("--max-tokens", type=int, default=None, help="statistics tokens per expert")
+    lk.add_argument(
+        "--dp-epsilon", type=float, action="append", default=None,
+        help="also attack statistics made (ε, --dp-delta)-private (repeat)",
+    )  # fmt: skip
+    lk.add_argument("--dp-delta", type=float, default=1e-6)
+    lk.add_argument("--threads", type=int, default=None)
+    lk.set_defaults(func=run_leakage)
+
+    for name, helptext in (
+        ("privacy", "what differential privacy costs per routing kind and ε (two data sizes)"),
+        ("poisoning", "what one contributor's inflated or forged statistics do to routing"),
+    ):
+        rb = kinds.add_parser(name, help=helptext)
+        rb.add_argument("--json", required=True, help="results file (a .md table beside it)")
+        rb.add_argument("--expert", action="append", metavar="NAME=DIR",
+                        help="an expert (default: the shipped founding ones)")  # fmt: skip
+        rb.add_argument("--train", action="append", metavar="NAME=PATH")
+        rb.add_argument("--valid", action="append", metavar="NAME=PATH")
+        rb.add_argument("--kind", action="append", choices=("ngram", "paper", "context"))
+        rb.add_argument("--seq-len", type=int, default=512, help="statistics window length")
+        rb.add_argument("--max-eval-tokens", type=int, default=8192, help="per domain")
+        rb.add_argument("--threads", type=int, default=None)
+        if name == "privacy":
+            rb.add_argument("--dp-epsilon", type=float, action="append", default=None,
+                            help="ε to measure (repeat; default 8 and 1)")  # fmt: skip
+            rb.add_argument("--dp-delta", type=float, default=1e-6)
+            rb.add_argument("--sizes", default="",
+                            help="comma-separated statistics tokens per expert (default: all)")  # fmt: skip
+        else:
+            rb.add_argument("--target", default="python", help="the lying contributor")
+            rb.add_argument("--max-tokens", type=int, default=None)
+        rb.set_defaults(func=run_robustness)
+
 
 def run_inference(args) -> int:
     from dume_dist.bench.inference import markdown_table, run_inference_bench, write_results
@@ -136,3 +185,76 @@ def run_scaling(args) -> int:
     print(markdown_table(result))
     print(f"wrote {args.json} and {md}")
     return 0
+
+
+def _experts_and_train(args):
+    from dume_dist.cli.build import parse_experts, parse_named
+
+    if args.expert:
+        experts, train = parse_experts(args.expert), parse_named(args.train, "--train")
+        if set(train) != set(experts):
+            raise ValueError("--train needs every --expert name")
+        return experts, train
+    from dume_dist.demo import DOMAINS, data_path, expert_dir
+
+    return {d: str(expert_dir(d)) for d in DOMAINS}, {d: [str(data_path(d))] for d in DOMAINS}
+
+
+def run_leakage(args) -> int:
+    import torch
+
+    from dume_dist.bench.leakage import KINDS, markdown_table, run_leakage_bench, write_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    experts, train = _experts_and_train(args)
+    result = run_leakage_bench(
+        experts, train, kinds=args.kind or KINDS, seq_len=args.seq_len,
+        max_tokens=args.max_tokens, dp_epsilons=args.dp_epsilon or (), dp_delta=args.dp_delta,
+    )  # fmt: skip
+    md = write_results(result, args.json)
+    print(markdown_table(result))
+    print(f"wrote {args.json} and {md}")
+    return 0
+
+
+def run_robustness(args) -> int:
+    import torch
+
+    from dume_dist.bench import robustness as rb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.expert:
+        experts, train = _experts_and_train(args)
+        valid = parse_named_valid(args)
+    else:
+        from dume_dist.demo import FOUNDING_DOMAINS, data_path, expert_dir
+
+        experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
+        train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
+        valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
+    common = dict(kinds=args.kind or tuple(rb.FIXED), seq_len=args.seq_len,
+                  max_eval_tokens=args.max_eval_tokens)  # fmt: skip
+    if args.command2 == "privacy":
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()] or [None]
+        result = rb.run_privacy_bench(experts, train, valid, epsilons=args.dp_epsilon or (8.0, 1.0),
+                                      delta=args.dp_delta, sizes=sizes, **common)  # fmt: skip
+        table = rb.privacy_table
+    else:
+        result = rb.run_poisoning_bench(experts, train, valid, target=args.target,
+                                        max_tokens=args.max_tokens, **common)  # fmt: skip
+        table = rb.poisoning_table
+    md = rb.write_results(result, args.json, table)
+    print(table(result))
+    print(f"wrote {args.json} and {md}")
+    return 0
+
+
+def parse_named_valid(args) -> dict:
+    from dume_dist.cli.build import parse_named
+
+    valid = parse_named(args.valid, "--valid")
+    if not valid:
+        raise ValueError("--valid is needed with --expert")
+    return valid

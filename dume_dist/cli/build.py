@@ -95,6 +95,50 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+def add_dp_flags(p: argparse.ArgumentParser) -> None:
+    """Differential privacy of the statistics a contributor sends (docs/privacy.md)."""
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="make the statistics (ε, δ)-differentially private before they leave (this "
+        "submission's budget, every layer and held-out part included)",
+    )
+    p.add_argument("--dp-delta", type=float, default=None, help="δ of --dp-epsilon (e.g. 1e-6)")
+    p.add_argument(
+        "--dp-unit",
+        choices=("sequence", "token"),
+        default="sequence",
+        help="what is protected: one statistics window (sequence) or one token (n-gram routing only)",
+    )
+    p.add_argument(
+        "--dp-clip",
+        type=float,
+        default=None,
+        help="L2 bound on each token's router features (default: from the backbone's norm weights)",
+    )
+    p.add_argument(
+        "--dp-count-cap",
+        type=int,
+        default=4,
+        help="most a sequence adds to any one n-gram count (default 4)",
+    )
+
+
+def dp_spec(args):
+    """The DpSpec of --dp-* flags, or None without --dp-epsilon."""
+    eps, delta = getattr(args, "dp_epsilon", None), getattr(args, "dp_delta", None)
+    if eps is None:
+        if delta is not None:
+            raise ValueError("--dp-delta needs --dp-epsilon")
+        return None
+    if delta is None:
+        raise ValueError("--dp-epsilon needs --dp-delta (e.g. 1e-6, below 1 / number of units)")
+    from dume_dist.core.dp import DpSpec
+
+    return DpSpec(eps, delta, args.dp_unit, args.dp_clip, args.dp_count_cap)
+
+
 def number_or_auto(value: str) -> float | str:
     if str(value).strip().lower() == "auto":
         return "auto"
@@ -194,6 +238,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--save-stats",
+        metavar="DIR",
+        default=None,
+        help="keep the experts' statistics in DIR (outside --out; never in the model) and reuse "
+        "those that still match on a later build with the same DIR",
+    )
+    add_dp_flags(p)
     p.set_defaults(func=run_build)
 
     e = sub.add_parser("eval", help="held-out perplexity per domain (and routing accuracy)")
@@ -230,6 +282,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--delays", type=int, nargs="*", default=[4, 16], help="--mixed: oracle delays (tokens)"
     )
     e.add_argument("--routing-png", help="--mixed: PNG of the routing along a few sequences")
+    e.add_argument(
+        "--stats",
+        default=None,
+        metavar="DIR",
+        help="the build's --save-stats directory: adds the bias-free (Mixtral) baseline",
+    )
     e.set_defaults(func=run_eval)
 
 
@@ -249,14 +307,30 @@ def run_build(args) -> int:
         max_tokens_per_seq=args.max_tokens_per_seq, max_tokens=args.max_tokens,
         batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
         overwrite=args.overwrite, output_format=args.format, dtype=_dtype(args.dtype),
-        stats_dtype=_dtype(args.stats_dtype), **extra,
+        stats_dtype=_dtype(args.stats_dtype), save_stats=args.save_stats, dp=dp_spec(args),
+        **extra,
     )  # fmt: skip
+    _print_privacy(result, args.save_stats)
     if args.format == "mixtral":
         print(f"wrote Mixtral model to {out}")
         return 0
     print(f"wrote DUME model to {out}")
     _print_build_summary(result)
     return 0
+
+
+def _print_privacy(result, save_stats) -> None:
+    if save_stats:
+        reused = getattr(result, "reused_stats", [])
+        print(
+            f"statistics kept in {save_stats}"
+            + (f" (reused: {', '.join(reused)})" if reused else "")
+        )
+    for name, g in (getattr(result, "privacy", None) or {}).items():
+        print(
+            f"{name}: ({g['epsilon']:g}, {g['delta']:g})-DP per {g['unit']}, noise multiplier "
+            f"{g['noise_multiplier']:.3g} over {g['num_releases']} releases"
+        )
 
 
 def routing_spec(args):
@@ -311,7 +385,7 @@ def run_eval(args) -> int:
     experts = parse_experts(args.experts) if args.experts else None
     table = compare(
         args.model, data, experts=experts, seq_len=args.seq_len, batch_size=args.batch_size,
-        max_eval_tokens=args.max_eval_tokens, device=args.device,
+        max_eval_tokens=args.max_eval_tokens, device=args.device, stats_dir=args.stats,
     )  # fmt: skip
     print_table(table)
     if args.json:

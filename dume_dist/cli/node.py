@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dume_dist.cli.build import add_dp_flags, dp_spec
 from dume_dist.cli.shared import coordinator, node_credential_flag, node_secret, ray_flags
 from dume_dist.distributed.calls import call
 
@@ -40,6 +41,18 @@ def register(sub) -> None:
         "--node-id", default=None, help="Ray node id to pin the agent to (default: this node)"
     )
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compute the statistics and show what would leave this node, then stop",
+    )
+    p.add_argument(
+        "--send-heldout-bigrams",
+        action="store_true",
+        help="allow sending the exact (previous token, token, count) bigrams of the held-out "
+        "documents, when the coordinator chooses the n-gram mu on them",
+    )
+    add_dp_flags(p)
     node_credential_flag(p)
     ray_flags(p)
     p.set_defaults(func=run_join)
@@ -61,11 +74,29 @@ def run_join(args) -> int:
     agent = launch_agent(
         handle, args.name, args.domain, secret, node_id=args.node_id, cache_dir=args.cache_dir
     )
+    dp = dp_spec(args)
     kwargs = {"expert_dir": str(Path(args.expert).resolve()), "data": data, "workers": args.workers,
-              "max_tokens": args.max_tokens, "batch_size": args.batch_size, "seq_len": args.seq_len}  # fmt: skip
-    result = run_join(agent, kwargs, show_progress=not args.no_progress and sys.stderr.isatty())
-    print_join(result)
+              "max_tokens": args.max_tokens, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "dp": None if dp is None else dp.to_json(), "dry_run": True,
+              "send_heldout_bigrams": args.send_heldout_bigrams}  # fmt: skip
+    prepared = run_join(agent, kwargs, show_progress=not args.no_progress and sys.stderr.isatty())
+    print_outbound(prepared["outbound"], args.dry_run)
+    if args.dry_run:
+        return 0
+    print_join(call(agent, "send_prepared"))
     return 0
+
+
+def print_outbound(outbound: list[dict], dry_run: bool) -> None:
+    """What leaves the node, printed before anything is sent."""
+    verb = "would leave" if dry_run else "will leave"
+    total = sum(o["bytes"] for o in outbound)
+    print(f"what {verb} this node ({total:,} B; the data itself never does):")
+    for o in outbound:
+        tokens = f", {o['tokens']:,} tokens" if "tokens" in o else ""
+        print(f"  {o['what']} [{o['kind']}]: {o['bytes']:,} B{tokens}")
+    if not outbound:
+        print("  nothing (these statistics were already counted)")
 
 
 def print_join(result: dict) -> None:

@@ -104,6 +104,44 @@ def write_checked(dest: Path, rel: str, data: bytes, record: dict) -> None:
     (dest / rel).write_bytes(data)
 
 
+def check_heldout_policy(job: StatsJob, send_heldout_bigrams: bool, dp: dict | None) -> None:
+    """Exact held-out bigrams (text fragments) leave the node only when the contributor says so,
+    and never with differential privacy."""
+    if job.features != "ngram" or not job.holdout_smoothings:
+        return
+    if dp is not None:
+        raise ValueError(
+            "this coordinator chooses mu on exact held-out bigrams, which cannot be released "
+            "with differential privacy: ask the operator for a fixed mu (--lam)"
+        )
+    if not send_heldout_bigrams:
+        raise ValueError(
+            "this coordinator chooses mu on exact held-out bigrams (previous token, token, count "
+            "of your held-out documents): pass --send-heldout-bigrams to send them, or ask the "
+            "operator for a fixed mu (--lam)"
+        )
+
+
+def _dp_job(backbone_dir: Path, features: str, dp: dict) -> dict:
+    """The collection bounds of ``dp`` for the workers: feature clip (Grams), count cap."""
+    from dume_dist.core.dp import DpSpec
+
+    spec = DpSpec(**dp)
+    out = {"dp_count_cap": spec.count_cap if spec.unit == "sequence" else None, "dp_clip": None}
+    if features != "ngram":
+        if spec.unit != "sequence":
+            raise ValueError(
+                "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
+                "states of every later token of its window): use --dp-unit sequence"
+            )
+        from dume_dist.model.backbone import Backbone
+        from dume_dist.model.collect import default_clip
+
+        clip = spec.clip or default_clip(Backbone.load(Path(backbone_dir), verify=False), features)
+        out["dp_clip"] = clip
+    return out
+
+
 def submission_id(data_hashes: list[str], expert_fp: str, backbone_fp: str, settings: dict) -> str:
     """Names a contribution by what determines it: a rerun gets the same id."""
     blob = json.dumps([data_hashes, expert_fp, backbone_fp, settings], sort_keys=True).encode()
@@ -234,7 +272,13 @@ class NodeAgent:
         return result
 
     def job(
-        self, backbone_dir: Path, expert_dir: str, fingerprint: str, data: list[str], opts: dict
+        self,
+        backbone_dir: Path,
+        expert_dir: str,
+        fingerprint: str,
+        data: list[str],
+        opts: dict,
+        dp: dict | None = None,
     ) -> StatsJob:
         from dume_dist.distributed.artifacts import routing_of
 
@@ -259,6 +303,9 @@ class NodeAgent:
         id_settings = dict(stats_settings)
         if spec.features != "token" or spec.needs_holdout:
             id_settings["routing"] = routing
+        if dp is not None:  # private statistics: features clipped, counts capped while collected
+            id_settings["dp"] = dp
+            routing.update(_dp_job(backbone_dir, spec.features, dp))
         for path in data:
             if not Path(path).is_file():
                 raise ValueError(f"data file {path} does not exist on node {self.name}")
@@ -335,29 +382,104 @@ class NodeAgent:
         seq_len: int | None = None,
         threads: int | None = None,
         crash_after: str | None = None,
+        dp: dict | None = None,
+        send_heldout_bigrams: bool = False,
+        dry_run: bool = False,
     ) -> dict:
-        """Every step of a join; ``crash_after`` (tests) kills the process after that step."""
+        """Every step of a join; ``crash_after`` (tests) kills the process after that step.
+
+        Nothing leaves the node before the statistics are computed (and made private with ``dp``,
+        a ``core.dp.DpSpec`` as a dict): ``outbound`` of the result lists what is sent, by kind
+        and bytes. With ``dry_run`` the join stops there and keeps what it computed;
+        `send_prepared` then sends exactly that."""
         t0 = time.perf_counter()
         seconds = {}
         self.authenticate()
         backbone_dir = self.fetch_backbone()
         spec, fingerprint = self.check_expert(expert_dir, data)
+        opts = {"max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len}
+        job = self.job(backbone_dir, expert_dir, fingerprint, list(data), opts, dp)
+        check_heldout_policy(job, send_heldout_bigrams, dp)
+        seconds["prepare"] = time.perf_counter() - t0
+        computed = None
+        if job.submission_id not in self._info["submissions"]:
+            t1 = time.perf_counter()
+            computed = self._private(job, self.compute(job, workers, threads), dp)
+            seconds["compute"] = time.perf_counter() - t1
+            self._maybe_crash(crash_after, "compute")
+        prepared = dict(spec=spec, fingerprint=fingerprint, job=job, computed=computed,
+                        seconds=seconds, crash_after=crash_after)  # fmt: skip
+        if dry_run:
+            self._prepared = prepared
+            self._enter("prepared")
+            return {"status": "dry-run", "node": self.name, "submission_id": job.submission_id,
+                    "outbound": self.outbound(spec, fingerprint, computed)}  # fmt: skip
+        return self._send(prepared)
+
+    def send_prepared(self) -> dict:
+        """Send what the last ``join(dry_run=True)`` computed (and showed)."""
+        prepared, self._prepared = getattr(self, "_prepared", None), None
+        if prepared is None:
+            raise ValueError("nothing prepared to send: run the join first")
+        return self._send(prepared)
+
+    def outbound(self, spec, fingerprint: str, computed: dict | None) -> list[dict]:
+        """What leaves the node, by kind and bytes (the expert only when not yet registered)."""
+        from dume_dist.core.stats import stats_from_bytes
+
+        out = []
+        registered = (self._info.get("expert") or {}).get("fingerprint") == fingerprint
+        if not registered:
+            size = sum(spec.tensor(n).nbytes for n in spec.mlp_names())
+            out.append({"what": "expert MLP weights", "kind": "weights", "bytes": size})
+        if computed is None:
+            return out
+        stats = stats_from_bytes(computed["stats"])
+        private = " (differentially private)" if "dp" in stats.extra else ""
+        out.append({"what": f"fit statistics{private}", "kind": stats.feature_map,
+                    "bytes": len(computed["stats"]), "tokens": stats.num_tokens})  # fmt: skip
+        for _, blob in sorted((computed.get("holdout") or {}).items()):
+            held = stats_from_bytes(blob)
+            what = "held-out statistics"
+            if getattr(held, "pairs_K3", None) is not None:
+                what += f" incl. {len(held.pairs_K3):,} exact held-out bigrams (prev, next, count)"
+            out.append({"what": what + private, "kind": held.feature_map, "bytes": len(blob)})
+        return out
+
+    def _private(self, job: StatsJob, computed: dict, dp: dict | None) -> dict:
+        """``computed`` made differentially private (rank 0's sum, before anything is sent)."""
+        if dp is None:
+            return computed
+        from dume_dist.core.dp import DpSpec
+        from dume_dist.core.private import privatize
+        from dume_dist.core.stats import stats_from_bytes, stats_to_bytes
+
+        fit = stats_from_bytes(computed["stats"])
+        held = {float(b): stats_from_bytes(x) for b, x in (computed.get("holdout") or {}).items()}
+        fit, held, _ = privatize(
+            fit, held, DpSpec(**dp), clip=job.dp_clip,
+            tokens_per_unit=min(job.seq_len, job.max_tokens_per_seq),
+        )  # fmt: skip
+        return {"stats": stats_to_bytes(fit),
+                "holdout": {b: stats_to_bytes(h) for b, h in held.items()}}  # fmt: skip
+
+    def _send(self, prepared: dict) -> dict:
+        spec, fingerprint, job = prepared["spec"], prepared["fingerprint"], prepared["job"]
+        computed, seconds, crash_after = (
+            prepared["computed"],
+            prepared["seconds"],
+            prepared["crash_after"],
+        )
+        outbound = self.outbound(spec, fingerprint, computed)
         uploaded = self.upload_expert(spec, fingerprint)
         self._maybe_crash(crash_after, "upload_expert")
-        opts = {"max_tokens": max_tokens, "batch_size": batch_size, "seq_len": seq_len}
-        job = self.job(backbone_dir, expert_dir, fingerprint, list(data), opts)
-        seconds["prepare"] = time.perf_counter() - t0
-        if job.submission_id in self._info["submissions"]:
+        if computed is None:
             result = {
                 "status": "duplicate",
                 "version": self._info.get("latest"),
                 "skipped_compute": True,
             }
         else:
-            t1 = time.perf_counter()
-            computed = self.compute(job, workers, threads)
-            seconds["compute"] = time.perf_counter() - t1
-            self._maybe_crash(crash_after, "compute")
             t2 = time.perf_counter()
             result = self.submit(job, computed)
             seconds["submit"] = time.perf_counter() - t2
@@ -374,6 +496,7 @@ class NodeAgent:
             submission_id=job.submission_id,
             seconds=seconds,
             sent_bytes=dict(self.transport.sent),
+            outbound=outbound,
         )
         return result
 

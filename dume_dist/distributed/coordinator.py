@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from dume_dist.core.ngram import NgramStats
+from dume_dist.core.private import guarantee_of
 from dume_dist.core.stats import RouterStats
 from dume_dist.distributed import signing
 from dume_dist.distributed import transitions as tr
@@ -373,7 +374,11 @@ class Coordinator:
                 hashlib.sha256(held_data).hexdigest(), held_stats.num_tokens, len(held_data),
             ))  # fmt: skip
         sha = hashlib.sha256(data).hexdigest()
-        return StatsEntry(blob, sha, submission_id, parsed.num_tokens, len(data), now(), entries)
+        guarantee = guarantee_of(parsed)  # differential privacy the node says it applied
+        dp = None if guarantee is None else guarantee.to_json()
+        return StatsEntry(
+            blob, sha, submission_id, parsed.num_tokens, len(data), now(), entries, dp
+        )
 
     def leave(self, secret: str, name: str, domain: str) -> dict:
         """The node withdraws itself: its contribution is removed and its blobs deleted. A

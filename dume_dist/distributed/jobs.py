@@ -24,3 +24,5 @@ class StatsJob:
     holdout_fraction: float = 0.0  # share of documents held out (0: no held-out statistics)
     holdout_smoothings: list[float] = field(default_factory=list)  # one held-out set per decay
     ngram_buckets: int | None = None  # ngram routing: hash buckets of the bigram counts
+    dp_clip: float | None = None  # differential privacy: each token's feature norm bound (Grams)
+    dp_count_cap: int | None = None  # differential privacy: most a sequence adds to one count

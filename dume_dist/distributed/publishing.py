@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dume_dist.core.private import privacy_record
 from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed.artifacts import routing_of
 from dume_dist.distributed.state import Registry, VersionEntry, now
@@ -92,6 +93,7 @@ class Publisher:
                     "expert_fingerprint": nodes[n].expert.fingerprint,
                     "stats": [s.manifest() for s in nodes[n].stats],
                     "num_tokens": nodes[n].num_tokens,
+                    "privacy": privacy_record([s.dp for s in nodes[n].stats]),
                 }
                 for j, n in enumerate(names)
             ],

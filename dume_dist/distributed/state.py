@@ -103,6 +103,7 @@ class StatsEntry:
     size: int
     submitted_at: str | None = None
     holdout: list[HoldoutEntry] = field(default_factory=list)
+    dp: dict | None = None  # the differential-privacy guarantee the node's statistics carry
 
     @classmethod
     def from_json(cls, d: dict) -> StatsEntry:
@@ -114,6 +115,7 @@ class StatsEntry:
             size=int(d.get("size", 0)),
             submitted_at=d.get("submitted_at"),
             holdout=[HoldoutEntry.from_json(h) for h in d.get("holdout", [])],
+            dp=d.get("dp"),
         )
 
     def to_json(self) -> dict:
@@ -123,6 +125,8 @@ class StatsEntry:
             out["submitted_at"] = self.submitted_at
         if self.holdout:  # absent without held-out statistics (as older registries have it)
             out["holdout"] = [h.to_json() for h in self.holdout]
+        if self.dp is not None:
+            out["dp"] = self.dp
         return out
 
     def blobs(self) -> list[str]:
@@ -135,6 +139,8 @@ class StatsEntry:
         if self.holdout:
             out["holdout"] = [{"smoothing": h.smoothing, "sha256": h.sha256,
                                "num_tokens": h.num_tokens} for h in self.holdout]  # fmt: skip
+        if self.dp is not None:
+            out["dp"] = self.dp
         return out
 
 

@@ -44,7 +44,7 @@ def print_versions(manifests: list[dict]) -> None:
 
 def nodes_table(registry: dict) -> Table:
     table = Table(title="contributors")
-    for col in ("node", "domain", "state", "expert", "submissions", "tokens"):
+    for col in ("node", "domain", "state", "expert", "submissions", "tokens", "privacy"):
         table.add_column(col)
     active = sorted(n for n, r in registry.get("nodes", {}).items() if r["state"] == "active")
     for name, rec in sorted(registry.get("nodes", {}).items()):
@@ -52,9 +52,22 @@ def nodes_table(registry: dict) -> Table:
         index = f" (expert {active.index(name)})" if name in active else ""
         tokens = sum(s["num_tokens"] for s in rec["stats"])
         table.add_row(
-            name, rec["domain"], rec["state"] + index, expert, str(len(rec["stats"])), f"{tokens:,}"
-        )
+            name, rec["domain"], rec["state"] + index, expert, str(len(rec["stats"])),
+            f"{tokens:,}", _privacy_cell([s.get("dp") for s in rec["stats"]]),
+        )  # fmt: skip
     return table
+
+
+def _privacy_cell(guarantees: list) -> str:
+    """The contributor's composed (ε, δ) over its submissions, or '-' when none was private."""
+    if not any(guarantees):
+        return "-"
+    from dume_dist.core.private import privacy_record
+
+    rec = privacy_record(guarantees)
+    if rec["epsilon"] is None:
+        return f"partly ({rec['private_submissions']}/{rec['submissions']} private)"
+    return f"ε={rec['epsilon']:.3g}, δ={rec['delta']:g}"
 
 
 def _routing_label(settings: dict) -> str:

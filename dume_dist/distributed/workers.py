@@ -146,7 +146,8 @@ class StatsWorker:
                 extra={**extra, "split": "holdout"} if held else extra,
                 pairs_K3=pairs if held else None,
             )  # fmt: skip
-            out.validate(vocab_size=vocab, buckets=buckets)
+            if job.dp_count_cap is None:  # capped counts are made whole by the noise step
+                out.validate(vocab_size=vocab, buckets=buckets)
             return out
 
         holdout = {}
@@ -198,6 +199,7 @@ class StatsWorker:
             counted = collect_ngram_stats(
                 self._counted(mine), vocab_size=vocab, buckets=buckets,
                 max_tokens_per_seq=job.max_tokens_per_seq, pairs=slot == 1, progress=False,
+                count_cap=job.dp_count_cap,
             )  # fmt: skip
             out[slot] = torch.cat([counted.unigram_V, counted.context_V, counted.bigram_H])
             if slot == 1:
@@ -291,6 +293,7 @@ class StatsWorker:
                 grams = collect_smoothed_stats(
                     model, self._counted(mine), max_tokens_per_seq=job.max_tokens_per_seq,
                     smoothings=betas, features=features, device=device, progress=False,
+                    clip=job.dp_clip,
                 )  # fmt: skip
                 for i, beta in enumerate(betas):
                     out[slot + i] = grams[beta].gram_LPP.cpu()

@@ -10,11 +10,14 @@ Routing (``dume_dist.model.routing.RoutingSpec``: features, solver, λ, smoothin
 stable) into a fit part and a held-out part of ``holdout_fraction``; fit statistics solve the
 routers, held-out statistics (one Gram per candidate smoothing) choose λ / β (``core.select``).
 
-Statistics: returned in ``BuildResult.stats`` (fit) and ``BuildResult.holdout_stats`` and,
-unless ``save_stats=False``, stored in the output directory as ``stats/<name>.safetensors`` and
-``stats/holdout/<name>/<feature map>.safetensors`` (``dume_dist.core.stats`` blobs, listed in the
-manifest), so a later build can add or remove experts without recomputing the others. They are
-Gram matrices of the experts' data; leave them out of a model published to untrusted readers.
+Statistics: returned in ``BuildResult.stats`` (fit) and ``BuildResult.holdout_stats``; never
+written into the model directory (they are data about the experts' text). ``save_stats=DIR``
+keeps them in ``DIR`` (``model.stats_dir``, outside the model), and a later build with the same
+``DIR`` reuses those that still match and computes only the rest.
+
+Differential privacy (``dp``, a ``core.dp.DpSpec``): each expert's statistics are collected with
+features clipped and counts capped, and made private (``core.private``) before anything else sees
+them; the guarantee goes into each statistic and the manifest's ``privacy``.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from pathlib import Path
 
 import torch
 
+from dume_dist.core.dp import DpSpec
+from dume_dist.core.private import privatize
 from dume_dist.core.solve import Router
 from dume_dist.core.stats import RouterStats
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.collect import (
     collect_ngram_stats,
     collect_smoothed_stats,
+    default_clip,
     dense_model_for,
     resolve_device,
     stats_compute_dtype,
@@ -51,6 +57,7 @@ from dume_dist.model.formats import (
 )
 from dume_dist.model.formats.base import DEFAULT_SHARD_BYTES
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
+from dume_dist.model.stats_dir import StatsDir, check_outside, stats_key
 from dume_dist.model.stats_files import StatsFiles, contributions
 from dume_dist.model.tokenizer import experts_tokenizer, sample_texts
 from dume_dist.model.writer import check_output_dir
@@ -70,6 +77,8 @@ class BuildResult:
     seconds: dict[str, float] = field(default_factory=dict)
     holdout_stats: dict[float, dict[str, RouterStats]] = field(default_factory=dict)
     routing: SolvedRouting | None = None
+    reused_stats: list[str] = field(default_factory=list)
+    privacy: dict[str, dict] = field(default_factory=dict)
 
 
 def _check_options(
@@ -159,10 +168,40 @@ def expert_statistics(
     progress: bool = True,
     fingerprint: str | None = None,
     dtype: torch.dtype | None = None,
+    dp: DpSpec | None = None,
+    dp_seed: int | None = None,
 ) -> tuple[RouterStats, dict[float, RouterStats]]:
     """One contributor's statistics: fit Grams of ``routing.features`` and, when ``routing``
     chooses a setting on held-out data, ``{β: held-out Gram}`` for ``routing.holdout_smoothings``.
-    Both carry the backbone's and the expert's fingerprints."""
+    Both carry the backbone's and the expert's fingerprints. With ``dp`` they are private (noise
+    from ``dp_seed``, tests only; else from the system's entropy)."""
+    fit, held = _raw_statistics(
+        backbone, spec, tokenizer, texts, routing, batch_size=batch_size, seq_len=seq_len,
+        max_tokens_per_seq=max_tokens_per_seq, max_tokens=max_tokens, device=device,
+        progress=progress, fingerprint=fingerprint, dtype=dtype, dp=dp,
+    )  # fmt: skip
+    if dp is None:
+        return fit, held
+    fit, held, _ = privatize(
+        fit, held, dp, tokens_per_unit=min(seq_len, max_tokens_per_seq),
+        clip=dp_clip(backbone, routing, dp), seed=dp_seed,
+    )  # fmt: skip
+    return fit, held
+
+
+def dp_clip(backbone, routing: RoutingSpec, dp: DpSpec) -> float | None:
+    """The feature clip of a Gram kind under ``dp`` (None for count kinds)."""
+    if routing.features == "ngram":
+        return None
+    return dp.clip if dp.clip is not None else default_clip(backbone, routing.features)
+
+
+def _raw_statistics(
+    backbone, spec, tokenizer, texts, routing, *, batch_size, seq_len, max_tokens_per_seq,
+    max_tokens, device, progress, fingerprint, dtype, dp,
+):  # fmt: skip
+    cap = dp.count_cap if dp is not None and dp.unit == "sequence" else None
+    clip = dp_clip(backbone, routing, dp) if dp is not None else None
     fraction = routing.holdout_fraction if routing.needs_holdout else 0.0  # fixed: no held-out
     fit_texts, held_texts = split_holdout(texts, fraction, spec.name)
     meta = dict(
@@ -178,6 +217,7 @@ def expert_statistics(
             return collect_ngram_stats(
                 batches, vocab_size=backbone.config.vocab_size, buckets=routing.ngram_buckets,
                 max_tokens_per_seq=max_tokens_per_seq, pairs=pairs, progress=progress,
+                count_cap=cap,
             )  # fmt: skip
 
         fit = count(fit_texts, False).with_meta(**meta)
@@ -195,7 +235,7 @@ def expert_statistics(
         )
         return collect_smoothed_stats(
             model, batches, max_tokens_per_seq=max_tokens_per_seq, smoothings=smoothings,
-            features=routing.features, device=device, progress=progress,
+            features=routing.features, device=device, progress=progress, clip=clip,
         )  # fmt: skip
 
     fit = collect(model, fit_texts, (0.0,))[0.0].with_meta(**meta)
@@ -240,12 +280,14 @@ def build_dume(
     seq_len: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    save_stats: bool = True,
+    save_stats: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     output_format: str = "dume",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     stats_dtype: torch.dtype | None = None,
+    dp: DpSpec | None = None,
+    dp_seed: int | None = None,
 ) -> BuildResult:
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
@@ -260,6 +302,8 @@ def build_dume(
     fp64); ``dtype`` casts the written weights (default: keep the experts' dtype).
     ``output_format`` names the back end (``model.formats``: ``dume``, ``mixtral``), checked
     before any statistics are computed; ``max_shard_bytes`` bounds a safetensors shard.
+    ``save_stats``: a directory outside ``out_dir`` where statistics are kept and reused (module
+    docstring); ``dp``: differential privacy per expert (``dp_seed``: reproducible noise, tests).
 
     Memory: one dense model (the expert whose statistics are computed), the backbone, and one
     contributor's statistics plus the running sums; statistics wait in files, tensors stream
@@ -289,6 +333,8 @@ def build_dume(
             f"max_position_embeddings={max_positions}: lower seq_len or max_tokens_per_seq"
         )
     _load_data(specs, data)  # every expert has readable, non-empty data (then dropped)
+    _check_dp(dp, spec_routing)
+    saved = StatsDir(check_outside(save_stats, out_dir)) if save_stats is not None else None
     device = resolve_device(device)
     # one tokenizer: the experts' as AutoTokenizer resolves it, checked alike on their text
     sample = sample_texts(load_domain_texts(s.name, data[s.name]) for s in specs)
@@ -301,15 +347,33 @@ def build_dume(
     fit_files = StatsFiles()
     held_files: dict[float, StatsFiles] = {}
     fingerprints: dict[str, str] = {}
+    reused: dict[str, bool] = {}
+    privacy: dict[str, dict] = {}
     for spec in specs:
         t1 = time.perf_counter()
         fingerprints[spec.name] = expert_fingerprint(spec)
-        fit, held = expert_statistics(
-            bb, spec, tokenizer, load_domain_texts(spec.name, data[spec.name]), spec_routing,
-            batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=max_tokens_per_seq,
-            max_tokens=max_tokens, device=device, progress=progress,
-            fingerprint=fingerprints[spec.name], dtype=stats_dtype,
-        )  # fmt: skip
+        key = stats_key(fingerprints[spec.name], bb.fingerprint, list(data[spec.name]), {
+            "routing": [spec_routing.feature_map, spec_routing.holdout_fraction,
+                        list(spec_routing.holdout_smoothings())],
+            "windows": [seq_len, max_tokens_per_seq, max_tokens],
+            "dp": None if dp is None else dp.to_json(),
+        })  # fmt: skip
+        loaded = saved.load(spec.name, key) if saved is not None else None
+        if loaded is not None:
+            fit, held = loaded
+        else:
+            fit, held = expert_statistics(
+                bb, spec, tokenizer, load_domain_texts(spec.name, data[spec.name]), spec_routing,
+                batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=max_tokens_per_seq,
+                max_tokens=max_tokens, device=device, progress=progress,
+                fingerprint=fingerprints[spec.name], dtype=stats_dtype, dp=dp,
+                dp_seed=None if dp_seed is None else dp_seed + len(fingerprints),
+            )  # fmt: skip
+            if saved is not None:
+                saved.save(spec.name, key, fit, held)
+        reused[spec.name] = loaded is not None
+        if "dp" in fit.extra:
+            privacy[spec.name] = fit.extra["dp"]
         fit_files.put(spec.name, fit)
         for beta, held_stats in held.items():
             held_files.setdefault(beta, StatsFiles(fit_files.root / f"holdout-{len(held_files)}"))
@@ -330,12 +394,13 @@ def build_dume(
     inp = CheckpointInput(
         backbone=bb, experts=specs, routing=solved, top_k=spec_routing.top_k,
         temperature=temperature, dtype=dtype, tokenizer=tokenizer, tokenizer_sample=tuple(sample),
-        stats=BuildStats(fit=fit_files, holdout=held_files, save=save_stats),
+        stats=BuildStats(fit=fit_files, holdout=held_files, save=False),
         provenance=Provenance(
             expert_fingerprints=fingerprints,
             extra_manifest={
                 "build": {"max_tokens_per_seq": max_tokens_per_seq, "seq_len": seq_len, "max_tokens": max_tokens},
                 "routing": solved.manifest_routing(),
+                **({"privacy": privacy} if privacy else {}),
             },
         ),
     )  # fmt: skip
@@ -355,4 +420,21 @@ def build_dume(
         seconds=seconds,
         holdout_stats=held_files,
         routing=solved,
+        reused_stats=[n for n, r in reused.items() if r],
+        privacy=privacy,
     )
+
+
+def _check_dp(dp: DpSpec | None, routing: RoutingSpec) -> None:
+    if dp is None:
+        return
+    if routing.features == "ngram" and routing.needs_holdout:
+        raise ValueError(
+            "differential privacy with ngram routing needs a fixed mu (--lam): exact held-out "
+            "bigrams cannot be released privately"
+        )
+    if routing.features != "ngram" and dp.unit != "sequence":
+        raise ValueError(
+            "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
+            "states of every later token of its window): use --dp-unit sequence"
+        )

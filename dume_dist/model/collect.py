@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
+from dume_dist.core.dp import capped_bincount, clip_rows
 from dume_dist.core.ngram import NgramStats, coalesce_pairs
 from dume_dist.core.stats import GramAccumulator, RouterStats
 from dume_dist.model.experts import ExpertSpec
@@ -103,10 +104,12 @@ def collect_smoothed_stats(
     features: str = "token",
     device: str | torch.device | None = None,
     progress: bool = True,
+    clip: float | None = None,
 ) -> dict[float, RouterStats]:
     """``{β: statistics}``: for each decay β, the Gram of the router features smoothed with
     ``modeling_dume.causal_ema`` (β = 0: the plain features), in one pass over ``batches``.
-    ``feature_map`` is ``features`` for β = 0 and ``"<features>+ema:<β>"`` otherwise."""
+    ``feature_map`` is ``features`` for β = 0 and ``"<features>+ema:<β>"`` otherwise. ``clip``
+    bounds each token's feature norm (differential privacy, ``core.dp``) before smoothing."""
     smoothings = sorted({float(b) for b in smoothings})
     names = {beta: feature_map_name(features, beta) for beta in smoothings}
     blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
@@ -122,6 +125,8 @@ def collect_smoothed_stats(
         def hook(module, args, kwargs):
             x_BTD = args[0] if args else next(iter(kwargs.values()))
             feats_BTF, _ = causal_features(features, x_BTD, state["real_BT"])
+            if clip is not None:
+                feats_BTF = clip_rows(feats_BTF.flatten(0, 1), clip).view_as(feats_BTF)
             if state["acc"] is None:
                 state["acc"] = {
                     beta: GramAccumulator(len(layers), feats_BTF.shape[-1], device=device)
@@ -158,6 +163,20 @@ def collect_smoothed_stats(
     if state["acc"] is None:
         raise ValueError("no tokens to collect statistics from")
     return {beta: acc.result(feature_map=names[beta]) for beta, acc in state["acc"].items()}
+
+
+def default_clip(backbone, features: str, scale: float = 1.0) -> float:
+    """A data-independent bound on the router features' norm, from the public backbone: the MLP
+    input is ``γ ⊙ h / rms(h)``, whose norm is ``√D · rms(γ)`` when ``h`` is spread evenly; the
+    largest over layers, times ``scale`` (``√2`` more for ``prefix_mean``'s two halves)."""
+    norms = [
+        float(backbone.tensor(n).double().pow(2).mean().sqrt()) * backbone.tensor(n).numel() ** 0.5
+        for n in backbone.names()
+        if n.endswith("post_attention_layernorm.weight")
+    ]
+    if not norms:
+        raise ValueError("no post_attention_layernorm in the backbone: give the dp clip explicitly")
+    return scale * max(norms) * (2**0.5 if features == "prefix_mean" else 1.0)
 
 
 def _keep_mask(mask_BT: torch.Tensor, max_tokens_per_seq: int) -> torch.Tensor:
@@ -212,12 +231,14 @@ def collect_ngram_stats(
     max_tokens_per_seq: int,
     pairs: bool = False,
     progress: bool = True,
+    count_cap: int | None = None,
 ) -> NgramStats:
     """Token counts for the n-gram router (``dume_dist.core.ngram``) over the same tokens the Gram
     statistics see (real tokens among the first ``max_tokens_per_seq`` of each sequence): a token
     always counts as a unigram, and as a bigram with the sequence's previous real token when it
     has one. With ``pairs`` the exact bigram list is kept too (held-out statistics). No model
-    runs: the counts depend on the token ids only."""
+    runs: the counts depend on the token ids only. ``count_cap``: no sequence adds more than this
+    to any one count (differential privacy by sequence, ``core.dp``)."""
     unigram_V = torch.zeros(vocab_size, dtype=torch.float64)
     context_V = torch.zeros(vocab_size, dtype=torch.float64)
     bigram_H = torch.zeros(buckets, dtype=torch.float64)
@@ -233,9 +254,13 @@ def collect_ngram_stats(
             prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT)
             pair_BT = keep_BT & has_prev_BT
             prev, cur = prev_BT[pair_BT], ids_BT[pair_BT]
-            unigram_V += torch.bincount(ids, minlength=vocab_size).double()
-            context_V += torch.bincount(prev, minlength=vocab_size).double()
-            bigram_H += torch.bincount(ngram_bucket(prev, cur, buckets), minlength=buckets).double()
+            row_BT = torch.arange(ids_BT.shape[0])[:, None].expand_as(ids_BT)
+            row, pair_row = row_BT[keep_BT], row_BT[pair_BT]
+            unigram_V += capped_bincount(ids, row, vocab_size, count_cap)
+            context_V += capped_bincount(prev, pair_row, vocab_size, count_cap)
+            bigram_H += capped_bincount(
+                ngram_bucket(prev, cur, buckets), pair_row, buckets, count_cap
+            )
             if pairs:
                 found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
                 if sum(len(f) for f in found) > _PAIRS_BEFORE_COALESCING:  # bound the memory

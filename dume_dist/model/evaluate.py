@@ -227,8 +227,10 @@ def compare(
     batch_size: int = 8,
     max_eval_tokens: int | None = 32768,
     device: str | None = None,
+    stats_dir: str | Path | None = None,
 ) -> EvalTable:
-    """Evaluate ``model_dir`` on every domain; with ``experts``, also every baseline."""
+    """Evaluate ``model_dir`` on every domain; with ``experts``, also every baseline (the
+    bias-free one needs the build's statistics, ``stats_dir``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
@@ -278,15 +280,16 @@ def compare(
                 table, f"dume k={k}", evaluate_model(model, batches, device=device, label=f"k={k}")
             )
     set_top_k(model, k0)
-    _add_bias_free(table, model_dir, batches, device)
+    _add_bias_free(table, model_dir, batches, device, stats_dir)
     randomise_routers(model)
     _record(table, "random routers", evaluate_model(model, batches, device=device, label="random"))
     return table
 
 
-def _add_bias_free(table, model_dir, batches, device) -> None:
-    """Routers solved without intercept (what ``--format mixtral`` ships), when the
-    checkpoint carries its statistics and the family is Mixtral-compatible."""
+def _add_bias_free(table, model_dir, batches, device, stats_dir=None) -> None:
+    """Routers solved without intercept (what ``--format mixtral`` ships), when the build's
+    statistics are given (``stats_dir``, its ``--save-stats``) and the family is
+    Mixtral-compatible."""
     from dume_dist.model.export_mixtral import (
         check_mixtral_compatible,
         load_dume_with_bias_free_routers,
@@ -295,7 +298,10 @@ def _add_bias_free(table, model_dir, batches, device) -> None:
 
     try:
         check_mixtral_compatible(read_dume_checkpoint(model_dir))
-        model = load_dume_with_bias_free_routers(model_dir, dtype=torch.float32).to(device).eval()
+        model = load_dume_with_bias_free_routers(
+            model_dir, dtype=torch.float32, stats_dir=stats_dir
+        )
+        model = model.to(device).eval()
     except (ValueError, FileNotFoundError):
         return  # no statistics saved with this model, or not exportable
     label = "dume no-bias (mixtral)"

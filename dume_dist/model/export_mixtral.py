@@ -147,11 +147,14 @@ class _CheckpointExpert:
 
 
 class _SavedStats(Mapping):
-    """``stats/<name>.safetensors`` of the checkpoint, loaded (and validated) when read."""
+    """Each expert's statistics, loaded (and validated) when read: from ``stats_dir`` (what
+    ``dume build --save-stats DIR`` keeps, ``<name>/fit.safetensors``), else from an older
+    checkpoint's own ``stats/``."""
 
-    def __init__(self, ckpt: DumeCheckpoint):
+    def __init__(self, ckpt: DumeCheckpoint, stats_dir: str | Path | None = None):
         self.ckpt = ckpt
         self.names = list(ckpt.config.expert_names)
+        self.stats_dir = None if stats_dir is None else Path(stats_dir)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -161,11 +164,14 @@ class _SavedStats(Mapping):
 
     def __getitem__(self, name: str):
         path = self.ckpt.path / STATS_DIR / f"{name}.safetensors"
+        if self.stats_dir is not None:
+            path = self.stats_dir / name / "fit.safetensors"
         if name not in self.names:
             raise KeyError(name)
         if not path.is_file():
             raise ValueError(
-                f"cannot solve bias-free routers: no statistics for expert {name!r} ({path} missing)"
+                f"cannot solve bias-free routers: no statistics for expert {name!r} ({path} "
+                "missing; statistics are kept outside models: pass the --save-stats directory)"
             )
         stats = load_stats(path)
         if stats.feature_map != "token":
@@ -194,7 +200,7 @@ def _recorded_routing(ckpt: DumeCheckpoint, lam: float) -> SolvedRouting:
 
 
 def checkpoint_input(
-    ckpt: DumeCheckpoint, *, lam: float, temperature: float, top_k: int
+    ckpt: DumeCheckpoint, *, lam: float, temperature: float, top_k: int, stats_dir=None
 ) -> CheckpointInput:
     return CheckpointInput(
         backbone=_CheckpointBackbone(ckpt),
@@ -203,7 +209,7 @@ def checkpoint_input(
         top_k=top_k,
         temperature=temperature,
         dtype=checkpoint_dtype(ckpt),
-        stats=BuildStats(fit=_SavedStats(ckpt), save=False),
+        stats=BuildStats(fit=_SavedStats(ckpt, stats_dir), save=False),
         provenance=Provenance(
             domains={
                 e["name"]: e.get("domain", e["name"]) for e in ckpt.manifest.get("experts", [])
@@ -238,16 +244,18 @@ def recorded_lam(ckpt: DumeCheckpoint) -> float:
     return float(lam)
 
 
-def _bias_free_routers(ckpt: DumeCheckpoint, lam: float) -> list[Router]:
-    inp = checkpoint_input(ckpt, lam=lam, temperature=1.0, top_k=1)
+def _bias_free_routers(ckpt: DumeCheckpoint, lam: float, stats_dir=None) -> list[Router]:
+    inp = checkpoint_input(ckpt, lam=lam, temperature=1.0, top_k=1, stats_dir=stats_dir)
     return MixtralFormat().gates(inp)
 
 
-def bias_free_routers(dume_dir: str | Path, lam: float | None = None) -> list[Router]:
+def bias_free_routers(
+    dume_dir: str | Path, lam: float | None = None, stats_dir: str | Path | None = None
+) -> list[Router]:
     """Per layer, the ridge router without intercept solved from the checkpoint's statistics
     (fp64, unit-norm rows, temperature not applied). ``lam`` defaults to the manifest's."""
     ckpt = read_dume_checkpoint(dume_dir)
-    gates = _bias_free_routers(ckpt, recorded_lam(ckpt) if lam is None else float(lam))
+    gates = _bias_free_routers(ckpt, recorded_lam(ckpt) if lam is None else float(lam), stats_dir)
     return [Router(g, None) for g in gates]
 
 
@@ -257,6 +265,7 @@ def load_dume_with_bias_free_routers(
     lam: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
+    stats_dir: str | Path | None = None,
     **from_pretrained_kwargs,
 ):
     """The DUME model of ``dume_dir`` with every router replaced by the bias-free solution (bias
@@ -265,7 +274,7 @@ def load_dume_with_bias_free_routers(
     from dume_dist.model.modeling_dume import DumeForCausalLM
 
     ckpt = read_dume_checkpoint(dume_dir)
-    gates = _bias_free_routers(ckpt, recorded_lam(ckpt) if lam is None else float(lam))
+    gates = _bias_free_routers(ckpt, recorded_lam(ckpt) if lam is None else float(lam), stats_dir)
     temperature, top_k = _routing_settings(ckpt, temperature, top_k)
     model = DumeForCausalLM.from_pretrained(str(dume_dir), **from_pretrained_kwargs)
     with torch.no_grad():
@@ -327,10 +336,12 @@ def export_mixtral(
     overwrite: bool = False,
     verify: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    stats_dir: str | Path | None = None,
 ) -> Path:
     """Write ``dume_dir`` as a ``MixtralForCausalLM`` checkpoint at ``out_dir``; returns it.
 
-    Gates: ridge without intercept re-solved from ``dume_dir/stats`` with ``lam`` (default: the
+    Gates: ridge without intercept re-solved from the statistics in ``stats_dir`` (the build's
+    ``--save-stats`` directory; an older checkpoint's own ``stats/`` without it) with ``lam`` (default: the
     manifest's), divided by ``temperature`` (default: the DUME config's); ``top_k`` defaults to
     the DUME config's k. ``layout``: ``"per_expert"`` (hub layout) or ``"fused"``. ``verify``:
     check the source files against its manifest's checksums first. Everything is checked before
@@ -344,7 +355,7 @@ def export_mixtral(
     check_mixtral_compatible(ckpt)
     lam = recorded_lam(ckpt) if lam is None else float(lam)
     temperature, top_k = _routing_settings(ckpt, temperature, top_k)
-    inp = checkpoint_input(ckpt, lam=lam, temperature=temperature, top_k=top_k)
+    inp = checkpoint_input(ckpt, lam=lam, temperature=temperature, top_k=top_k, stats_dir=stats_dir)
     fmt.write(inp, out_dir, WriteOptions(overwrite=overwrite, max_shard_bytes=max_shard_bytes))
     return Path(out_dir)
 

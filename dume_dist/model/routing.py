@@ -31,6 +31,7 @@ from dume_dist.core.ngram import (
     ngram_feature_map,
     ngram_tables,
 )
+from dume_dist.core.private import lam_floor
 from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
 from dume_dist.core.solve import SOLVERS, Router, solve_routers
 from dume_dist.core.stats import RouterStats
@@ -327,8 +328,13 @@ def solve_routing(
         return _solve_ngram(spec, fit, num_experts, holdout)
     selection = None
     lam, smoothing = spec.lam, spec.smoothing
+    floor = lam_floor(fit, num_experts, spec.solver)  # noise of private contributions
+    if floor and lam != AUTO:
+        lam = max(float(lam), floor)
     if spec.needs_holdout:
         lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
+        if floor:
+            lam_grid = [floor] + [x for x in lam_grid if x > floor]
         selection = select_routing(
             fit, {b: holdout[b] for b in betas}, num_experts, solver=spec.solver, lam_grid=lam_grid
         )

@@ -1,0 +1,313 @@
+"""`dume bench leakage`: what an honest-but-curious coordinator learns from what a node sends.
+
+For each routing kind the statistics a contributor sends for its domain are computed exactly as a
+build computes them (``model.build.expert_statistics``), and a straightforward attack is run on
+them, knowing what the coordinator knows (the public backbone, the contributor's expert MLPs,
+the tokenizer), never the text:
+
+* **n-gram counts** (``ngram``): the unigram distribution is the normalised ``unigram`` vector;
+  frequent bigrams are recovered from the hashed bigram counts by scoring every ``(u, v)`` pair
+  of the vocabulary with ``min(bigram[h(u, v)], context[u], unigram[v])`` and keeping the top;
+  with μ ``auto`` the held-out bigrams are sent verbatim.
+* **Gram matrices** (``token``, and the ``x`` block of ``prefix_mean``): per-token templates
+  ``φ(v)`` = each layer's MLP input for the probe ``[BOS, v]`` (the coordinator runs the public
+  backbone with the contributor's expert), then non-negative least squares
+  ``min_p≥0 ‖Σ_v p_v [φ_l(v) ; vech(φ_0(v) φ_0(v)ᵀ)] − [Σx_l / N ; vech(G_0 / N)]‖`` over the
+  first moments of every layer and layer 0's second moment (projected accelerated gradient).
+
+Scores against the truth (the contributor's own token counts): top-k overlap of the recovered
+unigram distribution (k = 10, 50, 100), KL(truth ‖ recovered) in nats (the recovered distribution
+floored at 1e-6 and renormalised), and for bigrams the precision of the top 100 recovered pairs
+among the true top 100. Baseline: the same scores of a guess that knows the language but not the
+contributor (the pooled unigram distribution of the other domains). ``dp_epsilons`` reruns each
+attack on statistics privatised by ``core.private`` at those ε.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from dume_dist.core.dp import DpSpec
+from dume_dist.core.ngram import NgramStats
+from dume_dist.core.stats import stats_to_bytes
+from dume_dist.model.backbone import Backbone
+from dume_dist.model.build import expert_statistics
+from dume_dist.model.collect import decoder_layers, dense_model_for
+from dume_dist.model.data import load_texts
+from dume_dist.model.experts import load_expert_specs
+from dume_dist.model.modeling_dume import ngram_bucket
+from dume_dist.model.routing import PRESETS
+
+KINDS = ("ngram", "paper", "context")
+TOP_K = (10, 50, 100)
+_FLOOR = 1e-6
+
+
+def topk_overlap(truth_V: torch.Tensor, guess_V: torch.Tensor, k: int) -> float:
+    t = set(torch.topk(truth_V, k).indices.tolist())
+    g = set(torch.topk(guess_V, k).indices.tolist())
+    return len(t & g) / k
+
+
+def kl_divergence(truth_V: torch.Tensor, guess_V: torch.Tensor) -> float:
+    """KL(truth ‖ guess) in nats, the guess floored at 1e-6 and renormalised."""
+    p = truth_V.double() / truth_V.sum()
+    q = guess_V.double().clamp_min(0) / guess_V.double().clamp_min(0).sum().clamp_min(1e-300)
+    q = (q + _FLOOR) / (1 + _FLOOR * q.numel())
+    keep = p > 0
+    return float((p[keep] * (p[keep] / q[keep]).log()).sum())
+
+
+def unigram_scores(truth_V: torch.Tensor, guess_V: torch.Tensor) -> dict:
+    out = {f"top{k}_overlap": topk_overlap(truth_V, guess_V, k) for k in TOP_K}
+    out["kl"] = kl_divergence(truth_V, guess_V)
+    return out
+
+
+# -- the n-gram attack --------------------------------------------------------------------------
+
+
+def recover_bigrams(stats: NgramStats, top: int = 100, chunk: int = 256) -> torch.Tensor:
+    """The ``top`` most frequent bigrams ``[top, 2]`` as guessed from hashed counts alone."""
+    uni_V, ctx_V, big_H = stats.unigram_V, stats.context_V, stats.bigram_H
+    vocab = uni_V.shape[0]
+    best_s = torch.empty(0, dtype=torch.float64)
+    best_p = torch.empty(0, 2, dtype=torch.long)
+    cur_V = torch.arange(vocab)
+    for start in range(0, vocab, chunk):
+        prev_C = torch.arange(start, min(vocab, start + chunk))
+        prev_CV, cur_CV = prev_C[:, None].expand(-1, vocab), cur_V[None].expand(len(prev_C), -1)
+        score_CV = torch.minimum(
+            big_H[ngram_bucket(prev_CV, cur_CV, big_H.shape[0])],
+            torch.minimum(ctx_V[prev_CV], uni_V[cur_CV]),
+        )
+        s, i = torch.topk(score_CV.flatten(), min(top, score_CV.numel()))
+        pairs = torch.stack([prev_CV.flatten()[i], cur_CV.flatten()[i]], dim=1)
+        best_s, order = torch.topk(torch.cat([best_s, s]), min(top, len(best_s) + len(s)))
+        best_p = torch.cat([best_p, pairs])[order]
+    return best_p
+
+
+def true_top_bigrams(pairs_K3: torch.Tensor, top: int = 100) -> torch.Tensor:
+    order = torch.topk(pairs_K3[:, 2], min(top, len(pairs_K3))).indices
+    return pairs_K3[order, :2]
+
+
+def bigram_precision(truth_K2: torch.Tensor, guess_K2: torch.Tensor) -> float:
+    t = {tuple(p) for p in truth_K2.tolist()}
+    return sum(tuple(p) in t for p in guess_K2.tolist()) / max(1, len(guess_K2))
+
+
+# -- the Gram attack ----------------------------------------------------------------------------
+
+
+def token_templates(model, vocab: int, bos: int | None, batch: int = 512) -> list[torch.Tensor]:
+    """``[V, D]`` per layer: the MLP input at the probe's last position for ``[BOS, v]``."""
+    layers = decoder_layers(model)
+    out: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            out[i].append(x[:, -1].double())
+
+        return hook
+
+    handles = [
+        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.inference_mode():
+            for start in range(0, vocab, batch):
+                ids = torch.arange(start, min(vocab, start + batch))[:, None]
+                if bos is not None:
+                    ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(x) for x in out]
+
+
+def _vech(m_PP: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.triu_indices(m_PP.shape[-1], m_PP.shape[-1])
+    return m_PP[..., rows, cols]
+
+
+def nnls(a_MV: torch.Tensor, b_M: torch.Tensor, steps: int = 2000) -> torch.Tensor:
+    """``argmin_{p ≥ 0} ‖A p − b‖²`` by accelerated projected gradient (FISTA) on the normal
+    equations ``AᵀA p = Aᵀb`` (formed once)."""
+    a_MV, b_M = a_MV.float(), b_M.float()
+    q_VV, r_V = a_MV.T @ a_MV, a_MV.T @ b_M
+    v = torch.ones(q_VV.shape[0])
+    for _ in range(50):  # power iteration: the largest eigenvalue (the gradient's Lipschitz bound)
+        v = q_VV @ v
+        v = v / v.norm()
+    lip = 1.01 * float(v @ q_VV @ v)
+    p = torch.full((a_MV.shape[1],), 1.0 / a_MV.shape[1])
+    y, t = p.clone(), 1.0
+    for _ in range(steps):
+        p_next = (y - (q_VV @ y - r_V) / lip).clamp_min(0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = p_next + ((t - 1) / t_next) * (p_next - p)
+        p, t = p_next, t_next
+    return p
+
+
+def gram_attack(gram_LPP: torch.Tensor, templates: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Recovered unigram weights ``[V]`` from Grams whose first ``dim`` features are the MLP
+    input (the ``x`` block serves ``token`` and ``prefix_mean`` alike)."""
+    n = gram_LPP[0, -1, -1]
+    rows = [(templates[i].T, gram_LPP[i, :dim, -1] / n) for i in range(len(templates))]
+    t0_VD = templates[0]
+    rows.append(
+        (_vech(t0_VD[:, :, None] * t0_VD[:, None, :]).T, _vech(gram_LPP[0, :dim, :dim] / n))
+    )
+    a_MV = torch.cat([a / b.norm() for a, b in rows])
+    b_M = torch.cat([b / b.norm() for _, b in rows])
+    return nnls(a_MV, b_M)
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+
+def _truth(tokenizer, texts, vocab: int, kw: dict, holdout_fraction: float, name: str):
+    """The fit part's exact counts and bigrams (what the contributor keeps at home)."""
+    from dume_dist.model.build import split_holdout
+    from dume_dist.model.collect import collect_ngram_stats
+    from dume_dist.model.data import token_batches
+
+    fit_texts, _ = split_holdout(texts, holdout_fraction, name)
+    batches = token_batches(tokenizer, fit_texts, kw["batch_size"], kw["seq_len"],
+                            kw["max_tokens_per_seq"], kw["max_tokens"])  # fmt: skip
+    return collect_ngram_stats(batches, vocab_size=vocab, buckets=64,
+                               max_tokens_per_seq=kw["max_tokens_per_seq"], pairs=True,
+                               progress=False)  # fmt: skip
+
+
+def _sent(backbone, spec, tokenizer, texts, routing, kw, dp_spec=None, seed=0):
+    fit, held = expert_statistics(backbone, spec, tokenizer, texts, routing, progress=False,
+                                  dp=dp_spec, dp_seed=seed, **kw)  # fmt: skip
+    size = {"fit": len(stats_to_bytes(fit)),
+            "holdout": sum(len(stats_to_bytes(h)) for h in held.values())}  # fmt: skip
+    return fit, held, size
+
+
+def _attack(kind, fit, truth, templates, dim, top_bigrams):
+    if kind == "ngram":
+        out = unigram_scores(truth.unigram_V, fit.unigram_V)
+        out["bigram_precision_top100"] = bigram_precision(top_bigrams, recover_bigrams(fit))
+        return out
+    return unigram_scores(truth.unigram_V, gram_attack(fit.gram_LPP, templates, dim))
+
+
+def _kind_spec(kind: str):
+    spec = PRESETS[kind].replace(holdout_fraction=0.1)
+    return spec
+
+
+def run_leakage_bench(
+    experts: Mapping[str, str | Path],
+    train: Mapping[str, Sequence[str | Path]],
+    *,
+    kinds: Sequence[str] = KINDS,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    dp_epsilons: Sequence[float] = (),
+    dp_delta: float = 1e-6,
+    device: str = "cpu",
+) -> dict:
+    """``{"rows": [...]}``: per domain and routing kind, bytes sent and the attack's scores (and
+    with ``dp_epsilons`` the same on private statistics); see the module docstring."""
+    specs = load_expert_specs(experts)
+    tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
+    backbone = Backbone.from_spec("average", specs)
+    vocab, dim = backbone.config.vocab_size, backbone.config.hidden_size
+    kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len,
+              max_tokens=max_tokens, device=device)  # fmt: skip
+    texts = {s.name: load_texts(train[s.name], s.name) for s in specs}
+    truths = {s.name: _truth(tokenizer, texts[s.name], vocab, kw, 0.1, s.name) for s in specs}
+    rows, t0 = [], time.perf_counter()
+    for spec in specs:
+        name, truth = spec.name, truths[spec.name]
+        others = sum(truths[o].unigram_V for o in truths if o != name)
+        top = true_top_bigrams(truth.pairs_K3)
+        templates = None
+        if any(k != "ngram" for k in kinds):
+            model = dense_model_for(backbone, spec)
+            templates = token_templates(model, vocab, tokenizer.bos_token_id)
+            del model
+        base = {"domain": name, "tokens": truth.num_tokens,
+                "baseline_other_domains": unigram_scores(truth.unigram_V, others)}  # fmt: skip
+        for kind in kinds:
+            routing = _kind_spec(kind)
+            fit, held, size = _sent(backbone, spec, tokenizer, texts[name], routing, kw)
+            row = {**base, "kind": kind, "bytes": size, "epsilon": None,
+                   **_attack(kind, fit, truth, templates, dim, top)}  # fmt: skip
+            if kind == "ngram" and held:
+                row["heldout_bigrams_sent_verbatim"] = int(len(held[0.0].pairs_K3))
+            rows.append(row)
+            for eps in dp_epsilons:
+                private = routing.replace(lam=100.0, holdout_fraction=0.0) if kind == "ngram" else (
+                    routing.replace(lam=1e-2, holdout_fraction=0.0) if kind == "paper" else
+                    routing.replace(lam=0.1, holdout_fraction=0.0))  # fmt: skip
+                fit, _, size = _sent(backbone, spec, tokenizer, texts[name], private, kw,
+                                     DpSpec(float(eps), dp_delta), seed=int(eps * 1000))  # fmt: skip
+                rows.append({**base, "kind": kind, "bytes": size, "epsilon": float(eps),
+                             **_attack(kind, fit, truth, templates, dim, top)})  # fmt: skip
+    return {
+        "bench": "leakage",
+        "experts": {s.name: str(s.path) for s in specs},
+        "settings": {
+            **{k: v for k, v in kw.items() if k != "device"},
+            "dp_delta": dp_delta,
+            "holdout_fraction": 0.1,
+        },  # fmt: skip
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },  # fmt: skip
+    }
+
+
+def markdown_table(results: dict) -> str:
+    head = (
+        "| domain | kind | ε | bytes sent (fit + held-out) | top-10 | top-50 | top-100 | KL "
+        "(nats) | bigram top-100 precision | baseline top-50 / KL |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in results["rows"]:
+        b = r["baseline_other_domains"]
+        eps = "—" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        big = r.get("bigram_precision_top100")
+        big_s = "" if big is None else f"{big:.0%}"
+        if r.get("heldout_bigrams_sent_verbatim"):
+            big_s += f" (+{r['heldout_bigrams_sent_verbatim']:,} held-out bigrams verbatim)"
+        lines.append(
+            f"| {r['domain']} | {r['kind']} | {eps} | {r['bytes']['fit'] / 1e6:.2f} + "
+            f"{r['bytes']['holdout'] / 1e6:.2f} MB | {r['top10_overlap']:.0%} | "
+            f"{r['top50_overlap']:.0%} | {r['top100_overlap']:.0%} | {r['kl']:.3f} | {big_s} | "
+            f"{b['top50_overlap']:.0%} / {b['kl']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, json_path: str | Path) -> Path:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown_table(results))
+    return md
