@@ -318,7 +318,8 @@ def parse_extra(meta) -> dict:
 def _read_metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {})
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def save_stats(stats: RouterStats, path) -> None:
