@@ -17,6 +17,7 @@ message of a `ValueError`/`PermissionError`/`StoreError` raised inside an actor.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -67,18 +68,19 @@ def start_coordinator(
 ):
     """The named detached coordinator actor (created, or found if it already runs).
     ``resources`` (e.g. ``{"dume_coordinator": 0.01}``) places it on a node that has them."""
-    from dume_dist.distributed.coordinator import Coordinator
-
-    actor = ray.remote(Coordinator).options(
+    # Threads: a slow call (a credential check, a publish) does not hold up the others; registry
+    # changes are serialised by the coordinator's own lock. Reads and operator calls have
+    # threads of their own: wrong node secrets queued by the dozen (scrypt each) delay neither
+    # `status` nor the operator.
+    actor = ray.remote(max_concurrency=8, concurrency_groups={"reads": 2, "operator": 2})(
+        coordinator_actor_class()
+    ).options(
         name=name,
         namespace=namespace,
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=-1,
-        # Threads: a slow call (a credential check, a publish) does not hold up `status`;
-        # registry changes are serialised by the coordinator's own lock.
-        max_concurrency=8,
         num_cpus=0,
         resources=resources or {},
     )
@@ -86,6 +88,28 @@ def start_coordinator(
     get(handle.ping.remote())
     get(handle.recover.remote())  # versions a crashed predecessor left unrecorded or unmarked
     return handle
+
+
+READ_METHODS = ("status", "ping")
+OPERATOR_METHODS = ("found", "add_node", "set_hold", "publish", "unlearn", "rebase",
+                    "rotate_credential", "recover")  # fmt: skip
+
+
+def coordinator_actor_class():
+    """`Coordinator` with its methods placed in the actor's concurrency groups (the plain class
+    stays free of Ray; tests drive it directly)."""
+    from dume_dist.distributed.coordinator import Coordinator
+
+    def in_group(group: str, fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            return fn(self, *args, **kwargs)
+
+        return ray.method(concurrency_group=group)(method)
+
+    methods = {n: in_group("reads", getattr(Coordinator, n)) for n in READ_METHODS}
+    methods.update({n: in_group("operator", getattr(Coordinator, n)) for n in OPERATOR_METHODS})
+    return type("CoordinatorActor", (Coordinator,), methods)
 
 
 def get_coordinator(name: str = COORDINATOR_NAME, namespace: str = NAMESPACE):
