@@ -324,3 +324,20 @@ def test_store_keys_never_hold_control_characters(tmp_path):
     assert not os.listdir(tmp_path / "s") if (tmp_path / "s").exists() else True
     with pytest.raises(StoreError):
         ObjectStore(str(tmp_path / "s")).read_bytes("missing")
+
+
+def test_reads_and_operator_calls_have_threads_of_their_own():
+    """On the actor, `status` and `ping` run in the "reads" concurrency group and operator calls
+    in "operator": wrong node secrets queued at the default group (one scrypt each) delay
+    neither (measured: `status` 36 ms with 50 wrong secrets queued, 4.8 s when the groups were
+    not applied). Ray ignores a group on a wrapper carrying the base class's __qualname__."""
+    from dume_dist.distributed.cluster import OPERATOR_METHODS, coordinator_actor_class
+
+    actor = coordinator_actor_class()
+    for name, group in [("status", "reads"), ("ping", "reads")] + [
+        (n, "operator") for n in OPERATOR_METHODS
+    ]:
+        method = getattr(actor, name)
+        assert method.__ray_concurrency_group__ == group
+        assert not method.__qualname__.startswith("Coordinator.")
+    assert not hasattr(actor.submit_stats, "__ray_concurrency_group__")

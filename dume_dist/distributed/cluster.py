@@ -17,7 +17,6 @@ message of a `ValueError`/`PermissionError`/`StoreError` raised inside an actor.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -101,10 +100,11 @@ def coordinator_actor_class():
     from dume_dist.distributed.coordinator import Coordinator
 
     def in_group(group: str, fn):
-        @functools.wraps(fn)
         def method(self, *args, **kwargs):
             return fn(self, *args, **kwargs)
 
+        # (not functools.wraps: with the base class's __qualname__ Ray ignores the group)
+        method.__name__, method.__doc__ = fn.__name__, fn.__doc__
         return ray.method(concurrency_group=group)(method)
 
     methods = {n: in_group("reads", getattr(Coordinator, n)) for n in READ_METHODS}
