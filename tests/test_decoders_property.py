@@ -209,3 +209,70 @@ def test_add_node_with_any_name(flow, name, domain):
         return  # a valid registration (tested elsewhere)
     _, hashed = genesis.issue_node_credential("n", "n")
     refused_or_done(flow, flow.coord.add_node, flow.op, name, domain, hashed)
+
+
+# -- n-gram counts --------------------------------------------------------------------------------
+
+
+def _ngram_blob(pairs: bool) -> bytes:
+    from dume_dist.core.ngram import NgramStats, ngram_to_bytes
+
+    uni = torch.tensor([3.0, 2.0, 0.0, 1.0], dtype=torch.float64)
+    ctx = torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    big = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    pairs_K3 = torch.tensor([[0, 1, 1], [1, 3, 1]], dtype=torch.int64) if pairs else None
+    return ngram_to_bytes(NgramStats(uni, ctx, big, pairs_K3=pairs_K3))
+
+
+@SETTINGS
+@given(changes=edits, pairs=st.booleans(), header_only=st.booleans())
+def test_mutated_ngram_counts_decode_or_refuse_in_one_line(changes, pairs, header_only):
+    """The n-gram decoder and every check a coordinator runs on counts: a mutated blob decodes
+    to counts that pass them, or is refused in one line."""
+    from dume_dist.core.ngram import NgramStats, check_count_values, ngram_layout
+    from dume_dist.core.stats import MAX_TOKENS
+
+    blob = _ngram_blob(pairs)
+    head = 8 + int.from_bytes(blob[:8], "little")
+    data = _flip(blob, [((p % head) if header_only else p, v) for p, v in changes])
+    try:
+        _, entries = parse_header(data)
+        from dume_dist.core.header import check_layout
+
+        check_layout("statistics blob", entries, ngram_layout(4, 8, True), optional=("pairs",))
+        stats = stats_from_bytes(data)
+        assert isinstance(stats, NgramStats)
+        stats.validate(vocab_size=4, buckets=8)
+        check_count_values(stats, MAX_TOKENS)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+
+
+def _gram_blob() -> bytes:
+    from dume_dist.core.stats import RouterStats, stats_to_bytes
+
+    x_NP = torch.cat([torch.randn(50, 5, generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64), torch.ones(50, 1, dtype=torch.float64)], 1)  # fmt: skip
+    gram_LPP = (x_NP.T @ x_NP)[None].repeat(2, 1, 1)
+    return stats_to_bytes(RouterStats(gram_LPP, "token", "b" * 64, "e" * 64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=edits, header_only=st.booleans())
+def test_mutated_gram_blob_decodes_or_refuses_in_one_line(changes, header_only):
+    """The Gram decoder and every check a coordinator runs on it, at core level (many examples
+    cheaply; `test_mutated_statistics` runs the same through a coordinator)."""
+    from dume_dist.core.header import check_layout
+    from dume_dist.core.stats import check_gram_values, gram_layout
+
+    blob = _gram_blob()
+    head = 8 + int.from_bytes(blob[:8], "little")
+    data = _flip(blob, [((p % head) if header_only else p, v) for p, v in changes])
+    try:
+        _, entries = parse_header(data)
+        check_layout("statistics blob", entries, gram_layout(2, 5))
+        stats = stats_from_bytes(data)
+        stats.validate(num_layers=2, feature_dim=5)
+        check_gram_values(stats.gram_LPP, torch.full((2,), 100.0, dtype=torch.float64))
+    except ValueError as exc:
+        assert "\n" not in str(exc)

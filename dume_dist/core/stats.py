@@ -283,7 +283,10 @@ def stats_from_bytes(data: bytes) -> RouterStats:
     if meta.get("schema") == NGRAM_SCHEMA:
         return ngram_from_tensors(tensors, meta)
     if meta.get("schema") != STATS_SCHEMA or "gram_packed" not in tensors:
-        raise ValueError(f"statistics blob has an unknown schema {meta.get('schema')!r}")
+        raise ValueError(f"statistics blob has an unknown schema {str(meta.get('schema'))[:40]!r}")
+    missing = [k for k in ("feature_dim", "num_layers", "feature_map") if k not in meta]
+    if missing:
+        raise ValueError(f"statistics blob metadata lacks {missing[0]!r}")
     p = int(meta["feature_dim"]) + 1
     gram_LPP = unpack_symmetric(tensors["gram_packed"], p)
     stats = RouterStats(
