@@ -35,10 +35,18 @@ from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.evaluate import evaluate_model, load_causal_lm, routing_summary
 from dume_dist.model.experts import expert_fingerprint, load_expert_specs
 from dume_dist.model.formats import BuildStats, CheckpointInput, WriteOptions
+from dume_dist.model.mixed import (
+    MixedSettings,
+    domain_streams,
+    evaluate_mixed,
+    mixed_batch,
+    oracle_nll,
+)
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, solve_routing
 from dume_dist.model.writer import write_dume_checkpoint
 
 CONTEXT = PRESETS["context"]
+DEFAULT_MIXED = MixedSettings()  # 64 sequences of 4 x 64 tokens, oracles 4 and 16 tokens late
 _H = dict(holdout_fraction=0.1)
 # (label, spec): the paper first (the speed reference), then what we tried beyond it.
 DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
@@ -58,6 +66,7 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("ngram (bigram naive Bayes, μ auto, k=2, min weight 0.05) = default", PRESETS["ngram"]),
     ("ngram, k=1", PRESETS["ngram"].replace(top_k=1, min_weight=0.0, preset=None)),
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
+    ("switch (ngram + switch rate auto, k=2, min weight 0.05)", PRESETS["switch"]),
 ]  # fmt: skip
 
 
@@ -70,6 +79,20 @@ def select_options(words: Sequence[str] | None) -> list[tuple[str, RoutingSpec]]
     if not chosen:
         raise ValueError(f"no routing option matches {list(words)}")
     return chosen if chosen[0] is DEFAULT_OPTIONS[0] else [DEFAULT_OPTIONS[0], *chosen]
+
+
+def _mixed_row(model, tokenizer, valid, settings: MixedSettings, results: dict, device) -> dict:
+    """Keep against the segment oracle on mixed sequences (the oracles computed once)."""
+    if "mixed" not in results:
+        batch = mixed_batch(domain_streams(tokenizer, valid), settings)
+        oracle = oracle_nll(model, batch, settings, device)
+        results["mixed"] = {"batch": batch, "oracle": oracle, "settings": settings}
+    ctx = results["mixed"]
+    out = evaluate_mixed(model, ctx["batch"], settings, device=device, oracle=ctx["oracle"])
+    results["mixed_oracle_ppl"] = out["segment_oracle_ppl"]
+    results["mixed_delayed_oracle_keep"] = {k: v for k, v in out["keep"].items() if k != "routing"}
+    return {"keep": out["keep"]["routing"], "ppl": out["ppl"]["routing"],
+            "routing_accuracy": out["routing_accuracy"]}  # fmt: skip
 
 
 def _seconds(fn, model) -> float:
@@ -156,7 +179,10 @@ def run_routing_bench(
     decode_tokens: int = 32,
     threads: int | None = None,
     device: str = "cpu",
+    mixed: MixedSettings | None = DEFAULT_MIXED,
 ) -> dict:
+    """Every option of ``options`` on the experts (see the module docstring); with ``mixed``,
+    also on mixed-domain sequences of the ``valid`` texts against the segment oracle."""
     if threads:
         torch.set_num_threads(threads)
     options = list(options or DEFAULT_OPTIONS)
@@ -215,6 +241,10 @@ def run_routing_bench(
                 "stats_bytes_per_contributor": _stats_bytes(option, stats[option.features], names[0]),
                 "solve_seconds": solve_s,
             })  # fmt: skip
+            if mixed is not None:
+                results["options"][-1]["mixed"] = _mixed_row(
+                    model, tokenizer, valid, mixed, results, device
+                )
             models.append(model)
         _time_models(results["options"], models, forward_BT, prompt_BT, repeats, decode_tokens)
     for r in results["options"]:
@@ -245,6 +275,11 @@ def run_routing_bench(
             for f, per in stats.items()
         },
     }
+    ctx = results.pop("mixed", None)
+    if ctx is not None:
+        results["settings"]["mixed"] = dict(
+            vars(ctx["settings"]), delays=list(ctx["settings"].delays)
+        )
     results["best"] = best_option(results["options"])
     return results
 
@@ -287,12 +322,12 @@ def markdown_table(results: dict) -> str:
     head = (
         "| routing | " + " | ".join(f"{d} ppl (keep)" for d in domains)
         + " | mean keep | worst keep | routing acc. (min–max domain) | stats / contributor "
-        "| solve | fwd speed | decode speed |"
+        "| solve | fwd speed | decode speed | mixed keep: all / later segments / after switch |"
     )  # fmt: skip
-    lines = [head, "|" + "---|" * (len(domains) + 8)]
+    lines = [head, "|" + "---|" * (len(domains) + 9)]
     lines.append(
         "| oracle | " + " | ".join(f"{results['oracle_ppl'][d]:.3f}" for d in domains)
-        + " | 1 | 1 | 100% | | | | |"
+        + " | 1 | 1 | 100% | | | | | 1 / 1 / 1 |"
     )  # fmt: skip
     for r in results["options"]:
         acc = r["routing_accuracy"].values()
@@ -305,9 +340,17 @@ def markdown_table(results: dict) -> str:
             f"| {r['label']} (λ={r['lam']:.3g}, β={r['smoothing']:g}) | " + " | ".join(cells)
             + f" | {r['mean_retention']:.2%} | {r['worst_retention']:.2%} "
             f"| {min(acc):.1%}–{max(acc):.1%} | {size_s} | {r['solve_seconds'] * 1e3:.0f} ms "
-            f"| {r['forward_speed_vs_paper']:.2f}× | {r['decode_speed_vs_paper']:.2f}× |"
+            f"| {r['forward_speed_vs_paper']:.2f}× | {r['decode_speed_vs_paper']:.2f}× "
+            f"| {_mixed_cell(r)} |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _mixed_cell(row: dict) -> str:
+    keep = (row.get("mixed") or {}).get("keep")
+    if not keep:
+        return ""
+    return " / ".join(f"{keep[g]:.3f}" for g in ("all", "later_segments", "after_switch"))
 
 
 def write_results(results: dict, json_path: str | Path) -> Path:

@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--repeats", type=int, default=7)
     rt.add_argument("--threads", type=int, default=None)
     rt.add_argument("--device", default="cpu")
+    rt.add_argument(
+        "--mixed-sequences", type=int, default=64,
+        help="mixed-domain sequences (4 segments of 64 tokens) per option; 0: none",
+    )  # fmt: skip
     rt.set_defaults(func=run_routing)
 
     sc = kinds.add_parser(
@@ -146,6 +150,7 @@ def run_routing(args) -> int:
         write_results,
     )
     from dume_dist.cli.build import parse_experts, parse_named
+    from dume_dist.model.mixed import MixedSettings
 
     if args.expert:
         experts = parse_experts(args.expert)
@@ -164,6 +169,7 @@ def run_routing(args) -> int:
         seq_len=args.seq_len, max_tokens=args.max_tokens, eval_seq_len=args.eval_seq_len,
         max_eval_tokens=args.max_eval_tokens, batch_size=args.batch_size, repeats=args.repeats,
         threads=args.threads, device=args.device,
+        mixed=MixedSettings(sequences=args.mixed_sequences) if args.mixed_sequences > 0 else None,
     )  # fmt: skip
     md = write_results(result, args.json)
     print(markdown_table(result))

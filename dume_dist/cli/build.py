@@ -9,7 +9,7 @@ from pathlib import Path
 BACKBONE_HELP = "'average' of the experts' non-MLP weights (the paper) or 'base:DIR'"
 # Kept literal so that `dume --help` does not import torch; tests check them against
 # dume_dist.model.routing / modeling_dume.
-ROUTING_PRESETS = ("paper", "context", "ngram")
+ROUTING_PRESETS = ("paper", "context", "ngram", "switch")
 ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
 ROUTING_SOLVERS = ("ridge", "lda", "nb")
 
@@ -50,6 +50,13 @@ def add_routing_flags(
         type=int,
         default=None,
         help="hash buckets of the n-gram router's bigram counts (default 262144)",
+    )
+    p.add_argument(
+        "--switch",
+        type=number_or_auto,
+        default=None,
+        help="ngram routing: rate in [0, 0.5) at which the posterior lets the domain switch "
+        "before a token (0: cumulative), or 'auto': chosen on held-out bigrams",
     )
     p.add_argument(
         "--smoothing",
@@ -344,6 +351,7 @@ def routing_spec(args):
         preset, features=args.features, solver=args.solver, lam=args.lam,
         smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
         ngram_buckets=getattr(args, "ngram_buckets", None),
+        switch=getattr(args, "switch", None),
         min_weight=getattr(args, "min_weight", None),
     )  # fmt: skip
 
@@ -368,6 +376,8 @@ def _print_build_summary(result) -> None:
             f"routing: features={spec.features} solver={spec.solver} lam={solved.lam:g} "
             f"smoothing={solved.smoothing:g} k={spec.top_k}"
         )
+        if getattr(solved, "switch", 0):
+            line += f" switch={solved.switch:g}"
         if solved.selection is not None:
             line += (
                 f" (chosen on {solved.selection.num_holdout_tokens:,} held-out tokens by "

@@ -104,7 +104,8 @@ def _routing_settings(args) -> dict:
     """The routing entries of coordinator settings (None: the preset's value)."""
     out = {"routing": args.routing, "features": args.features, "solver": args.solver,
            "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction,
-           "ngram_buckets": args.ngram_buckets, "min_weight": args.min_weight}  # fmt: skip
+           "ngram_buckets": args.ngram_buckets, "min_weight": args.min_weight,
+           "switch": args.switch}  # fmt: skip
     return {k: v for k, v in out.items() if v is not None}
 
 

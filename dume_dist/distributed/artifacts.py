@@ -44,6 +44,7 @@ ROUTING_KEYS = (
     "holdout_fraction",
     "ngram_buckets",
     "min_weight",
+    "switch",
 )
 SETTINGS_KEYS = (*ROUTING_KEYS, "temperature", "max_tokens_per_seq", "feature_map")
 

@@ -131,6 +131,7 @@ def check_settings(settings: dict) -> dict:
             holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
             ngram_buckets=settings.get("ngram_buckets"),
             min_weight=settings.get("min_weight"),
+            switch=_number_or_auto("switch", settings.get("switch")),
         )
     except TypeError as exc:
         raise ValueError(f"bad coordinator settings: {exc}") from None

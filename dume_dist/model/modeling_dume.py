@@ -80,6 +80,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,7 @@ ROUTING_SOLVERS = ("ridge", "lda", "nb")
 # record how the routers were solved.
 ROUTING_KEYS = ("features", "smoothing", "solver", "lam", "preset", "ngram", "min_weight")
 NGRAM_KEYS = ("buckets", "mu", "alpha")
+NGRAM_OPTIONAL_KEYS = ("switch",)  # switch rate of the fixed-share posterior (0: cumulative)
 CACHE_ATTR = "dume_routing"
 _NGRAM_STATE = "ngram"  # key of the n-gram router's running state in the cache's routing state
 _NGRAM_HASH = 1_000_003
@@ -207,6 +209,40 @@ def ngram_log_probs(
     q = (unigram_EV[:, cur] + alpha) / denom
     c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])]
     return torch.where(has_prev, (c + mu * q) / (context_EV[:, prev] + mu), q).log()
+
+
+def fixed_share_posterior(
+    logp_BTE: torch.Tensor,
+    real_BT: torch.Tensor,
+    switch: float,
+    state_BE: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log posterior [B, T, E] (fp64, normalised) of "which expert's domain is the text in at t",
+    when the domain may switch before any token with probability ``switch`` (to each other
+    expert alike) and token t has log-likelihoods ``logp_BTE`` under each expert: the forward
+    filter of that hidden Markov chain, ``a_t ∝ p_t ⊙ (M a_{t-1})``. ``switch`` 0 is the
+    cumulative naive Bayes posterior. ``state_BE``: the log posterior before the first position
+    (None: uniform). Padding neither updates nor switches. The products of the per-position
+    matrices ``diag(p_t) M`` are formed by a log-depth scan (each product rescaled: the
+    posterior is a direction), so a forward costs log2(T) batched E x E products."""
+    batch, length, num = logp_BTE.shape
+    if state_BE is None:
+        state_BE = logp_BTE.new_full((batch, num), -math.log(num))
+    stay = logp_BTE.new_full((num, num), switch / max(num - 1, 1))
+    stay.fill_diagonal_(1.0 - switch)
+    p_BTE = (logp_BTE - logp_BTE.amax(dim=-1, keepdim=True)).exp()
+    eye = torch.eye(num, dtype=p_BTE.dtype, device=p_BTE.device)
+    step_BTEE = torch.where(real_BT[..., None, None], p_BTE[..., :, None] * stay, eye)
+    shift = 1
+    while shift < length:  # Hillis-Steele prefix products: step_t <- step_t @ step_{t-shift}
+        prod = step_BTEE.clone()
+        prod[:, shift:] = step_BTEE[:, shift:] @ step_BTEE[:, :-shift]
+        step_BTEE = prod / prod.amax(dim=(-2, -1), keepdim=True)
+        shift *= 2
+    prior_BE = (state_BE - state_BE.amax(dim=-1, keepdim=True)).exp()
+    post_BTE = (step_BTEE @ prior_BE[:, None, :, None]).squeeze(-1)
+    log_BTE = post_BTE.clamp_min(torch.finfo(post_BTE.dtype).tiny).log()
+    return log_BTE - log_BTE.logsumexp(dim=-1, keepdim=True)
 
 
 def causal_features(
@@ -315,12 +351,18 @@ class DumeNgramRouter(nn.Module):
     ``c_j`` the bigram counts hashed into ``buckets`` (``ngram_bucket``). All counts are summed
     statistics of the contributors (``dume_dist.core.ngram``): no training. Every layer routes
     with these scores (top-k, softmax over the k chosen), so a sequence keeps one expert as soon
-    as its evidence is clear.
+    as its evidence is clear. With ``switch`` > 0 the scores are instead the log posterior of a
+    chain whose domain may switch before any token (``fixed_share_posterior``): evidence older
+    than a switch stops counting, so routing follows text whose domain changes.
     """
 
-    def __init__(self, num_experts: int, vocab_size: int, buckets: int, mu: float, alpha: float):
+    def __init__(
+        self, num_experts: int, vocab_size: int, buckets: int, mu: float, alpha: float,
+        switch: float = 0.0,
+    ):  # fmt: skip
         super().__init__()
         self.buckets, self.mu, self.alpha = int(buckets), float(mu), float(alpha)
+        self.switch = float(switch)
         # Counts, fp32 (exact up to 2**24 per entry); parameters so that loading keeps them fp32.
         zeros = torch.zeros
         self.unigram_counts = nn.Parameter(zeros(num_experts, vocab_size), requires_grad=False)
@@ -357,9 +399,13 @@ class DumeNgramRouter(nn.Module):
             uni_EV, ctx_EV, big_EH, prev_BT, ids_BT, has_prev_BT, self.mu, self.alpha, denom_E1
         )
         logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
-        cum_BTE = logp_BTE.cumsum(dim=1)
-        if state is not None:
-            cum_BTE = cum_BTE + state["cum"][:, None]
+        if self.switch > 0:  # the fixed-share posterior: evidence before a switch fades
+            carried = None if state is None else state["cum"]
+            cum_BTE = fixed_share_posterior(logp_BTE, real_BT, self.switch, carried)
+        else:
+            cum_BTE = logp_BTE.cumsum(dim=1)
+            if state is not None:
+                cum_BTE = cum_BTE + state["cum"][:, None]
         new_state = {  # the sequence's last real token so far (the previous one of the next)
             "cum": cum_BTE[:, -1],
             "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev_BT[:, -1]),
@@ -452,8 +498,20 @@ class DumeConfig(PretrainedConfig):
         if (features == "ngram") != (ngram is not None):
             raise ValueError("routing.ngram must be given exactly when routing.features is 'ngram'")
         if ngram is not None:
-            if not isinstance(ngram, dict) or set(ngram) != set(NGRAM_KEYS):
-                raise ValueError(f"routing.ngram must be a dict with keys {NGRAM_KEYS}")
+            if not isinstance(ngram, dict) or not (
+                set(NGRAM_KEYS) <= set(ngram) <= set(NGRAM_KEYS + NGRAM_OPTIONAL_KEYS)
+            ):
+                raise ValueError(
+                    f"routing.ngram must be a dict with keys {NGRAM_KEYS} (optional: "
+                    f"{NGRAM_OPTIONAL_KEYS})"
+                )
+            switch = ngram.get("switch", 0.0)
+            if isinstance(switch, bool) or not isinstance(switch, (int, float)):
+                raise ValueError(
+                    f"routing.ngram.switch must be a number in [0, 0.5), got {switch!r}"
+                )
+            if not 0.0 <= switch < 0.5:
+                raise ValueError(f"routing.ngram.switch must be in [0, 0.5), got {switch!r}")
             if not _is_int(ngram["buckets"]) or ngram["buckets"] < 1:
                 raise ValueError(
                     f"routing.ngram.buckets must be an integer >= 1, got {ngram['buckets']!r}"
@@ -737,7 +795,7 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             ngram = routing["ngram"]
             self.ngram_router = DumeNgramRouter(
                 config.num_experts, base_config.vocab_size,
-                ngram["buckets"], ngram["mu"], ngram["alpha"],
+                ngram["buckets"], ngram["mu"], ngram["alpha"], ngram.get("switch", 0.0),
             )  # fmt: skip
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

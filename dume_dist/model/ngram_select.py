@@ -6,6 +6,9 @@ counts (``modeling_dume.ngram_log_probs``, the formula the router itself uses) s
 criterion is the mean over experts of the per-bigram log-loss of the expert posterior (equal
 priors), i.e. how well single bigrams tell the domains apart.
 
+The switch rate of the fixed-share posterior (``select_switch``) is chosen on the same held-out
+bigrams, drawn into simulated single-domain and switching sequences.
+
 It lives in ``model`` rather than ``core`` because the formula belongs to the model file.
 """
 
@@ -18,7 +21,7 @@ import torch
 
 from dume_dist.core.ngram import DEFAULT_ALPHA, NgramStats, NgramTables, ngram_tables
 from dume_dist.core.select import Selection
-from dume_dist.model.modeling_dume import ngram_log_probs
+from dume_dist.model.modeling_dume import fixed_share_posterior, ngram_log_probs
 
 DEFAULT_MU_GRID = tuple(10.0 ** (k / 2) for k in range(0, 9))  # 1 .. 1e4
 
@@ -86,3 +89,82 @@ def select_mu(
         curves={"nb_logloss": [curve]},
         num_holdout_tokens=tokens,
     )
+
+
+DEFAULT_SWITCH_GRID = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SWITCH_SIM = {"sequences": 64, "length": 256, "segment": 64, "seed": 0}
+
+
+def select_switch(
+    tables: NgramTables,
+    heldout: Mapping[str, tuple[int, NgramStats]],
+    num_experts: int,
+    grid: Sequence[float] = DEFAULT_SWITCH_GRID,
+):
+    """The switch rate of ``grid`` whose posterior (``fixed_share_posterior``) puts the least
+    log-loss on the true expert along simulated sequences, and the curve (a ``Selection``).
+
+    No text moves: a simulated token is a bigram drawn, by its count, from one expert's
+    contributors' held-out bigrams, scored by ``tables``. Half the sequences stay in one
+    domain, half switch domain every ``SWITCH_SIM["segment"]`` tokens (to one not used yet,
+    while there is one), so the rate is paid for both by single-domain text and by switches.
+    Drawn independently, simulated bigrams are less bursty than text: the choice errs to the
+    larger rates."""
+    grid = [float(r) for r in grid]
+    if not grid or any(not 0 <= r < 0.5 for r in grid):
+        raise ValueError(f"switch grid must be values in [0, 0.5), got {list(grid)}")
+    logp_KE, expert_K, weight_K = _heldout_bigrams(tables, heldout)
+    present = sorted(set(expert_K.tolist()))
+    if len(present) < 2:
+        raise ValueError("choosing a switch rate needs held-out bigrams of two experts or more")
+    g = torch.Generator().manual_seed(SWITCH_SIM["seed"])
+    truth_BT = _simulated_domains(present, g)
+    logp_BTE = torch.empty(*truth_BT.shape, logp_KE.shape[1], dtype=torch.float64)
+    for j in present:
+        rows = (expert_K == j).nonzero().squeeze(1)
+        where = truth_BT == j
+        pick = torch.multinomial(weight_K[rows], int(where.sum()), replacement=True, generator=g)
+        logp_BTE[where] = logp_KE[rows[pick]]
+    real_BT = torch.ones(truth_BT.shape, dtype=torch.bool)
+    curve = []
+    for rate in grid:
+        post_BTE = fixed_share_posterior(logp_BTE, real_BT, rate)
+        curve.append(float(-post_BTE.gather(2, truth_BT[..., None]).mean()))
+    best = min(range(len(grid)), key=curve.__getitem__)
+    return Selection(
+        lam=grid[best], smoothing=0.0, criterion="switch_logloss", lam_grid=grid,
+        smoothing_grid=[0.0], curves={"switch_logloss": [curve]},
+        num_holdout_tokens=int(weight_K.sum()),
+    )  # fmt: skip
+
+
+def _heldout_bigrams(tables, heldout):
+    """Every held-out bigram's log-probabilities [K, E] under ``tables``, its expert and count."""
+    logps, experts, weights = [], [], []
+    for name in sorted(heldout):
+        expert, stats = heldout[name]
+        pairs = stats.pairs_K3
+        if pairs is None:
+            raise ValueError(f"held-out statistics of {name!r} carry no bigrams")
+        if pairs.numel() == 0:
+            continue
+        logps.append(bigram_log_probs(tables, pairs[:, 0], pairs[:, 1]))
+        experts.append(torch.full((pairs.shape[0],), expert, dtype=torch.long))
+        weights.append(pairs[:, 2].double())
+    if not logps:
+        raise ValueError("held-out statistics hold no bigrams")
+    return torch.cat(logps), torch.cat(experts), torch.cat(weights)
+
+
+def _simulated_domains(present: list[int], g: torch.Generator) -> torch.Tensor:
+    """[B, T] true expert of every simulated position: single-domain rows, then switching rows."""
+    num, length, seg = SWITCH_SIM["sequences"], SWITCH_SIM["length"], SWITCH_SIM["segment"]
+    rows = []
+    for i in range(num):
+        if i < num // 2:
+            rows.append(torch.full((length,), present[i % len(present)], dtype=torch.long))
+            continue
+        order = [present[j] for j in torch.randperm(len(present), generator=g).tolist()]
+        segs = [order[k % len(order)] for k in range(-(-length // seg))]
+        rows.append(torch.tensor(segs).repeat_interleave(seg)[:length])
+    return torch.stack(rows)

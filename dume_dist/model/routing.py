@@ -36,7 +36,7 @@ from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
 from dume_dist.core.solve import SOLVERS, Router, solve_routers
 from dume_dist.core.stats import RouterStats
 from dume_dist.model.modeling_dume import ROUTING_FEATURES, routing_feature_dim
-from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu
+from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu, select_switch
 
 AUTO = "auto"
 DEFAULT_SMOOTHING_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
@@ -75,6 +75,7 @@ class RoutingSpec:
     ngram_buckets: int = DEFAULT_BUCKETS
     ngram_alpha: float = DEFAULT_ALPHA
     min_weight: float = 0.0
+    switch: float | str = 0.0
 
     def __post_init__(self):
         if self.features not in ROUTING_FEATURES:
@@ -93,6 +94,11 @@ class RoutingSpec:
                 raise ValueError(f"ngram_alpha must be > 0, got {self.ngram_alpha!r}")
         _check_setting("lam", self.lam, lambda v: v > 0 and (self.solver != "lda" or v <= 1))
         _check_setting("smoothing", self.smoothing, lambda v: 0 <= v <= 1)
+        _check_setting("switch", self.switch, lambda v: 0 <= v < 0.5)
+        if self.features != "ngram" and self.switch not in (0, 0.0):
+            raise ValueError(
+                "switch (the switch rate of the n-gram posterior) needs ngram features"
+            )
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         mw = self.min_weight
@@ -109,7 +115,7 @@ class RoutingSpec:
 
     @property
     def needs_holdout(self) -> bool:
-        return AUTO in (self.lam, self.smoothing)
+        return AUTO in (self.lam, self.smoothing, self.switch)
 
     @property
     def feature_map(self) -> str:
@@ -173,6 +179,18 @@ PRESETS: dict[str, RoutingSpec] = {
         holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
         preset="ngram",
     ),
+    # `ngram` whose posterior lets the domain switch before any token (rate chosen on held-out
+    # bigrams): routing follows text whose domain changes (docs/routing.md, mixed-domain text).
+    "switch": RoutingSpec(
+        features="ngram",
+        solver="nb",
+        lam=AUTO,
+        top_k=2,
+        min_weight=0.05,
+        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
+        switch=AUTO,
+        preset="switch",
+    ),
 }
 DEFAULT_PRESET = "ngram"
 
@@ -205,7 +223,8 @@ def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overri
         changes["solver"] = "nb" if features == "ngram" else "lda"  # the solver of those features
     if changes.get("solver", spec.solver) != spec.solver and "lam" not in changes:
         changes["lam"] = AUTO  # λ means something else for another solver: choose it
-    if AUTO in (changes.get("lam", spec.lam), changes.get("smoothing", spec.smoothing)):
+    settings = ("lam", "smoothing", "switch")
+    if AUTO in [changes.get(k, getattr(spec, k)) for k in settings]:
         if "holdout_fraction" not in changes and spec.holdout_fraction == 0:
             changes["holdout_fraction"] = DEFAULT_HOLDOUT_FRACTION
     changes.setdefault("preset", None)  # no longer the named setting
@@ -221,6 +240,8 @@ class SolvedRouting:
     lam: float
     smoothing: float
     selection: Selection | None
+    switch: float = 0.0
+    switch_selection: Selection | None = None
 
     def config_routing(self) -> dict:
         """``DumeConfig.routing`` of the model (what inference reads, and how it was solved)."""
@@ -229,6 +250,8 @@ class SolvedRouting:
             out["smoothing"] = self.smoothing
         if isinstance(self.routers, NgramTables):
             out["ngram"] = self.routers.config()
+            if self.switch > 0:
+                out["ngram"]["switch"] = self.switch
         if self.spec.min_weight and self.spec.top_k > 1:
             out["min_weight"] = float(self.spec.min_weight)
         if self.spec.preset:
@@ -283,6 +306,10 @@ class SolvedRouting:
             "top_k": self.spec.top_k,
             "feature_map": self.spec.feature_map,
             "selection": None if self.selection is None else self.selection.to_json(),
+            "switch": self.switch,
+            "switch_selection": None
+            if self.switch_selection is None
+            else self.switch_selection.to_json(),
         }
 
 
@@ -293,7 +320,11 @@ def _solve_ngram(spec, fit, num_experts, holdout) -> SolvedRouting:
         selection = select_mu(fit, holdout[0.0], num_experts, grid, spec.ngram_alpha)
         mu = selection.lam
     tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
-    return SolvedRouting(tables, spec, float(mu), 0.0, selection)
+    switch, switch_selection = spec.switch, None
+    if switch == AUTO:
+        switch_selection = select_switch(tables, holdout[0.0], num_experts)
+        switch = switch_selection.lam
+    return SolvedRouting(tables, spec, float(mu), 0.0, selection, float(switch), switch_selection)
 
 
 def check_contributions(contributions: Contributions, feature_map: str, what: str) -> None:

@@ -222,7 +222,8 @@ def _expert_entry(j: int, inp: CheckpointInput, blobs: dict, held: dict) -> dict
 def _check_ngram_router(inp: CheckpointInput, tables, routing) -> None:
     if not isinstance(tables, NgramTables) or routing.get("features") != "ngram":
         raise ValueError("n-gram routing needs the n-gram router's tables, and only it uses them")
-    if routing.get("ngram") != tables.config():
+    ngram = {k: v for k, v in (routing.get("ngram") or {}).items() if k != "switch"}
+    if ngram != tables.config():
         raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
     want = (len(inp.experts), inp.dense_config.vocab_size)
     for name in ("unigram_EV", "context_EV"):
