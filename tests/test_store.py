@@ -248,7 +248,8 @@ def test_pull_verifies_every_file(open_store, tmp_path, damage):
     store = open_store()
     versions = VersionStore(store)
     vid = versions.publish(make_model_dir(tmp_path / "model", seed=1), {})
-    key = f"versions/{vid}/files/model.safetensors"
+    (chunk,) = versions.get_manifest(vid)["files"]["model.safetensors"]["chunks"]
+    key = versions.object_key(chunk["sha256"])
     original = store.read_bytes(key)
     if damage == "corrupt":
         store.write_bytes(key, bytes([original[0] ^ 1]) + original[1:])

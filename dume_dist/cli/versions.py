@@ -1,5 +1,5 @@
 """`dume versions list|show|pull`: published versions, read from the store (anyone with read
-access to its public prefix)."""
+access to its public prefix); `dume versions gc|migrate` for store writers."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("dir")
     store_flags(p, required=True)
     p.set_defaults(func=run_pull)
+    p = vs.add_parser("gc", help="delete the chunks no kept version references (store writers)")
+    store_flags(p, required=True)
+    p.set_defaults(func=run_gc)
+    p = vs.add_parser("migrate", help="move versions stored whole (older stores) to shared chunks")
+    store_flags(p, required=True)
+    p.set_defaults(func=run_migrate)
 
 
 def _version_store(args):
@@ -71,4 +77,16 @@ def run_pull(args) -> int:
     print(
         f"pulled {args.version} into {args.dir} ({len(manifest['files'])} files, checksums verified)"
     )
+    return 0
+
+
+def run_gc(args) -> int:
+    result = _version_store(args).collect_garbage()
+    print(f"kept {result['kept']} chunks, deleted {result['deleted']}")
+    return 0
+
+
+def run_migrate(args) -> int:
+    done = _version_store(args).migrate()
+    print(f"migrated {', '.join(done) if done else 'nothing (every version uses chunks)'}")
     return 0

@@ -135,6 +135,17 @@ class LocalBackend:
         with open(self.path(key), "rb") as src, open(local_path, "wb") as dst:
             return copy_stream(src, dst)
 
+    def open_read(self, key: str):
+        return open(self.path(key), "rb")
+
+    def link(self, key: str, local_path: str) -> bool:
+        """Hard-link the object at ``key`` to ``local_path``; False where not possible."""
+        try:
+            os.link(self.path(key), local_path)
+            return True
+        except OSError:
+            return False
+
 
 class FsspecBackend:
     """Any fsspec filesystem (s3, memory, gcs, ...) rooted at `root` (a path in `fs`).
@@ -238,6 +249,12 @@ class FsspecBackend:
     def download(self, key: str, local_path: str) -> tuple[str, int]:
         self.fs.get_file(self.path(key), local_path)
         return file_sha256_size(local_path)
+
+    def open_read(self, key: str):
+        return self.fs.open(self.path(key), "rb")
+
+    def link(self, key: str, local_path: str) -> bool:
+        return False
 
 
 def protocols(fs) -> tuple[str, ...]:

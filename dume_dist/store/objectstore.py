@@ -19,6 +19,7 @@ URLs:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -262,6 +263,30 @@ class ObjectStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def copy_to(self, key: str, dst, expected: dict) -> None:
+        """Append the object at ``key`` to the open file ``dst``, streamed, checking its sha256 and
+        size against ``expected``; ChecksumError (nothing more appended) on a mismatch."""
+        key = check_key(key)
+        h, size = hashlib.sha256(), 0
+        with self._translate(f"read {key}"), self.backend.open_read(key) as src:
+            while data := src.read(8 << 20):
+                h.update(data)
+                size += len(data)
+                if size > expected["size"]:
+                    break
+                dst.write(data)
+        if size != expected["size"] or h.hexdigest() != expected["sha256"]:
+            raise ChecksumError(
+                f"{self.url}: {key} is corrupt: sha256 {h.hexdigest()[:16]}… size {size}, "
+                f"expected sha256 {expected['sha256'][:16]}… size {expected['size']}"
+            )
+
+    def link_to(self, key: str, local_path: str) -> bool:
+        """Hard-link ``key`` to ``local_path`` on a local store; False where not possible."""
+        key = check_key(key)
+        with self._translate(f"link {key}"):
+            return self.backend.link(key, local_path)
 
     def put_dir(self, local_dir: str, prefix: str, exclude: tuple[str, ...] = ()) -> dict:
         """Upload every file under `local_dir`; return `{relpath: {"sha256", "size"}}`."""

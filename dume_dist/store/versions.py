@@ -1,35 +1,58 @@
-"""VersionStore: immutable, numbered model versions (DESIGN §5).
+"""VersionStore: immutable, numbered model versions whose files share content-addressed chunks
+(DESIGN §5).
 
-Layout (N = 1, 2, ...; ids are "v1", "v2", ...):
+Layout, everything under one public prefix (default ``versions/``; readers need nothing else):
 
-  versions/vN/claim.json         allocates N (conditional create: one writer wins N)
-  versions/vN/files/<relpath>    the model directory, byte for byte
-  versions/vN/manifest.json      written LAST, by conditional create: the version is
-                                 visible from this moment, complete and checksummed
-  versions/vN/marks/<rev>.json   append-only marks merged into the manifest on read
-                                 (manifests are immutable)
-  versions/vN/purged.json        tombstone of a purged version; N is never reused
+  versions/objects/<ab>/<sha256>  a chunk of a file, stored once, shared by every version using
+                                  it (``store/chunks.py``: a safetensors file is cut into its
+                                  header and one chunk per part: backbone, routers, each expert)
+  versions/vN/claim.json          allocates N (conditional create: one writer wins N)
+  versions/vN/refs.json           the chunks a publish in flight will reference, written before
+                                  any upload (garbage collection keeps them)
+  versions/vN/manifest.json       written LAST, by conditional create: the version is visible
+                                  from this moment; ``files``: {relpath: {sha256, size, chunks}}
+  versions/vN/marks/<rev>.json    append-only marks merged into the manifest on read
+  versions/vN/purged.json         tombstone of a purged version; N is never reused
+  versions/gc.lock                held by a garbage collection (conditional create)
+  versions/vN/files/<relpath>     versions written before chunks (schema 1 without ``chunks``):
+                                  still read; ``migrate()`` moves them to chunks
+                                  (``versions/vN/chunks.json`` then lists them)
 
-A claimed version without a manifest (a publisher crashed or is still uploading)
-is invisible to readers. `pull` verifies every file's sha256 and size, and
-renames the directory into place only when all of them match.
+A join writes its new expert's chunks, the routers' chunk, the small files and the manifest; an
+unlearn the routers and the manifest. ``pull`` materialises a standard HF directory, verifying
+every chunk's and file's sha256 (single-chunk files of a local store are hard-linked; objects
+are read-only), and renames it into place only when all match.
+
+Garbage collection vs a concurrent publish: a publisher writes ``refs.json`` and only then
+looks for ``gc.lock`` (waiting while it exists); a collector takes ``gc.lock`` and only then
+reads the references (manifests, sidecars and every ``refs.json``). Whichever order they run
+in, a chunk a publish will reference is never deleted.
 """
+
+from __future__ import annotations
 
 import contextlib
 import os
 import re
+import shutil
 import socket
+import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 
+from .backends import LocalBackend, sha256_file
+from .chunks import Chunk, check_chunk_list, copy_range, plan_file
 from .errors import StoreConflict, StoreError, StoreNotFound
 from .log import AppendLog
-from .objectstore import ObjectStore, encode_json
+from .objectstore import ObjectStore, encode_json, local_files
 
 SCHEMA_VERSION = 1
+LAYOUT = "chunks/1"
 MANIFEST_FILE = "dume_manifest.json"  # the manifest's name inside a pulled directory
-_GENERATED = ("files", "version", "created_at", "schema_version", "marks")
+_GENERATED = ("files", "version", "created_at", "schema_version", "marks", "layout")
 _VERSION_ID = re.compile(r"v([1-9][0-9]*)")
+_MARKERS = ("claim.json", "manifest.json", "purged.json", "refs.json", "chunks.json")
 
 
 def parse_version(vid: str) -> int:
@@ -49,23 +72,27 @@ def _now() -> str:
 
 
 class VersionStore:
-    def __init__(self, store: ObjectStore, prefix: str = "versions"):
+    def __init__(self, store: ObjectStore, prefix: str = "versions", gc_wait_s: float = 600.0):
         self.store = store
         self.prefix = prefix.rstrip("/")
+        self.gc_wait_s = gc_wait_s
 
     def _key(self, vid: str, name: str) -> str:
         parse_version(vid)
         return f"{self.prefix}/{vid}/{name}"
 
+    def object_key(self, sha256: str) -> str:
+        return f"{self.prefix}/objects/{sha256[:2]}/{sha256}"
+
     # -- reading ----------------------------------------------------------------------
 
     def _scan(self) -> dict[int, set[str]]:
-        """{N: {"claim.json", "manifest.json", "purged.json"} ∩ present}, from one listing."""
+        """{N: the marker files of vN present}, from one listing."""
         found: dict[int, set[str]] = {}
         for key in self.store.list(self.prefix):
             vid, _, name = key[len(self.prefix) + 1 :].partition("/")
             m = _VERSION_ID.fullmatch(vid)
-            if m and name in ("claim.json", "manifest.json", "purged.json"):
+            if m and name in _MARKERS:
                 found.setdefault(int(m.group(1)), set()).add(name)
         return found
 
@@ -79,7 +106,11 @@ class VersionStore:
 
     def list_incomplete(self) -> list[str]:
         """Claimed versions with no manifest and no tombstone: uploads in flight or abandoned."""
-        return [f"v{n}" for n, names in sorted(self._scan().items()) if names == {"claim.json"}]
+        return [
+            f"v{n}"
+            for n, names in sorted(self._scan().items())
+            if "claim.json" in names and not names & {"manifest.json", "purged.json"}
+        ]
 
     def latest(self) -> str | None:
         versions = self.list_versions()
@@ -103,20 +134,73 @@ class VersionStore:
             merged[record["key"]] = record["value"]
         return merged
 
-    def pull(self, vid: str, local_dir: str) -> dict:
-        """Download `vid` into `local_dir` (which must not exist), verified; return its manifest.
+    def file_chunks(self, vid: str, manifest: dict) -> dict[str, list[dict] | None]:
+        """{relpath: chunk list}, or None per file of a version stored whole (schema 1)."""
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise StoreError(f"{self.store.url}: manifest of {vid} has no files")
+        sidecar = {}
+        if not all(isinstance(e, dict) and "chunks" in e for e in files.values()):
+            with contextlib.suppress(StoreNotFound):
+                sidecar = self.store.read_json(self._key(vid, "chunks.json"))
+        out = {}
+        for rel, entry in files.items():
+            chunks = entry.get("chunks") if isinstance(entry, dict) else None
+            chunks = chunks if chunks is not None else sidecar.get(rel)
+            out[rel] = None if chunks is None else check_chunk_list(rel, chunks)
+        return out
 
-        On any error (missing or corrupt file) nothing is left at `local_dir`.
+    def pull(self, vid: str, local_dir: str) -> dict:
+        """Materialise `vid` at `local_dir` (which must not exist), verified; return its manifest.
+
+        On any error (missing or corrupt chunk or file) nothing is left at `local_dir`.
         The manifest is saved in the directory as `dume_manifest.json`.
         """
         manifest = self.get_manifest(vid)
-        self.store.get_dir(
-            self._key(vid, "files"),
-            local_dir,
-            manifest["files"],
-            extra={MANIFEST_FILE: encode_json(manifest)},
-        )
+        chunks = self.file_chunks(vid, manifest)
+        if all(c is None for c in chunks.values()):  # a version stored whole
+            self.store.get_dir(
+                self._key(vid, "files"), local_dir, manifest["files"],
+                extra={MANIFEST_FILE: encode_json(manifest)},
+            )  # fmt: skip
+            return manifest
+        local_dir = os.path.abspath(local_dir)
+        if os.path.lexists(local_dir):
+            raise ValueError(f"destination already exists: {local_dir}")
+        parent = os.path.dirname(local_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".dume-tmp-{os.path.basename(local_dir)}-", dir=parent)
+        try:
+            for rel, entry in sorted(manifest["files"].items()):
+                dest = os.path.join(tmp, *_check_rel(rel).split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                self._materialise(vid, rel, entry, chunks[rel], dest)
+            with open(os.path.join(tmp, MANIFEST_FILE), "wb") as f:
+                f.write(encode_json(manifest))
+            os.rename(tmp, local_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return manifest
+
+    def _materialise(self, vid, rel, entry, chunks, dest) -> None:
+        try:
+            if chunks is None:
+                self.store.get_file(self._key(vid, f"files/{rel}"), dest, expected=entry)
+                return
+            if not (
+                len(chunks) == 1 and self.store.link_to(self.object_key(chunks[0]["sha256"]), dest)
+            ):
+                with open(dest, "wb") as f:
+                    for c in chunks:
+                        self.store.copy_to(self.object_key(c["sha256"]), f, c)
+            got = dict(zip(("sha256", "size"), sha256_file(dest)))
+            if got != {"sha256": entry["sha256"], "size": entry["size"]}:
+                raise StoreError(f"{self.store.url}: {vid}/{rel} is corrupt (checksum mismatch)")
+        except StoreError as e:
+            if rel in str(e):
+                raise
+            raise type(e)(f"{self.store.url}: cannot pull {vid}/{rel}: {e}") from e
 
     # -- writing ----------------------------------------------------------------------
 
@@ -125,8 +209,9 @@ class VersionStore:
 
         `manifest` holds the caller's fields (contributors, λ/T/k, fingerprints, and
         optionally "parent"; it defaults to the newest complete version). The store adds
-        "files" {relpath: {sha256, size}}, "version", "created_at", "schema_version".
-        A top-level `dume_manifest.json` in `local_dir` (from an earlier pull) is skipped.
+        "files" {relpath: {sha256, size, chunks}}, "version", "created_at", "schema_version",
+        "layout". Only chunks not already in the store are uploaded. A top-level
+        `dume_manifest.json` in `local_dir` (from an earlier pull) is skipped.
         """
         if not os.path.isdir(local_dir):
             raise ValueError(f"not a directory: {local_dir}")
@@ -136,28 +221,67 @@ class VersionStore:
         if reserved:
             raise ValueError(f"manifest fields {reserved} are set by the store")
         encode_json(manifest)  # ValueError before anything is written
-
+        plans = {
+            rel: plan_file(os.path.join(local_dir, *rel.split("/")))
+            for rel in local_files(local_dir)
+            if rel != MANIFEST_FILE
+        }
         scan = self._scan()
         complete = [n for n, names in scan.items() if _is_complete(names)]
         default_parent = f"v{max(complete)}" if complete else None
         parent = manifest.get("parent", default_parent)
         vid = self._claim(first=max(scan, default=0) + 1)
-        try:
-            files = self.store.put_dir(local_dir, self._key(vid, "files"), exclude=(MANIFEST_FILE,))
-        except BaseException:
-            with contextlib.suppress(StoreError):  # best effort; the claim stays, unused
-                self.store.delete_prefix(self._key(vid, "files"))
-            raise
+        sources = {c.sha256: (rel, c) for rel, (chunks, _, _) in plans.items() for c in chunks}
+        self._upload_chunks(vid, local_dir, sources)
+        files = {
+            rel: {"sha256": sha, "size": size, "chunks": [c.entry() for c in chunks]}
+            for rel, (chunks, sha, size) in sorted(plans.items())
+        }
         full = {
             **manifest,
             "version": vid,
             "parent": parent,
             "created_at": _now(),
             "schema_version": SCHEMA_VERSION,
+            "layout": LAYOUT,
             "files": files,
         }
         self.store.create_json(self._key(vid, "manifest.json"), full)
+        self.store.delete(self._key(vid, "refs.json"), missing_ok=True)
         return vid
+
+    def _upload_chunks(self, vid: str, local_dir: str, sources: dict[str, tuple[str, Chunk]]):
+        """Record the references, wait out a running collection, upload the missing chunks."""
+        self.store.write_json(self._key(vid, "refs.json"), {"chunks": sorted(sources)})
+        self._wait_for_gc()
+        with tempfile.TemporaryDirectory(prefix=".dume-chunk-", dir=local_dir) as tmp:
+            for sha, (rel, chunk) in sorted(sources.items()):
+                key = self.object_key(sha)
+                if self.store.exists(key):
+                    continue
+                path = os.path.join(tmp, sha)
+                if (
+                    copy_range(
+                        os.path.join(local_dir, *rel.split("/")), chunk.offset, chunk.size, path
+                    )
+                    != sha
+                ):
+                    raise StoreError(f"{local_dir}/{rel} changed while it was published")
+                self.store.put_file(path, key)
+                if isinstance(self.store.backend, LocalBackend):  # pulls may hard-link it
+                    with contextlib.suppress(OSError):
+                        os.chmod(self.store.backend.path(key), 0o444)
+                os.unlink(path)
+
+    def _wait_for_gc(self) -> None:
+        deadline = time.monotonic() + self.gc_wait_s
+        while self.store.exists(f"{self.prefix}/gc.lock"):
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"{self.store.url}: a garbage collection holds {self.prefix}/gc.lock for "
+                    f"over {self.gc_wait_s:.0f} s; if it crashed, delete that key"
+                )
+            time.sleep(0.2)
 
     def _claim(self, first: int, attempts: int = 50) -> str:
         number = first
@@ -183,8 +307,9 @@ class VersionStore:
         encode_json(record)
         AppendLog(self.store, self._key(vid, "marks")).append_latest(record)
 
-    def purge(self, vid: str, reason: str = "") -> None:
-        """Delete a version's files and manifest, leaving a tombstone. Idempotent."""
+    def purge(self, vid: str, reason: str = "", collect: bool = True) -> None:
+        """Delete a version's manifest (and files), leaving a tombstone, then collect the chunks
+        no kept version references (unless ``collect`` is off or a collection runs). Idempotent."""
         if not self.store.exists(self._key(vid, "claim.json")):
             raise StoreNotFound(f"{self.store.url}: no version {vid}")
         try:  # tombstone first: from here on readers treat the version as gone
@@ -195,3 +320,77 @@ class VersionStore:
             pass  # already purged (or a purge is being retried)
         self.store.delete_prefix(self._key(vid, "files"))
         self.store.delete(self._key(vid, "manifest.json"), missing_ok=True)
+        if collect:
+            with contextlib.suppress(StoreConflict):
+                self.collect_garbage()
+
+    # -- garbage collection and migration --------------------------------------------------
+
+    def referenced(self) -> set[str]:
+        """Every chunk a kept version, a migrated version or a publish in flight references."""
+        refs: set[str] = set()
+        for n, names in sorted(self._scan().items()):
+            vid = f"v{n}"
+            if "refs.json" in names:
+                with contextlib.suppress(StoreNotFound):
+                    refs.update(self.store.read_json(self._key(vid, "refs.json"))["chunks"])
+            if not _is_complete(names):
+                continue
+            try:
+                manifest = self.store.read_json(self._key(vid, "manifest.json"))
+            except StoreNotFound:
+                continue  # purged meanwhile
+            for chunks in self.file_chunks(vid, manifest).values():
+                refs.update(c["sha256"] for c in chunks or [])
+        return refs
+
+    def collect_garbage(self) -> dict:
+        """Delete the chunks nobody references; returns what was kept and deleted. Raises
+        StoreConflict while another collection runs."""
+        lock = f"{self.prefix}/gc.lock"
+        self.store.create_json(
+            lock, {"since": _now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
+        )
+        try:
+            objects = [k for k in self.store.list(f"{self.prefix}/objects")]
+            keep = self.referenced()  # read after the lock: see the module docstring
+            deleted = [k for k in objects if k.rsplit("/", 1)[-1] not in keep]
+            for key in deleted:
+                self.store.delete(key, missing_ok=True)
+            return {"kept": len(objects) - len(deleted), "deleted": len(deleted)}
+        finally:
+            self.store.delete(lock, missing_ok=True)
+
+    def migrate(self) -> list[str]:
+        """Move every complete version stored whole (schema 1 without chunks) to chunks: upload
+        its files' chunks, write ``chunks.json``, delete its ``files/``. Returns the versions
+        migrated; pulls give the same bytes before and after."""
+        done = []
+        for vid in self.list_versions():
+            manifest = self.store.read_json(self._key(vid, "manifest.json"))
+            if any(c is not None for c in self.file_chunks(vid, manifest).values()):
+                continue
+            with tempfile.TemporaryDirectory(prefix="dume-migrate-") as tmp:
+                local = os.path.join(tmp, "v")
+                self.store.get_dir(self._key(vid, "files"), local, manifest["files"])
+                plans = {
+                    rel: plan_file(os.path.join(local, *rel.split("/")))
+                    for rel in manifest["files"]
+                }
+                sources = {
+                    c.sha256: (rel, c) for rel, (chunks, _, _) in plans.items() for c in chunks
+                }
+                self._upload_chunks(vid, local, sources)
+            sidecar = {rel: [c.entry() for c in chunks] for rel, (chunks, _, _) in plans.items()}
+            self.store.create_json(self._key(vid, "chunks.json"), sidecar)
+            self.store.delete(self._key(vid, "refs.json"), missing_ok=True)
+            self.store.delete_prefix(self._key(vid, "files"))
+            done.append(vid)
+        return done
+
+
+def _check_rel(rel: str) -> str:
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+        raise StoreError(f"manifest names a bad file path {rel!r}")
+    return rel
