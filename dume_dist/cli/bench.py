@@ -123,6 +123,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             rb.add_argument("--max-tokens", type=int, default=None)
         rb.set_defaults(func=run_robustness)
 
+    sc = kinds.add_parser(
+        "scale", help="memory and seconds of build, solve and publish at real sizes; store bytes"
+    )
+    sc.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    sc.add_argument(
+        "--shape",
+        choices=("189m", "1b", "tiny"),
+        default="189m",
+        help="expert shape: 189m (hidden 1024, 16 layers, intermediate 2816), 1b (TinyLlama's), "
+        "tiny (a quick check)",
+    )
+    sc.add_argument(
+        "--experts", type=int, action="append", help="N to measure (repeat; default 2, 4, 8)"
+    )
+    sc.add_argument("--max-tokens", type=int, default=8192, help="statistics tokens per expert")
+    sc.add_argument("--threads", type=int, default=None, help="torch threads in each step")
+    sc.add_argument("--work", default=None, help="keep the experts and stores here")
+    sc.set_defaults(func=run_scale)
+
 
 def run_inference(args) -> int:
     from dume_dist.bench.inference import markdown_table, run_inference_bench, write_results
@@ -135,6 +154,19 @@ def run_inference(args) -> int:
     result = run_inference_bench(
         expert_dir=expert, num_experts=args.num_experts, batch_size=args.batch_size,
         seq_len=args.seq_len, repeats=args.repeats, threads=args.threads, device=args.device,
+    )  # fmt: skip
+    md = write_results(result, args.json)
+    print(markdown_table(result))
+    print(f"wrote {args.json} and {md}")
+    return 0
+
+
+def run_scale(args) -> int:
+    from dume_dist.bench.scale import markdown_table, run_scale_bench, write_results
+
+    result = run_scale_bench(
+        counts=tuple(args.experts or (2, 4, 8)), shape=args.shape, max_tokens=args.max_tokens,
+        threads=args.threads, work=args.work,
     )  # fmt: skip
     md = write_results(result, args.json)
     print(markdown_table(result))

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from dume_dist.core.private import privacy_record
-from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed.artifacts import routing_of
 from dume_dist.distributed.state import Registry, VersionEntry, now
 from dume_dist.distributed.transitions import mark_unlearned
@@ -68,16 +67,26 @@ class Publisher:
 
     def contributions(self, reg: Registry, names: list[str]):
         """Fit contributions ``{"<node>/<sha256>": (expert index, stats)}`` and held-out ones
-        ``{β: {"<node>/<fit sha256>": (expert index, stats)}}`` (sorted keys: canonical order)."""
-        fit, holdout = {}, {}
-        for index, name in enumerate(names):
+        ``{β: {"<node>/<fit sha256>": (expert index, stats)}}`` (sorted keys: canonical order).
+
+        Streaming: the blobs are cached as files in the workspace and decoded one at a time when
+        the solve reads them, so the solve holds one contribution and the running sums."""
+        from dume_dist.model.stats_files import StatsFiles, contributions
+
+        fit, holdout, index = StatsFiles(), {}, {}
+        for j, name in enumerate(names):
             for entry in reg.nodes[name].stats:
                 key = f"{name}/{entry.sha256}"
-                fit[key] = (index, stats_from_bytes(self.blobs.get_blob(entry.blob)))
+                index[key] = j
+                fit.add_file(key, self.workspace.stats_file(entry.blob))
                 for held in entry.holdout:
-                    stats = stats_from_bytes(self.blobs.get_blob(held.blob))
-                    holdout.setdefault(float(held.smoothing), {})[key] = (index, stats)
-        return fit, holdout
+                    beta = float(held.smoothing)
+                    holdout.setdefault(beta, StatsFiles(fit.root / f"holdout-{len(holdout)}"))
+                    holdout[beta].add_file(key, self.workspace.stats_file(held.blob))
+        return (
+            contributions(fit, index),
+            {beta: contributions(files, index) for beta, files in holdout.items()},
+        )
 
     def manifest(self, reg: Registry, names: list[str], digest: str, trigger: str, solved) -> dict:
         nodes, last = reg.nodes, reg.last_version()

@@ -23,6 +23,16 @@ class Workspace:
             self.store.get_dir(record["prefix"], str(local), record["files"])
         return local
 
+    def stats_file(self, blob_id: str) -> Path:
+        """A statistics blob as a local file (verified on download, kept by content hash)."""
+        path = self.work_dir / "stats-cache" / f"{blob_id.rsplit('/', 1)[-1]}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(self.blobs.get_blob(blob_id))
+            tmp.rename(path)
+        return path
+
     def expert_spec(self, reg: Registry, name: str, fingerprint: str, mlp: bytes | None = None):
         """An ExpertSpec over the node's MLP blob, cached under work_dir; validated on creation
         (layout of the backbone's MLPs, the claimed fingerprint)."""
