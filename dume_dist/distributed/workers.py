@@ -269,7 +269,11 @@ class StatsWorker:
         """``[1 + len(holdout_smoothings), L, P, P]``: this rank's fit Gram, then its held-out
         Gram of each decay (fp64; zeros for a part of which it has no batch)."""
         from dume_dist.model.backbone import Backbone
-        from dume_dist.model.collect import collect_smoothed_stats, dense_model_for
+        from dume_dist.model.collect import (
+            collect_smoothed_stats,
+            dense_model_for,
+            stats_compute_dtype,
+        )
         from dume_dist.model.experts import load_expert_spec
         from dume_dist.model.modeling_dume import routing_feature_dim
 
@@ -286,7 +290,9 @@ class StatsWorker:
         if not any(mine for mine, _ in parts):  # more workers than batches: this rank adds nothing
             return out
         device = self.device()
-        model = dense_model_for(backbone, spec, dtype=torch.float32, device=device)
+        model = dense_model_for(
+            backbone, spec, dtype=stats_compute_dtype(spec, device), device=device
+        )
         slot = 0
         for mine, betas in parts:
             if mine:

@@ -12,7 +12,8 @@ CARD_NAME = "README.md"
 
 def _front_matter(manifest: dict, base_model: str | None, fmt: str) -> str:
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
-    lines += [f"- {t}" for t in ("dume", "moe", "merge", "mixture-of-experts", fmt)]
+    tags = dict.fromkeys(("dume", "moe", "merge", "mixture-of-experts", fmt))
+    lines += [f"- {t}" for t in tags]
     if base_model:
         lines.append(f"base_model: {json.dumps(str(base_model))}")
     lines.append("---")

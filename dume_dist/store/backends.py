@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 
@@ -138,6 +139,21 @@ class LocalBackend:
     def open_read(self, key: str):
         return open(self.path(key), "rb")
 
+    def upload_range(self, local_path: str, offset: int, size: int, key: str) -> tuple[str, int]:
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tmp_path_beside(final)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                src.seek(offset)
+                result = copy_stream(_Limited(src, size), dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, final)
+        finally:
+            _remove_if_exists(tmp)
+        return result
+
     def link(self, key: str, local_path: str) -> bool:
         """Hard-link the object at ``key`` to ``local_path``; False where not possible."""
         try:
@@ -253,8 +269,32 @@ class FsspecBackend:
     def open_read(self, key: str):
         return self.fs.open(self.path(key), "rb")
 
+    def upload_range(self, local_path: str, offset: int, size: int, key: str) -> tuple[str, int]:
+        # Through a local temp file: fsspec uploads files (multipart for large ones).
+        fd, tmp = tempfile.mkstemp(prefix=TMP_MARK)
+        os.close(fd)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                src.seek(offset)
+                copy_stream(_Limited(src, size), dst)
+            return self.upload(tmp, key)
+        finally:
+            _remove_if_exists(tmp)
+
     def link(self, key: str, local_path: str) -> bool:
         return False
+
+
+class _Limited:
+    """The next ``size`` bytes of a file object."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
 
 
 def protocols(fs) -> tuple[str, ...]:

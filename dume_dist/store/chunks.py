@@ -104,22 +104,6 @@ def plan_file(path: str) -> tuple[list[Chunk], str, int]:
     return chunks, whole, size
 
 
-def copy_range(src_path: str, offset: int, size: int, dst_path: str) -> str:
-    """Copy ``size`` bytes at ``offset`` of ``src_path`` into a new file; returns their sha256."""
-    h = hashlib.sha256()
-    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
-        src.seek(offset)
-        left = size
-        while left > 0:
-            data = src.read(min(PIECE, left))
-            if not data:
-                raise ValueError(f"{src_path} changed while it was read")
-            h.update(data)
-            dst.write(data)
-            left -= len(data)
-    return h.hexdigest()
-
-
 def check_chunk_list(rel: str, chunks) -> list[dict]:
     """Validate a manifest's chunk list (it names store keys): ValueError on anything odd."""
     if not isinstance(chunks, list) or not chunks:

@@ -241,6 +241,15 @@ class ObjectStore:
             sha256, size = self.backend.upload(local_path, key)
         return {"sha256": sha256, "size": size}
 
+    def put_range(self, local_path: str, offset: int, size: int, key: str) -> dict:
+        """Upload ``size`` bytes at ``offset`` of a local file as ``key``; their sha256 and size."""
+        key = check_key(key)
+        with self._translate(f"upload {local_path} to {key}"):
+            sha256, got = self.backend.upload_range(local_path, offset, size, key)
+        if got != size:
+            raise StoreError(f"{local_path} is shorter than expected ({got} of {size} bytes)")
+        return {"sha256": sha256, "size": got}
+
     def get_file(self, key: str, local_path: str, expected: dict | None = None) -> dict:
         """Download `key` to `local_path` atomically, verifying `expected` {"sha256", "size"}.
 

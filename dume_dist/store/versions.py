@@ -42,7 +42,7 @@ import uuid
 from datetime import datetime, timezone
 
 from .backends import LocalBackend, sha256_file
-from .chunks import Chunk, check_chunk_list, copy_range, plan_file
+from .chunks import Chunk, check_chunk_list, plan_file
 from .errors import StoreConflict, StoreError, StoreNotFound
 from .log import AppendLog
 from .objectstore import ObjectStore, encode_json, local_files
@@ -254,24 +254,17 @@ class VersionStore:
         """Record the references, wait out a running collection, upload the missing chunks."""
         self.store.write_json(self._key(vid, "refs.json"), {"chunks": sorted(sources)})
         self._wait_for_gc()
-        with tempfile.TemporaryDirectory(prefix=".dume-chunk-", dir=local_dir) as tmp:
-            for sha, (rel, chunk) in sorted(sources.items()):
-                key = self.object_key(sha)
-                if self.store.exists(key):
-                    continue
-                path = os.path.join(tmp, sha)
-                if (
-                    copy_range(
-                        os.path.join(local_dir, *rel.split("/")), chunk.offset, chunk.size, path
-                    )
-                    != sha
-                ):
-                    raise StoreError(f"{local_dir}/{rel} changed while it was published")
-                self.store.put_file(path, key)
-                if isinstance(self.store.backend, LocalBackend):  # pulls may hard-link it
-                    with contextlib.suppress(OSError):
-                        os.chmod(self.store.backend.path(key), 0o444)
-                os.unlink(path)
+        for sha, (rel, chunk) in sorted(sources.items()):
+            key = self.object_key(sha)
+            if self.store.exists(key):
+                continue
+            path = os.path.join(local_dir, *rel.split("/"))
+            if self.store.put_range(path, chunk.offset, chunk.size, key)["sha256"] != sha:
+                self.store.delete(key, missing_ok=True)
+                raise StoreError(f"{local_dir}/{rel} changed while it was published")
+            if isinstance(self.store.backend, LocalBackend):  # pulls may hard-link it
+                with contextlib.suppress(OSError):
+                    os.chmod(self.store.backend.path(key), 0o444)
 
     def _wait_for_gc(self) -> None:
         deadline = time.monotonic() + self.gc_wait_s
