@@ -233,8 +233,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stats-dtype",
         choices=DTYPES,
         default=None,
-        help="dtype the experts run in while statistics are collected (default: fp32 on CPU, "
-        "the experts' dtype on GPU; products fp32, sums fp64 either way)",
+        help="dtype the experts run in while statistics are collected (default: the experts' "
+        "own; products fp32, sums fp64 either way)",
     )
     p.add_argument(
         "--shard-size",

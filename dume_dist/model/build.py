@@ -22,7 +22,6 @@ them; the guarantee goes into each statistic and the manifest's ``privacy``.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import time
@@ -42,6 +41,7 @@ from dume_dist.model.collect import (
     collect_smoothed_stats,
     default_clip,
     dense_model_for,
+    release_memory,
     resolve_device,
     stats_compute_dtype,
 )
@@ -246,9 +246,7 @@ def _raw_statistics(
             for beta, stats in collect(model, held_texts, routing.holdout_smoothings()).items()
         }
     del model
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return fit, held
 
 
@@ -298,8 +296,8 @@ def build_dume(
     that callers comparing with the distributed coordinator (paper routers) keep matching.
     ``max_tokens_per_seq`` defaults to the experts' ``max_position_embeddings`` (at most 1024),
     ``seq_len`` (window length) to ``max_tokens_per_seq``; statistics run on ``device``
-    in ``stats_dtype`` (default: fp32 on CPU, the experts' dtype on GPU; products fp32, sums
-    fp64); ``dtype`` casts the written weights (default: keep the experts' dtype).
+    in ``stats_dtype`` (default: the experts' dtype; products fp32, sums fp64); ``dtype`` casts
+    the written weights (default: keep the experts' dtype).
     ``output_format`` names the back end (``model.formats``: ``dume``, ``mixtral``), checked
     before any statistics are computed; ``max_shard_bytes`` bounds a safetensors shard.
     ``save_stats``: a directory outside ``out_dir`` where statistics are kept and reused (module

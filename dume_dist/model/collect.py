@@ -55,14 +55,33 @@ def stats_compute_dtype(
     spec: ExpertSpec, device: str | torch.device, requested: torch.dtype | None = None
 ) -> torch.dtype:
     """The dtype the dense model runs in while collecting statistics: ``requested``, else the
-    expert's own dtype on GPU (products are fp32 and sums fp64 either way) and fp32 on CPU."""
+    expert's own (floating) dtype — bf16 experts run in bf16 (half the memory of an fp32 copy);
+    the Gram products are fp32 and the sums fp64 either way."""
     if requested is not None:
         return requested
-    if torch.device(device).type == "cuda":
-        from dume_dist.model.experts import SAFETENSORS_DTYPES
+    from dume_dist.model.experts import SAFETENSORS_DTYPES
 
-        return SAFETENSORS_DTYPES[spec.index[spec.mlp_names()[0]].dtype]
-    return torch.float32
+    dtype = SAFETENSORS_DTYPES[spec.index[spec.mlp_names()[0]].dtype]
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+
+
+def release_memory(device: str | torch.device = "cpu") -> None:
+    """Hand freed memory back to the system between experts: glibc keeps freed heap pages (and
+    raises its mmap threshold after the first large free), so without this a process's resident
+    size would grow with each expert's dense model."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -41,7 +41,9 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from .backends import LocalBackend, sha256_file
+from dume_dist.core.digest import file_sha256_size
+
+from .backends import LocalBackend
 from .chunks import Chunk, check_chunk_list, plan_file
 from .errors import StoreConflict, StoreError, StoreNotFound
 from .log import AppendLog
@@ -194,7 +196,7 @@ class VersionStore:
                 with open(dest, "wb") as f:
                     for c in chunks:
                         self.store.copy_to(self.object_key(c["sha256"]), f, c)
-            got = dict(zip(("sha256", "size"), sha256_file(dest)))
+            got = dict(zip(("sha256", "size"), file_sha256_size(dest)))
             if got != {"sha256": entry["sha256"], "size": entry["size"]}:
                 raise StoreError(f"{self.store.url}: {vid}/{rel} is corrupt (checksum mismatch)")
         except StoreError as e:
