@@ -264,3 +264,34 @@ def write_results(result: dict, json_path: str) -> str:
     md = path.with_suffix(".md")
     md.write_text(markdown_table(result) + "\n")
     return str(md)
+
+
+def store_report(url: str) -> dict:
+    """Bytes of a store by part (versions, statistics, the rest: registry, backbone, expert
+    blobs) against the bytes of every complete version pulled: what sharing chunks saves."""
+    from dume_dist.store import ObjectStore, VersionStore
+    from dume_dist.store.layout import coordinator_layout
+
+    store = ObjectStore(url)
+    layout = coordinator_layout(store)
+    root = Path(store.backend.root)
+    total = _tree_bytes(root)
+    stats = _tree_bytes(root / layout.blobs / "stats")
+    versions = VersionStore(store, layout.versions)
+    pulled = 0
+    with tempfile.TemporaryDirectory(prefix="dume-store-report-") as tmp:
+        for vid in versions.list_versions():
+            dest = Path(tmp) / vid
+            versions.pull(vid, str(dest))
+            pulled += _tree_bytes(dest)
+            shutil.rmtree(dest)
+    return {
+        "store_bytes": total,
+        "statistics_bytes": stats,
+        "versions_bytes": _tree_bytes(root / layout.versions),
+        "store_without_statistics_bytes": total - stats,
+        "pulled_versions_bytes": pulled,
+        "versions": versions.list_versions(),
+        "ratio_without_statistics": round((total - stats) / pulled, 4),
+        "ratio_versions_only": round(_tree_bytes(root / layout.versions) / pulled, 4),
+    }
