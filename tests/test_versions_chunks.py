@@ -35,7 +35,7 @@ def builds(tmp_path_factory):
         data = {n: world["data"][n] for n in experts}
         out[label] = root / label
         build_dume(experts, data, out[label], backbone=f"base:{world['root'] / 'base'}",
-                   save_stats=False, max_shard_bytes=60_000, **KW)  # fmt: skip
+                   max_shard_bytes=60_000, **KW)  # fmt: skip
     return out
 
 

@@ -108,7 +108,8 @@ def _build_step(
         torch.set_num_threads(threads)
     t = time.perf_counter()
     result = build_dume(experts, {n: [data] for n in experts}, out, backbone=backbone, routing="paper",
-                        max_tokens=max_tokens, max_tokens_per_seq=512, seq_len=512, batch_size=8, progress=False)  # fmt: skip
+                        max_tokens=max_tokens, max_tokens_per_seq=512, seq_len=512, batch_size=8,
+                        progress=False, save_stats=str(Path(out).parent / "stats"))  # fmt: skip
     seconds = dict(result.seconds, total=time.perf_counter() - t)
     stats_s = sum(v for k, v in seconds.items() if k.startswith("stats:"))
     return {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "stats_s": round(stats_s, 3)}
@@ -136,9 +137,9 @@ def _publish_step(
         t = time.perf_counter()
         before = _tree_bytes(Path(store))
         specs = load_expert_specs({n: experts[n] for n in names})
-        files = StatsFiles(Path(build_dir) / "stats")
-        for n in names:
-            files.add_file(n, Path(build_dir) / "stats" / f"{n}.safetensors")
+        files = StatsFiles(Path(build_dir).parent / "stats-view")
+        for n in names:  # the build's --save-stats directory (model.stats_dir)
+            files.add_file(n, Path(build_dir).parent / "stats" / n / "fit.safetensors")
         solved = solve_routing(
             resolve_routing("paper"),
             contributions(files, {n: j for j, n in enumerate(names)}),
