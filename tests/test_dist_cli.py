@@ -138,8 +138,9 @@ def _containers(obj):
 def test_deploy_manifests_turn_ray_token_auth_on():
     deploy = CONFIGS.parent / "deploy"
     for path in sorted((deploy / "kuberay").glob("*.yaml")):
-        containers = [c for doc in yaml.safe_load_all(path.read_text()) for c in _containers(doc)]
-        assert containers, path
+        docs = list(yaml.safe_load_all(path.read_text()))
+        containers = [c for doc in docs for c in _containers(doc)]
+        assert containers or {d["kind"] for d in docs} <= {"Service", "Ingress"}, path
         for c in containers:
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert env.get("RAY_AUTH_MODE") == "token", (path.name, c["name"])
@@ -191,3 +192,22 @@ def test_coordinator_start_takes_ngram_routing():
     assert settings["routing"] == "ngram" and settings["ngram_buckets"] == 64
     argv = ["coordinator", "start", "--store", "/nowhere", "--features", "ngram", "--solver", "nb"]
     assert _settings(make_parser().parse_args(argv))["features"] == "ngram"
+
+
+def test_deploy_exposes_only_the_api_with_tls():
+    """Federated contributors reach the coordinator's HTTP API through an Ingress with TLS, and
+    nothing else of the cluster (no Ray port)."""
+    kuberay = CONFIGS.parent / "deploy" / "kuberay"
+    docs = {d["kind"]: d for d in yaml.safe_load_all((kuberay / "api-ingress.yaml").read_text())}
+    ingress, service = docs["Ingress"], docs["Service"]
+    assert ingress["spec"]["tls"][0]["secretName"]
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert [p["path"] for p in paths] == ["/v1/"]
+    assert {p["backend"]["service"]["port"]["number"] for p in paths} == {8000}
+    assert [p["port"] for p in service["spec"]["ports"]] == [8000]
+    assert service["spec"]["selector"]["ray.io/node-type"] == "head"
+    job = yaml.safe_load((kuberay / "rayjob-coordinator.yaml").read_text())
+    assert "--api-port 8000" in job["spec"]["entrypoint"]
+    head = yaml.safe_load((kuberay / "raycluster.yaml").read_text())["spec"]["headGroupSpec"]
+    ports = {p["containerPort"] for c in _containers(head) for p in c.get("ports", [])}
+    assert 8000 in ports

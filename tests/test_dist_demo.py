@@ -44,3 +44,34 @@ def test_demo_story(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "unlearn gamma" in out
     assert not ray.is_initialized() and os.environ.get("RAY_TMPDIR") == tmpdir_before
+
+
+def test_federated_demo_story(tmp_path, capsys):
+    """`dume demo --federated` on tiny experts: the operator's cluster here, each contributor in
+    its own process on its own Ray instance (own GCS, own token), HTTPS on 127.0.0.1 only."""
+    import ray
+
+    from dume_dist.distributed.federated_demo import run_federated_demo
+
+    domains = ["alpha", "beta", "gamma"]
+    experts = make_experts(tmp_path, domains=domains)
+    inputs = {
+        "founding": domains[:2],
+        "joining": "gamma",
+        "experts": {d: str(experts[d]["expert"]) for d in domains},
+        "train": {d: str(experts[d]["data"]) for d in domains},
+        "valid": {d: str(experts[d]["valid"]) for d in domains},
+    }
+    result = run_federated_demo(inputs=inputs, settings={"max_tokens_per_seq": 16},
+                                max_tokens=200, eval_tokens=64, seq_len=16, unlearn="beta")  # fmt: skip
+    names = {m["version"]: [c["name"] for c in m["contributors"]] for m in result["versions"]}
+    assert names == {"v1": ["alpha", "beta"], "v2": ["alpha", "beta", "gamma"], "v3": ["alpha", "gamma"]}  # fmt: skip
+    assert result["api_url"].startswith("https://127.0.0.1:")
+    for d in domains:
+        sent = result["sent"][d]
+        assert sent["expert"] > 0 and sent["stats"] > 0 and sent["requests"] > 0
+        assert sent["backbone received"] > 0
+    out = capsys.readouterr().out
+    assert result["api_url"] in out and "what each node sent to the coordinator" in out
+    assert "own Ray cluster" in out and "held-out perplexity" in out
+    assert not ray.is_initialized()

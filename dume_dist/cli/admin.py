@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dume_dist.cli import federated
 from dume_dist.cli.shared import (
     coordinator,
     operator_flag,
@@ -26,13 +27,16 @@ def register(sub) -> None:
     operator_flag(p)
     ray_flags(p)
     p.set_defaults(func=run_add_node)
+    federated.register_admin_actions(as_, operator_flag, ray_flags)
 
 
 def run_add_node(args) -> int:
-    from dume_dist.distributed.genesis import issue_node_credential
+    from dume_dist.distributed.genesis import node_credential_record
+    from dume_dist.store import new_secret
 
-    secret, hashed = issue_node_credential(args.name, args.domain)
-    call(coordinator(args), "add_node", operator_secret(args), args.name, args.domain, hashed)
+    secret = new_secret()
+    hashed, key = node_credential_record(args.name, args.domain, secret)
+    call(coordinator(args), "add_node", operator_secret(args), args.name, args.domain, hashed, key)
     if args.credential_out:
         path = write_secret(args.credential_out, secret)
         print(f"node {args.name!r} ({args.domain}) registered; credential written to {path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dume_dist.cli import federated
 from dume_dist.cli.build import BACKBONE_HELP, add_routing_flags, parse_experts
 from dume_dist.cli.shared import (
     DEFAULT_OPERATOR_FILE,
@@ -56,6 +57,7 @@ def register(sub) -> None:
         default=None,
         help="the coordinator's local cache (default: a temp dir on its node)",
     )
+    federated.add_serve_flags(p)
     operator_flag(p)
     ray_flags(p)
     p.set_defaults(func=run_start)
@@ -166,6 +168,7 @@ def run_start(args) -> int:
             f"store {args.store} already founded: coordinator resumed (registry revision {result['revision']})"
         )
     print(f"coordinator {args.coordinator_name!r} running in namespace {args.namespace!r}")
+    federated.maybe_serve(args)
     return 0
 
 
@@ -173,6 +176,8 @@ def run_stop(args) -> int:
     from dume_dist.distributed.cluster import connect, stop_coordinator
 
     connect(args.address, args.namespace)
+    if federated.stop_api():
+        print("coordinator API stopped")
     stopped = stop_coordinator(args.coordinator_name, args.namespace)
     print(
         "coordinator stopped (its state stays in the store)"

@@ -24,6 +24,9 @@ def register(sub) -> None:
         default=None,
         help="routing preset of the demo's coordinator (default: the demo's, 'ngram')",
     )
+    p.add_argument("--federated", action="store_true",
+                   help="each contributor on its own Ray cluster, talking to the coordinator only "
+                   "over its HTTPS API on 127.0.0.1")  # fmt: skip
     p.set_defaults(func=run_demo)
 
 
@@ -38,6 +41,8 @@ def run_demo(args) -> int:
     )
 
     settings = {"routing": args.routing} if args.routing else None
+    if args.federated:
+        from dume_dist.distributed.federated_demo import run_federated_demo as demo
     demo(store=args.store, max_tokens=args.max_tokens, eval_tokens=args.eval_tokens,
          unlearn=args.unlearn, json_out=args.json, settings=settings)  # fmt: skip
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dume_dist.cli import federated
 from dume_dist.cli.build import add_dp_flags, dp_spec
 from dume_dist.cli.shared import coordinator, node_credential_flag, node_secret, ray_flags
 from dume_dist.distributed.calls import call
@@ -53,8 +54,10 @@ def register(sub) -> None:
         "documents, when the coordinator chooses the n-gram mu on them",
     )
     add_dp_flags(p)
+    p.add_argument("--json", default=None, help="also write the join's result here")
     node_credential_flag(p)
     ray_flags(p)
+    federated.add_url_flags(p)
     p.set_defaults(func=run_join)
 
     p = ns.add_parser("leave", help="withdraw this node's contribution (a new version without it)")
@@ -62,28 +65,45 @@ def register(sub) -> None:
     p.add_argument("--domain", required=True)
     node_credential_flag(p)
     ray_flags(p)
+    federated.add_url_flags(p)
     p.set_defaults(func=run_leave)
+    federated.register_node_actions(ns, node_credential_flag)
 
 
 def run_join(args) -> int:
     from dume_dist.distributed.cluster import launch_agent, run_join
 
     secret = node_secret(args)
-    handle = coordinator(args)
     data = [str(Path(p).resolve()) for p in args.data]
-    agent = launch_agent(
-        handle, args.name, args.domain, secret, node_id=args.node_id, cache_dir=args.cache_dir
-    )
     dp = dp_spec(args)
     kwargs = {"expert_dir": str(Path(args.expert).resolve()), "data": data, "workers": args.workers,
               "max_tokens": args.max_tokens, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "dp": None if dp is None else dp.to_json(), "dry_run": True,
               "send_heldout_bigrams": args.send_heldout_bigrams}  # fmt: skip
-    prepared = run_join(agent, kwargs, show_progress=not args.no_progress and sys.stderr.isatty())
+    show = not args.no_progress and sys.stderr.isatty()
+    if args.coordinator_url:  # federated: this machine's own Ray, the coordinator over HTTPS
+        with federated.own_ray(args, secret) as link:
+            agent = launch_agent(link, args.name, args.domain, None, node_id=args.node_id,
+                                 cache_dir=args.cache_dir)  # fmt: skip
+            return _join_with(agent, run_join, kwargs, show, args)
+    agent = launch_agent(coordinator(args), args.name, args.domain, secret, node_id=args.node_id,
+                         cache_dir=args.cache_dir)  # fmt: skip
+    return _join_with(agent, run_join, kwargs, show, args)
+
+
+def _join_with(agent, run_join, kwargs: dict, show: bool, args) -> int:
+    """Compute, show what will leave the node, then send it (unless ``--dry-run``)."""
+    prepared = run_join(agent, kwargs, show_progress=show)
     print_outbound(prepared["outbound"], args.dry_run)
     if args.dry_run:
         return 0
-    print_join(call(agent, "send_prepared"))
+    result = call(agent, "send_prepared")
+    print_join(result)
+    federated.print_sent(result)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -111,6 +131,9 @@ def print_join(result: dict) -> None:
 
 
 def run_leave(args) -> int:
-    result = call(coordinator(args), "leave", node_secret(args), args.name, args.domain)
+    if args.coordinator_url:
+        result = federated.run_node_leave_http(args, node_secret(args))
+    else:
+        result = call(coordinator(args), "leave", node_secret(args), args.name, args.domain)
     print(f"node {args.name!r} left; latest version {result['version'] or '(none)'}")
     return 0

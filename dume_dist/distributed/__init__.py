@@ -16,5 +16,13 @@
 * `cluster`     Ray glue: launching the actors, `get`, `LocalCluster` for the demo and the bench
 * `demo`, `tables`   `dume demo` and the rich tables
 
+Federated deployment (contributors on their own Ray clusters):
+
+* `api`         the coordinator's HTTP API: a Ray Serve application (FastAPI) in front of the actor
+* `signing`     Ed25519 request signatures, the replay guard, the failed-authentication throttle
+* `client`      `HttpTransport`: the node agent's side of the API (resumable uploads, retries)
+* `tls`         a throwaway CA and server certificate (demo, tests)
+* `federated_demo`   `dume demo --federated`
+
 See docs/distributed.md for the flows, the security model and the failure model.
 """

@@ -63,6 +63,7 @@ class ActorTransport:
         self.coordinator = coordinator
         self._who = (secret, name, domain)
         self.sent = {"expert": 0, "stats": 0, "holdout": 0}
+        self.received = 0
 
     def node_info(self) -> dict:
         return call(self.coordinator, "node_info", *self._who)
@@ -70,6 +71,7 @@ class ActorTransport:
     def download_backbone(self, record: dict, dest: Path) -> None:
         for rel, data in call(self.coordinator, "backbone_files", *self._who).items():
             write_checked(dest, rel, data, record)
+            self.received += len(data)
 
     def register_expert(self, blob: bytes, fingerprint: str) -> dict:
         self.sent["expert"] += len(blob)
@@ -497,6 +499,7 @@ class NodeAgent:
             seconds=seconds,
             sent_bytes=dict(self.transport.sent),
             outbound=outbound,
+            received_bytes=self.transport.received,
         )
         return result
 

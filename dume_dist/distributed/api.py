@@ -116,6 +116,14 @@ def _json_object(body: bytes) -> dict:
     return out
 
 
+def _signed_path(request: Request) -> str:
+    """The path and query exactly as the client sent them (before percent-decoding)."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else request.url.path
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return path + (f"?{query}" if query else "")
+
+
 app = FastAPI(title="dume coordinator API", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -178,20 +186,19 @@ class CoordinatorAPI:
     async def credential(self, request: Request):
         return await self._guard(request, self._credential)
 
-    # -- handlers: (request, identity (name, domain, envelope), body) -> JSON or a Response --
+    # -- handlers: (request, (envelope, name, domain), body, node_info) -> JSON or a Response --
 
-    async def _info(self, request, who, body):
-        return public_info(await self._call("node_info", *who))
+    async def _info(self, request, who, body, info):
+        return public_info(info)
 
-    async def _status(self, request, who, body):
-        info = await self._call("node_info", *who)
+    async def _status(self, request, who, body, info):
         everything = await self._call("status")
         mine = {k: info[k] for k in ("state", "expert", "submissions", "latest")}
         return {**mine, "hold": everything["registry"].get("hold"),
                 "versions": versions_view(everything, who[1])}  # fmt: skip
 
-    async def _backbone(self, request, who, body, rel: str):
-        files = (await self._call("node_info", *who))["backbone"]["files"]
+    async def _backbone(self, request, who, body, info, rel: str):
+        files = info["backbone"]["files"]
         if rel not in files:
             raise ApiError(404, "no such backbone file")
         size, chunk = int(files[rel]["size"]), self.limits.chunk_bytes
@@ -203,7 +210,7 @@ class CoordinatorAPI:
         headers = {"content-length": str(size), "x-dume-sha256": files[rel]["sha256"]}
         return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
 
-    async def _create_upload(self, request, who, body):
+    async def _create_upload(self, request, who, body, info):
         meta = _json_object(body)
         kind, size, sha = meta.get("kind"), meta.get("size"), meta.get("sha256")
         if kind not in UPLOAD_KINDS:
@@ -213,7 +220,6 @@ class CoordinatorAPI:
                            f"upload size must be 1..{self.limits.upload_bytes} bytes")  # fmt: skip
         if not isinstance(sha, str) or not HEX64.match(sha):
             raise ApiError(400, "sha256 must be 64 lowercase hex digits")
-        await self._call("node_info", *who)  # authenticates
         name = who[1]
         upload = hashlib.sha256(f"{name}\n{kind}\n{sha}\n{size}".encode()).hexdigest()[:32]
         folder = self._node_dir(name)
@@ -226,16 +232,14 @@ class CoordinatorAPI:
         received = (folder / f"{upload}.part").stat().st_size
         return {"upload": upload, "received": received, "chunk_bytes": self.limits.chunk_bytes}
 
-    async def _upload_state(self, request, who, body, upload: str):
-        await self._call("node_info", *who)
+    async def _upload_state(self, request, who, body, info, upload: str):
         meta, part = self._staged(who[1], upload)
         return {"upload": upload, "received": part.stat().st_size, "size": meta["size"]}
 
-    async def _upload_chunk(self, request, who, body, upload: str):
+    async def _upload_chunk(self, request, who, body, info, upload: str):
         offset = request.query_params.get("offset", "")
         if not offset.isdigit():
             raise ApiError(400, "offset must be a non-negative integer")
-        await self._call("node_info", *who)
         meta, part = self._staged(who[1], upload)
         have = part.stat().st_size
         if int(offset) != have:
@@ -246,7 +250,7 @@ class CoordinatorAPI:
             f.write(body)
         return {"upload": upload, "received": have + len(body)}
 
-    async def _expert(self, request, who, body):
+    async def _expert(self, request, who, body, info):
         req = _json_object(body)
         fingerprint = req.get("fingerprint")
         if not isinstance(fingerprint, str) or not HEX64.match(fingerprint):
@@ -256,7 +260,7 @@ class CoordinatorAPI:
         self._discard(who[1], req["upload"])
         return out
 
-    async def _stats(self, request, who, body):
+    async def _stats(self, request, who, body, info):
         req = _json_object(body)
         sid, num_tokens, holdout = req.get("submission_id"), req.get("num_tokens"), req.get("holdout") or {}  # fmt: skip
         if not isinstance(sid, str) or not HEX64.match(sid):
@@ -273,11 +277,11 @@ class CoordinatorAPI:
             self._discard(who[1], upload)
         return out
 
-    async def _leave(self, request, who, body):
+    async def _leave(self, request, who, body, info):
         _json_object(body)
         return await self._call("leave", *who)
 
-    async def _credential(self, request, who, body):
+    async def _credential(self, request, who, body, info):
         req = _json_object(body)
         return await self._call(
             "rotate_own_credential", *who, req.get("credential_hash"), req.get("public_key")
@@ -294,15 +298,17 @@ class CoordinatorAPI:
                 raise ApiError(429, "too many failed authentications: retry later",
                                retry_after_s=round(wait, 1))  # fmt: skip
             body = await self._read_body(request)
-            path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            path = _signed_path(request)
             try:
                 env = signing.envelope(request.headers, request.method, path,
                                        hashlib.sha256(body).hexdigest())  # fmt: skip
-                out = await handler(request, (env, *who), body, *args)
+                info = await self._call("node_info", env, *who)  # authenticates, first
+                out = await handler(request, (env, *who), body, info, *args)
             except PermissionError as exc:
-                self.node_failures.fail(who[0])
-                self.addr_failures.fail(address)
                 expired = getattr(exc, "expired", False)
+                if not expired:  # (an expired signature is what a coordinator restart causes)
+                    self.node_failures.fail(who[0])
+                    self.addr_failures.fail(address)
                 raise ApiError(401, signing.EXPIRED if expired else "authentication failed",
                                retry=expired) from None  # fmt: skip
             return out if isinstance(out, Response) else JSONResponse(out)
@@ -357,6 +363,10 @@ class CoordinatorAPI:
         return bytes(body)
 
     async def _call(self, method: str, *args):
+        """A coordinator call. A signed envelope is tagged with the call's name: one HTTP request
+        may make several calls with its envelope (authenticate, then act), each once."""
+        if args and signing.is_envelope(args[0]):
+            args = ({**args[0], "call": method}, *args[1:])
         try:
             return await getattr(self.coordinator, method).remote(*args)
         except ray.exceptions.RayTaskError as exc:

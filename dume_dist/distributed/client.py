@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from dume_dist.distributed import signing
 
@@ -94,10 +94,17 @@ class HttpTransport:
         state = self._json("POST", "/v1/node/uploads", meta)
         upload, received = state["upload"], state["received"]
         chunk = min(self.chunk_bytes, int(state.get("chunk_bytes", self.chunk_bytes)))
+        restarts = 0
         while received < len(data):
             piece = data[received : received + chunk]
             path = f"/v1/node/uploads/{upload}?offset={received}"
-            status, body = self._send("PUT", path, piece, kind, ok=(200, 409))
+            status, body = self._send("PUT", path, piece, kind, ok=(200, 404, 409))
+            if status == 404:  # the server lost the staged part (e.g. its replica moved): again
+                restarts += 1
+                if restarts > 3:
+                    raise ValueError(f"coordinator API: upload {upload} keeps disappearing")
+                received = self._json("POST", "/v1/node/uploads", meta)["received"]
+                continue
             received = int(body["received"])  # 409: the server's offset (a lost response)
         return upload
 
@@ -109,6 +116,7 @@ class HttpTransport:
 
     def _send(self, method: str, path: str, body: bytes, kind: str, ok=(200,), stream=False):
         """(status, parsed JSON body, or the response when ``stream``), retrying what may pass."""
+        path = quote(path, safe="/?=&")  # signed as sent: requests will not re-quote it
         deadline = time.monotonic() + self.retry_s
         delay = 0.5
         while True:

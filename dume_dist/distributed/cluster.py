@@ -217,6 +217,46 @@ def wait_for(predicate, timeout_s: float = 30.0, poll_s: float = 0.2) -> bool:
     return False
 
 
+class _LocalInstance:
+    """A Ray instance this process started (`start_local_instance`); `shutdown` stops it."""
+
+    def __init__(self, tmp: str, saved: str | None):
+        self._tmp, self._saved = tmp, saved
+
+    def shutdown(self) -> None:
+        import shutil
+
+        try:
+            ray.shutdown()
+        finally:
+            if self._saved is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = self._saved
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def start_local_instance(namespace: str = NAMESPACE, num_cpus: int | None = None) -> _LocalInstance:
+    """A new single-node Ray instance on this machine (its own GCS; token auth as the
+    environment says, see `auth`), in a short fresh temp dir (socket paths are limited to 107
+    bytes), connected to this process. A contributor's agent runs there in the federated
+    deployment."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
+    os.makedirs(os.path.join(tmp, "ray"))
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    instance = _LocalInstance(tmp, saved)
+    try:
+        ray.init(address="local", namespace=namespace, num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")  # fmt: skip
+    except BaseException:
+        instance.shutdown()
+        raise
+    return instance
+
+
 class LocalCluster:
     """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head and
     ``num_nodes`` nodes, node *i* carrying the custom resource ``dume_node_<i>``. Connects this

@@ -154,9 +154,10 @@ class ReplayGuard:
             raise AuthError(EXPIRED, expired=True)
 
     def use_nonce(self, env: dict, now: float | None = None) -> None:
-        """Record the nonce of a request whose signature checked out; AuthError if seen."""
+        """Record the nonce of a request whose signature checked out; AuthError if seen. The API
+        tags each coordinator call it makes for one request (``call``); the pair is used once."""
         now = time.time() if now is None else now
-        key = f"{env['node']}/{env['nonce']}"
+        key = f"{env['node']}/{env['nonce']}/{env.get('call', '')}"
         with self._lock:
             while self._order and self._order[0][0] < now:
                 self._seen.pop(self._order.popleft()[1], None)

@@ -121,3 +121,15 @@ def ppl_table(
             )
         table.add_row(name, *cells)
     return table
+
+
+def sent_table(sent: dict[str, dict[str, int]]) -> Table:
+    """Bytes each contributor's node put on the wire to the coordinator, by kind."""
+    kinds = sorted({k for row in sent.values() for k in row})
+    table = Table(title="what each node sent to the coordinator (bytes)")
+    table.add_column("node")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for node, row in sent.items():
+        table.add_row(node, *(f"{row.get(k, 0):,}" for k in kinds))
+    return table
