@@ -41,7 +41,7 @@ from dume_dist.distributed.agent import NodeAgent
 from dume_dist.distributed.client import HttpTransport
 from dume_dist.distributed.coordinator import Coordinator, routers_of
 from dume_dist.distributed.tls import self_signed
-from dume_dist.store import ObjectStore, VersionStore, new_secret
+from dume_dist.store import CURRENT, ObjectStore, VersionStore, new_secret
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -215,7 +215,7 @@ def _reference(world, tmp):
     join("alpha", [exp["alpha"]["data"], exp["alpha"]["valid"]])
     coord.leave(creds["beta"], "beta", "beta")
     coord.unlearn(op, "gamma", "asked to be forgotten")
-    return VersionStore(ObjectStore(url))
+    return VersionStore(ObjectStore(url), CURRENT.versions)
 
 
 def _routers(versions: VersionStore, vid: str, dest: Path):
@@ -243,7 +243,7 @@ def test_whole_flow_through_the_api_is_bit_identical_to_one_cluster(world, tmp_p
     out = ray.get(world["coord"].unlearn.remote(world["op"], "gamma", "asked to be forgotten"))
     assert out["version"] == "v6"
 
-    fed = VersionStore(ObjectStore(world["store"], world["options"]))
+    fed = VersionStore(ObjectStore(world["store"], world["options"]), CURRENT.versions)
     ref = _reference(world, tmp_path)
     assert fed.list_versions() == ref.list_versions() == [f"v{i}" for i in range(1, 7)]
     for vid in fed.list_versions():
