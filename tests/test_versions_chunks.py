@@ -217,3 +217,29 @@ def test_stores_written_before_chunks_are_read_and_migrated(tmp_path, builds):
             ).read_bytes()
     # v1 and v2 share alpha and beta: migrating v1 stored nothing twice.
     assert len(versions.referenced()) == len(_objects(store))
+
+
+def test_ngram_router_rows_are_shared_between_versions(tmp_path):
+    """The n-gram router's count tables hold one row per expert (its counts alone): a join
+    stores the new expert's rows, not the whole tables again."""
+    world = make_world(tmp_path / "world", num_docs=6)
+    kw = {**KW, "routing": "ngram", "lam": 10.0, "top_k": 1}
+    dirs = {}
+    for label, names in (("found", "ab"), ("join", "abg")):
+        experts = {n: world["experts"][n] for n in world["experts"] if n[0] in names}
+        dirs[label] = tmp_path / label
+        build_dume(experts, {n: world["data"][n] for n in experts}, dirs[label],
+                   backbone=f"base:{world['root'] / 'base'}", **kw)  # fmt: skip
+    store = ObjectStore(str(tmp_path / "store"))
+    versions = VersionStore(store)
+    versions.publish(str(dirs["found"]), {})
+    before = _objects(store)
+    versions.publish(str(dirs["join"]), {})
+    joined = _object_bytes(store, _objects(store) - before)
+    index = read_weight_index(dirs["join"])
+    table = index["ngram_router.bigram_counts"]
+    row = (table.end - table.start) // table.shape[0]
+    expert = sum(i.end - i.start for n, i in index.items() if ".experts.2." in n)
+    full = sum(p.stat().st_size for p in dirs["join"].rglob("*") if p.is_file())
+    assert row >= 64 << 10 and table.end - table.start > 0.1 * full  # the tables dominate
+    assert joined <= expert + row + 0.05 * full

@@ -5,6 +5,7 @@ file, the chunks that make it up. Cuts of a safetensors file: its header, then o
 run of consecutive tensors of the same *part* — the routers, each expert
 (``*.experts.<j>.*``), the rest (the backbone) — so two versions with the same expert share its
 chunk even where the expert's index, and so its tensor names (which live in the header), differ.
+Router tables with large per-expert rows (the n-gram router's counts) are cut row by row.
 Any other file (or one whose header does not parse) is one chunk.
 
 Every cut is computed by reading the file in bounded pieces; nothing is held whole.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 PIECE = 8 << 20
 MAX_HEADER_BYTES = 100 << 20
+ROW_CHUNK_MIN = 64 << 10
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _ROUTER = re.compile(r"(^|\.)(router|gate)\.|^ngram_router\.")
@@ -43,6 +45,17 @@ def part_of(name: str) -> str:
     return "router" if _ROUTER.search(name) else "backbone"
 
 
+def _router_rows(name: str, begin: int, end: int, rows: int) -> list | None:
+    """A router table with large per-expert rows (the n-gram router's counts: row j is expert
+    j's alone) is cut row by row, so versions sharing an expert share its rows too."""
+    if part_of(name) != "router" or rows < 1 or (end - begin) % rows:
+        return None
+    step = (end - begin) // rows
+    if step < ROW_CHUNK_MIN:
+        return None
+    return [(b, b + step, f"router-row:{name}:{b}") for b in range(begin, end, step)]
+
+
 def _safetensors_cuts(path: str, size: int) -> list[tuple[int, int]] | None:
     """``[(offset, size)]`` of the header and of each run of one part, or None if ``path`` is
     not a well-formed safetensors file."""
@@ -61,9 +74,10 @@ def _safetensors_cuts(path: str, size: int) -> list[tuple[int, int]] | None:
             continue
         try:
             begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            rows = int(meta["shape"][0]) if len(meta["shape"]) == 2 else 0
+        except (KeyError, TypeError, ValueError, IndexError):
             return None
-        spans.append((begin, end, part_of(name)))
+        spans += _router_rows(name, begin, end, rows) or [(begin, end, part_of(name))]
     spans.sort()
     cuts, pos, current = [(0, base)], 0, None
     for begin, end, part in spans:
