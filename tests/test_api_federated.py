@@ -543,3 +543,14 @@ def test_failed_authentications_are_throttled(world):
     assert info("gamma", new_secret()).status_code == 401
     # per address: five failures from 127.0.0.1 in the window, whatever nodes they named
     assert info("delta").status_code == 429
+
+
+def test_api_refuses_to_claim_tls_serve_does_not_speak(world):
+    """Last: a Serve instance keeps the HTTP options it started with; asking it for plain HTTP
+    (or another port) is an error, never a silently different API (the app is removed)."""
+    from dume_dist.distributed.api import serve_api
+
+    with pytest.raises(ValueError, match="HTTPS on port"):
+        serve_api("dume-coordinator", NAMESPACE, port=world["port"])
+    with pytest.raises(ValueError, match="nothing on port"):
+        serve_api("dume-coordinator", NAMESPACE, port=free_port())

@@ -431,4 +431,32 @@ def serve_api(coordinator_name: str, namespace: str, *, host: str = "127.0.0.1",
     bound = CoordinatorAPI.bind(coordinator_name, namespace, upload_dir,
                                 asdict(limits or ApiLimits()), trust_forwarded_for)  # fmt: skip
     serve.run(bound, name=APP_NAME, route_prefix="/", blocking=False)
+    # A Serve instance already running keeps its own HTTP options (port, TLS): never report an
+    # HTTPS API that is in fact plain HTTP, or on another port.
+    speaks = _speaks_tls("127.0.0.1" if host in ("0.0.0.0", "::") else host, int(port))
+    if speaks is None or speaks != bool(tls_cert):
+        serve.delete(APP_NAME)
+        found = "nothing" if speaks is None else ("HTTPS" if speaks else "plain HTTP")
+        raise ValueError(
+            f"Ray Serve on this cluster was started with other HTTP options ({found} on port "
+            f"{port}): run `serve shutdown` first or use its port and TLS settings"
+        )
     return f"{'https' if tls_cert else 'http'}://{host}:{port}"
+
+
+def _speaks_tls(host: str, port: int, timeout_s: float = 10.0) -> bool | None:
+    """Whether ``host:port`` answers a TLS handshake (None: nothing listens there)."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # only asks: TLS or not
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            try:
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    return True
+            except (ssl.SSLError, ConnectionError, TimeoutError):
+                return False
+    except OSError:
+        return None

@@ -126,7 +126,7 @@ def ppl_table(
 def sent_table(sent: dict[str, dict[str, int]]) -> Table:
     """Bytes each contributor's node put on the wire to the coordinator, by kind."""
     kinds = sorted({k for row in sent.values() for k in row})
-    table = Table(title="what each node sent to the coordinator (bytes)")
+    table = Table(title="what each node sent to the coordinator (bytes of request bodies)")
     table.add_column("node")
     for kind in kinds:
         table.add_column(kind, justify="right")
