@@ -92,9 +92,15 @@ def test_unlearn_purge_deletes_earlier_versions(experts, tmp_path):
     flow.add("alpha", "beta")
     flow.join("beta")
     flow.join("alpha")
+    cache = tmp_path / "coord" / "stats-cache"
+    cached = set(cache.glob("*.safetensors"))
     result = flow.coord.unlearn(flow.op, "beta", "legal request", purge=True)
     assert result["version"] == "v3" and result["affected_versions"] == ["v1", "v2"]
     assert flow.versions().list_versions() == ["v3"]
+    # beta's statistics left the coordinator's disk too; the purge collected v1's and v2's chunks
+    assert set() < set(cache.glob("*.safetensors")) < cached
+    objects = {k.rsplit("/", 1)[-1] for k in flow.store.list(f"{CURRENT.versions}/objects")}
+    assert objects == flow.versions().referenced()
     with pytest.raises(StoreNotFound):
         flow.versions().get_manifest("v1")
     assert not flow.store.list(f"{CURRENT.versions}/v1/files")

@@ -73,6 +73,13 @@ class Publisher:
         the solve reads them, so the solve holds one contribution and the running sums."""
         from dume_dist.model.stats_files import StatsFiles, contributions
 
+        keep = {
+            blob.rsplit("/", 1)[-1]
+            for node in reg.nodes.values()
+            for entry in node.stats
+            for blob in (entry.blob, *(h.blob for h in entry.holdout))
+        }
+        self.workspace.prune_stats(keep)
         fit, holdout, index = StatsFiles(), {}, {}
         for j, name in enumerate(names):
             for entry in reg.nodes[name].stats:

@@ -33,6 +33,14 @@ class Workspace:
             tmp.rename(path)
         return path
 
+    def prune_stats(self, keep: set[str]) -> None:
+        """Delete cached statistics files whose blob sha256 is not in ``keep`` (a node unlearned
+        or replaced: its statistics leave this disk as they left the store)."""
+        cache = self.work_dir / "stats-cache"
+        for path in cache.glob("*.safetensors") if cache.is_dir() else []:
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+
     def expert_spec(self, reg: Registry, name: str, fingerprint: str, mlp: bytes | None = None):
         """An ExpertSpec over the node's MLP blob, cached under work_dir; validated on creation
         (layout of the backbone's MLPs, the claimed fingerprint)."""
