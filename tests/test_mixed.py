@@ -123,3 +123,26 @@ def test_cli_eval_mixed_writes_json_and_png(model_dir, tmp_path, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "'nope' is not one of the model's experts" in err and err.count("\n") == 1
+
+
+def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_path):
+    from dume_dist.bench.routing import DEFAULT_OPTIONS, markdown_table, run_routing_bench
+
+    _, world = model_dir
+    options = [DEFAULT_OPTIONS[0], next(o for o in DEFAULT_OPTIONS if o[0].startswith("switch"))]
+    settings = MixedSettings(segment=8, segments=3, sequences=4, batch_size=4)
+    result = run_routing_bench(
+        world["experts"], world["data"], world["data"], options=options, seq_len=16,
+        eval_seq_len=16, max_eval_tokens=256, batch_size=4, repeats=1, decode_tokens=2,
+        mixed=settings,
+    )  # fmt: skip
+    for row in result["options"]:
+        assert set(row["mixed"]["keep"]) == {
+            "all",
+            "first_segment",
+            "later_segments",
+            "after_switch",
+        }
+    assert result["settings"]["mixed"]["sequences"] == 4
+    assert result["mixed_delayed_oracle_keep"]["oracle, 4 tokens late"]["first_segment"] == 1.0
+    assert "mixed keep" in markdown_table(result)
