@@ -23,7 +23,7 @@ from dume_dist.store import CURRENT, ObjectStore, VersionStore
 
 WORDS_PER_DOMAIN = 40
 DOMAINS = ("alpha", "beta", "gamma", "delta", "omega")
-SETTINGS = {"max_tokens_per_seq": 16, "lam": 1e-2}
+SETTINGS = {"routing": "paper", "max_tokens_per_seq": 16, "lam": 1e-2}
 JOIN = {
     "max_tokens": 240,
     "seq_len": 16,

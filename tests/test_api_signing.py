@@ -96,7 +96,7 @@ def test_coordinator_checks_signed_requests_and_rotation_keeps_the_contribution(
     url = str(tmp_path / "store")
     coord = Coordinator(url, work_dir=str(tmp_path / "coord"))
     _, op = genesis.found(coord, ObjectStore(url), backbone=f"base:{experts['base']}",
-                          founding={}, settings={"max_tokens_per_seq": 16})  # fmt: skip
+                          founding={}, settings={"routing": "paper", "max_tokens_per_seq": 16})  # fmt: skip
     secrets = {n: new_secret() for n in ("alpha", "beta")}
     for name, secret in secrets.items():
         coord.add_node(op, name, name, *genesis.node_credential_record(name, name, secret))

@@ -77,7 +77,7 @@ def built(world):
     out = world["root"] / "built"
     result = build_dume(
         {n: world["experts"][n] for n in names}, {n: world["data"][n] for n in names}, out,
-        max_tokens_per_seq=MAX_TOK, seq_len=16, batch_size=4, progress=False,
+        max_tokens_per_seq=MAX_TOK, seq_len=16, batch_size=4, progress=False, routing="paper",
         save_stats=world["root"] / "built-stats",
     )  # fmt: skip
     return out, result
@@ -194,7 +194,7 @@ def test_single_expert_backbone_is_the_expert(world, tmp_path):
     # Built checkpoint: backbone tensors unchanged.
     result = build_dume(
         {"alpha": world["experts"]["alpha"]}, {"alpha": world["data"]["alpha"]}, tmp_path / "one",
-        max_tokens_per_seq=MAX_TOK, progress=False,
+        max_tokens_per_seq=MAX_TOK, progress=False, routing="paper",
     )  # fmt: skip
     with safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as f:
         for name in backbone.names():
@@ -333,7 +333,7 @@ def test_write_is_atomic_and_refuses_overwrite(world, built, tmp_path, monkeypat
     _, result = built
     experts = {n: world["experts"][n] for n in ("alpha", "beta")}
     data = {n: world["data"][n] for n in ("alpha", "beta")}
-    kw = dict(max_tokens_per_seq=MAX_TOK, seq_len=16, batch_size=4, progress=False)
+    kw = dict(max_tokens_per_seq=MAX_TOK, seq_len=16, batch_size=4, progress=False, routing="paper")
 
     def fail(self):
         raise RuntimeError("disk full")

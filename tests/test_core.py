@@ -11,12 +11,12 @@ from dume_dist.core.stats import (
     GramAccumulator,
     load_stats,
     save_stats,
-    stats_from_bytes,
-    stats_to_bytes,
     sum_stats,
     unpack_symmetric,
     validate_gram,
 )
+from dume_dist.core.stats import gram_from_bytes as stats_from_bytes
+from dume_dist.core.stats import gram_to_bytes as stats_to_bytes
 
 L, F = 3, 8
 

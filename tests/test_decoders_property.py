@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dume_dist.core.header import parse_header
-from dume_dist.core.stats import stats_from_bytes
+from dume_dist.model.kinds import stats_from_bytes
 from dume_dist.store import CURRENT, BlobStore
 from dume_dist.store.names import check_name, is_name
 from dume_dist.store.objectstore import check_key
@@ -249,7 +249,8 @@ def test_mutated_ngram_counts_decode_or_refuse_in_one_line(changes, pairs, heade
 
 
 def _gram_blob() -> bytes:
-    from dume_dist.core.stats import RouterStats, stats_to_bytes
+    from dume_dist.core.stats import RouterStats
+    from dume_dist.model.kinds import stats_to_bytes
 
     x_NP = torch.cat([torch.randn(50, 5, generator=torch.Generator().manual_seed(0),
                                   dtype=torch.float64), torch.ones(50, 1, dtype=torch.float64)], 1)  # fmt: skip

@@ -68,7 +68,7 @@ def store(tmp_path_factory):
 
     _, op = genesis.found(coord, ObjectStore(url), backbone="average",
                           founding={d: str(experts[d]["expert"]) for d in ("alpha", "beta")},
-                          settings={"max_tokens_per_seq": 16})  # fmt: skip
+                          settings={"routing": "paper", "max_tokens_per_seq": 16})  # fmt: skip
     for name in ("alpha", "beta"):
         secret, hashed = genesis.issue_node_credential(name, name)
         coord.add_node(op, name, name, hashed)

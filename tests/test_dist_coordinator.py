@@ -14,9 +14,10 @@ import pytest
 import torch
 from dist_helpers import JOIN, SETTINGS, Flow, assert_same_routers, make_experts
 
-from dume_dist.core.stats import RouterStats, stats_from_bytes, stats_to_bytes
+from dume_dist.core.stats import RouterStats
 from dume_dist.distributed import genesis
 from dume_dist.distributed.coordinator import Coordinator, routers_of
+from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
 from dume_dist.store import (
     CURRENT,
     BlobStore,
@@ -81,7 +82,7 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
         {n: str(experts[n]["expert"]) for n in names},
         {n: [str(experts[n]["data"])] for n in names},
         tmp_path / "single",
-        backbone=f"base:{experts['base']}",
+        backbone=f"base:{experts['base']}", routing="paper",
         max_tokens_per_seq=16, seq_len=16, max_tokens=240, batch_size=4, progress=False,
     )  # fmt: skip
     assert_same_routers(flow.routers("v4"), routers_of(tmp_path / "single"))
@@ -556,7 +557,8 @@ def test_settings_resolve_presets_and_overrides():
     from dume_dist.distributed.coordinator import check_settings
     from dume_dist.model.routing import resolve_routing
 
-    paper = check_settings({})
+    assert routing_of(check_settings({})) == resolve_routing()  # the one default
+    paper = check_settings({"routing": "paper"})
     assert routing_of(paper) == resolve_routing("paper")
     assert paper["lam"] == 0.01 and paper["feature_map"] == "token" and paper["top_k"] == 1
     tuned = check_settings({"routing": "paper", "lam": "auto", "smoothing": 0.5, "top_k": 2})

@@ -22,11 +22,11 @@ import pytest
 import torch
 from dist_helpers import SETTINGS, make_experts
 
-from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed import genesis
 from dume_dist.distributed.agent import NodeAgent
 from dume_dist.distributed.coordinator import Coordinator, routers_of
 from dume_dist.distributed.state import Registry
+from dume_dist.model.kinds import stats_from_bytes
 from dume_dist.store import (
     CURRENT,
     BlobStore,

@@ -15,9 +15,10 @@ from dist_helpers import Flow, make_experts
 from dume_dist.cli.main import main
 from dume_dist.cli.shared import read_secret, write_secret
 from dume_dist.core.ngram import NgramStats
-from dume_dist.core.stats import MAX_TOKENS, stats_from_bytes, stats_to_bytes
+from dume_dist.core.stats import MAX_TOKENS
 from dume_dist.distributed.coordinator import Coordinator
 from dume_dist.distributed.state import public_view
+from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
 from dume_dist.store import CURRENT, BlobStore, ObjectStore, StoreError, VersionStore
 
 

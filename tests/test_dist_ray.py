@@ -17,15 +17,15 @@ import torch
 from dist_helpers import make_experts, short_ray_tmpdir
 from s3server import S3Server
 
-from dume_dist.core.stats import stats_from_bytes
 from dume_dist.distributed import cluster, genesis
 from dume_dist.distributed.coordinator import Coordinator, routers_of
+from dume_dist.model.kinds import stats_from_bytes
 from dume_dist.store import CURRENT, BlobStore, ObjectStore, VersionStore
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 
-SETTINGS = {"max_tokens_per_seq": 16}
+SETTINGS = {"routing": "paper", "max_tokens_per_seq": 16}
 JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
 
 

@@ -100,7 +100,7 @@ def build_tiny_dume(root: Path, family: str = "llama", tie: bool = False) -> Pat
         data[name] = [root / f"{family}-{name}.txt"]
     out = root / f"dume-{family}"
     build_dume(experts, data, out, max_tokens_per_seq=32, batch_size=4, progress=False,
-               save_stats=stats_of(out))  # fmt: skip
+               save_stats=stats_of(out), routing="paper")  # fmt: skip
     return out
 
 

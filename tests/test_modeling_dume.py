@@ -371,15 +371,28 @@ def test_bad_runtime_settings_raise():
 
 
 def test_module_imports_only_stdlib_torch_and_transformers():
-    tree = ast.parse(Path(modeling_dume.__file__).read_text())
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative imports are not shipped"
-            roots.add(node.module.split(".")[0])
-    assert roots - {"torch", "transformers"} <= set(sys.stdlib_module_names)
+    """The remote code (modeling_dume.py and every file it imports relatively, which transformers
+    copies along) imports only the standard library, torch, transformers and those files."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    shipped = [Path(modeling_dume.__file__)] + [
+        Path(f) for f in get_relative_import_files(modeling_dume.__file__)
+    ]
+    assert {p.name for p in shipped} == {
+        "modeling_dume.py", "configuration_dume.py", "routing_dume.py", "routing_options.py"
+    }  # fmt: skip
+    for path in shipped:
+        tree = ast.parse(path.read_text())
+        roots = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1 and (path.parent / f"{node.module}.py") in shipped
+                    continue
+                roots.add(node.module.split(".")[0])
+        assert roots - {"torch", "transformers"} <= set(sys.stdlib_module_names), path.name
 
 
 def test_attention_implementation_reaches_the_dense_stack(tmp_path):

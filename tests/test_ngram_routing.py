@@ -17,8 +17,8 @@ from test_modeling_dume import VOCAB, dense_experts, tiny_base_config
 from test_routing import _left_padded, check_loads_and_generates_without_dume_dist, tiny_build
 
 from dume_dist.core.ngram import NgramStats, ngram_tables
-from dume_dist.core.stats import stats_from_bytes, stats_to_bytes
-from dume_dist.model.collect import collect_ngram_stats
+from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
+from dume_dist.model.kinds.ngram import collect_ngram_stats
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, ngram_bucket
 from dume_dist.model.ngram_select import heldout_logloss, select_mu
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, resolve_routing, solve_routing
@@ -157,7 +157,7 @@ def _explicit_counts(ids_BT, mask_BT, max_tokens_per_seq, vocab, buckets):
 @pytest.mark.parametrize("coalesce_every", [1, None], ids=["coalesce-often", "coalesce-once"])
 def test_collected_counts_equal_explicit_counting(coalesce_every, monkeypatch):
     if coalesce_every is not None:
-        monkeypatch.setattr("dume_dist.model.collect._PAIRS_BEFORE_COALESCING", coalesce_every)
+        monkeypatch.setattr("dume_dist.model.kinds.ngram._PAIRS_BEFORE_COALESCING", coalesce_every)
     batches = [_left_padded(3, 9, seed=s) for s in range(3)]
     batches.append((torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])))
     got = collect_ngram_stats(

@@ -36,12 +36,12 @@ from transformers import AutoTokenizer
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
-from dume_dist.core.stats import stats_to_bytes
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics
 from dume_dist.model.collect import decoder_layers, dense_model_for
 from dume_dist.model.data import load_texts
 from dume_dist.model.experts import load_expert_specs
+from dume_dist.model.kinds import stats_to_bytes
 from dume_dist.model.modeling_dume import ngram_bucket
 from dume_dist.model.routing import PRESETS
 
@@ -182,8 +182,8 @@ def gram_attack(gram_LPP: torch.Tensor, templates: list[torch.Tensor], dim: int)
 def _truth(tokenizer, texts, vocab: int, kw: dict, holdout_fraction: float, name: str):
     """The fit part's exact counts and bigrams (what the contributor keeps at home)."""
     from dume_dist.model.build import split_holdout
-    from dume_dist.model.collect import collect_ngram_stats
     from dume_dist.model.data import token_batches
+    from dume_dist.model.kinds.ngram import collect_ngram_stats
 
     fit_texts, _ = split_holdout(texts, holdout_fraction, name)
     batches = token_batches(tokenizer, fit_texts, kw["batch_size"], kw["seq_len"],

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dume_dist.core.stats import stats_to_bytes
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics
 from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.evaluate import evaluate_model, load_causal_lm, routing_summary
 from dume_dist.model.experts import expert_fingerprint, load_expert_specs
 from dume_dist.model.formats import BuildStats, CheckpointInput, WriteOptions
+from dume_dist.model.kinds import stats_to_bytes
 from dume_dist.model.mixed import (
     MixedSettings,
     domain_streams,
@@ -101,18 +101,8 @@ def _seconds(fn, model) -> float:
     return time.perf_counter() - t0
 
 
-def _collect(backbone, specs, tokenizer, train, features, holdout_fraction, smoothings, kw):
-    """``{name: (fit, {β: held-out})}`` and seconds, for one feature map."""
-    if features == "ngram":
-        spec = PRESETS["ngram"].replace(holdout_fraction=holdout_fraction)
-    else:
-        spec = RoutingSpec(
-            features=features,
-            lam=AUTO,
-            smoothing=AUTO,
-            holdout_fraction=holdout_fraction,
-            smoothing_grid=tuple(smoothings),
-        )
+def _collect(backbone, specs, tokenizer, train, spec: RoutingSpec, kw):
+    """``{name: (fit, {part: held-out})}`` and seconds, for the statistics of ``spec``."""
     out, t0 = {}, time.perf_counter()
     for s in specs:
         out[s.name] = expert_statistics(
@@ -120,6 +110,17 @@ def _collect(backbone, specs, tokenizer, train, features, holdout_fraction, smoo
             fingerprint=expert_fingerprint(s), progress=False, **kw,
         )  # fmt: skip
     return out, time.perf_counter() - t0
+
+
+def _widest(options: Sequence[RoutingSpec], holdout_fraction: float) -> dict[str, RoutingSpec]:
+    """Per statistics identity, one spec whose statistics serve every option of it."""
+    groups: dict[str, list[RoutingSpec]] = {}
+    for option in options:
+        groups.setdefault(option.feature_map, []).append(option)
+    return {
+        fm: group[0].router_kind.widest(group).replace(holdout_fraction=holdout_fraction)
+        for fm, group in sorted(groups.items())
+    }
 
 
 def _solve(option: RoutingSpec, stats, names):
@@ -130,18 +131,12 @@ def _solve(option: RoutingSpec, stats, names):
             b: {n: (index[n], stats[n][1][b]) for n in names} for b in option.holdout_smoothings()
         }
     else:  # all the data: fit + held-out (plain Grams add; n-gram counts without their pairs)
-        fit = {n: (index[n], stats[n][0] + _plain(stats[n][1][0.0])) for n in names}
+        kind = option.router_kind
+        fit = {n: (index[n], stats[n][0] + kind.heldout_as_fit(stats[n][1][0.0])) for n in names}
         held = None
     t0 = time.perf_counter()
     solved = solve_routing(option, fit, len(names), held)
     return solved, time.perf_counter() - t0, fit
-
-
-def _plain(stats):
-    """Held-out statistics as fit statistics (n-gram counts: without the exact bigrams)."""
-    if getattr(stats, "pairs_K3", None) is not None:
-        return stats.with_meta(pairs_K3=None, feature_map="")
-    return stats
 
 
 def _stats_bytes(option: RoutingSpec, stats, name) -> dict:
@@ -190,14 +185,11 @@ def run_routing_bench(
     names = [s.name for s in specs]
     tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
     backbone = Backbone.from_spec("average", specs)
-    grid = sorted({0.0} | {b for _, o in options for b in o.smoothing_grid})
     kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len,
               max_tokens=max_tokens, device=device)  # fmt: skip
     stats, collect_seconds = {}, {}
-    for features in sorted({o.features for _, o in options}):
-        stats[features], collect_seconds[features] = _collect(
-            backbone, specs, tokenizer, train, features, holdout_fraction, grid, kw
-        )
+    for fm, wide in _widest([o for _, o in options], holdout_fraction).items():
+        stats[fm], collect_seconds[fm] = _collect(backbone, specs, tokenizer, train, wide, kw)
     cached = {
         d: list(
             eval_windows(tokenizer, load_texts(p, d), eval_seq_len, batch_size, max_eval_tokens)
@@ -210,7 +202,7 @@ def run_routing_bench(
     models = []
     with tempfile.TemporaryDirectory(prefix="dume-bench-routing-") as tmp:
         for i, (label, option) in enumerate(options):
-            solved, solve_s, fit = _solve(option, stats[option.features], names)
+            solved, solve_s, fit = _solve(option, stats[option.feature_map], names)
             out = Path(tmp) / f"opt{i}"
             inp = CheckpointInput(
                 backbone=backbone, experts=specs, routing=solved, top_k=option.top_k,
@@ -238,7 +230,7 @@ def run_routing_bench(
                 "worst_retention": min(keep.values()),
                 "routing_accuracy_layers": accuracy,
                 "routing_accuracy": {d: sum(a) / len(a) for d, a in accuracy.items()},
-                "stats_bytes_per_contributor": _stats_bytes(option, stats[option.features], names[0]),
+                "stats_bytes_per_contributor": _stats_bytes(option, stats[option.feature_map], names[0]),
                 "solve_seconds": solve_s,
             })  # fmt: skip
             if mixed is not None:

@@ -6,72 +6,60 @@ import argparse
 import json
 from pathlib import Path
 
+from dume_dist.model.routing_options import (  # torch-free: `dume --help` stays fast
+    BUILTIN_KIND_OPTIONS,
+    COMMON_OPTIONS,
+    DEFAULT_PRESET,
+    PRESETS,
+    ROUTING_FEATURES,
+    ROUTING_SOLVERS,
+    options_by_name,
+    routing_option_names,
+)
+
 BACKBONE_HELP = "'average' of the experts' non-MLP weights (the paper) or 'base:DIR'"
-# Kept literal so that `dume --help` does not import torch; tests check them against
-# dume_dist.model.routing / modeling_dume.
-ROUTING_PRESETS = ("paper", "context", "ngram", "switch")
-ROUTING_FEATURES = ("token", "prefix_mean", "ngram")
-ROUTING_SOLVERS = ("ridge", "lda", "nb")
+ROUTING_PRESETS = tuple(PRESETS)
+# The flags take the older names too (`--features ngram --solver nb` is the n-gram kind).
+_WIDER_CHOICES = {"features": ROUTING_FEATURES, "solver": ROUTING_SOLVERS}
+ROUTING_HELP = (
+    f"named routing setting (default {DEFAULT_PRESET!r}, the best measured): "
+    + ", ".join(f"{name!r} ({', '.join(f'{k}={v}' for k, v in s.items())})"
+                for name, s in PRESETS.items())
+)  # fmt: skip
 
 
-def add_routing_flags(
-    p: argparse.ArgumentParser,
-    *,
-    routing_default: str | None,
-    routing_help: str,
-    holdout_owner: str,
-) -> None:
-    """The routing flags of `dume build` and `dume coordinator start` (a preset, then the
-    `RoutingSpec` fields that override it; None: the preset's value)."""
+def add_routing_flags(p: argparse.ArgumentParser, *, holdout_owner: str) -> None:
+    """The routing flags of `dume build` and `dume coordinator start`, one per routing option of
+    `dume_dist.model.routing_options` (the one definition): a preset, then the settings that
+    override it (None: the preset's value)."""
+    p.add_argument("--routing", choices=ROUTING_PRESETS, default=None,
+                   help=ROUTING_HELP + "; the flags below override it (docs/routing.md)")  # fmt: skip
+    p.add_argument("--kind", choices=tuple(BUILTIN_KIND_OPTIONS), default=None,
+                   help="router kind (default: the preset's)")  # fmt: skip
+    options = options_by_name(COMMON_OPTIONS)
+    for kind_options in BUILTIN_KIND_OPTIONS.values():
+        options.update(options_by_name(kind_options))
+    for name in routing_option_names():
+        option = options[name]
+        owner = f" (of {holdout_owner}s)" if name == "holdout_fraction" else ""
+        common = name in options_by_name(COMMON_OPTIONS)
+        default = "" if option.default is None or common else f" (kind default {option.default})"
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=option.parse, default=None,
+            choices=_WIDER_CHOICES.get(name) or option.choices or None, metavar=option.metavar,
+            help=option.help + owner + default,
+        )  # fmt: skip
     p.add_argument(
-        "--routing",
-        choices=ROUTING_PRESETS,
-        default=routing_default,
-        help=routing_help + "; the flags below override it (docs/routing.md)",
-    )
-    p.add_argument("--features", choices=ROUTING_FEATURES, default=None, help="router feature map")
-    p.add_argument("--solver", choices=ROUTING_SOLVERS, default=None, help="router solver")
-    p.add_argument(
-        "--lam",
-        type=number_or_auto,
-        default=None,
-        help="ridge λ (lda: covariance shrinkage in (0, 1]; nb: bigram smoothing mu > 0), or "
-        "'auto': chosen on held-out statistics",
-    )
-    p.add_argument(
-        "--min-weight",
-        type=float,
-        default=None,
-        help="with k > 1: experts whose routing weight is below this do not run (the rest are "
-        "renormalised); in [0, 0.5)",
-    )
-    p.add_argument(
-        "--ngram-buckets",
-        type=int,
-        default=None,
-        help="hash buckets of the n-gram router's bigram counts (default 262144)",
-    )
-    p.add_argument(
-        "--switch",
-        type=number_or_auto,
-        default=None,
-        help="ngram routing: rate in [0, 0.5) at which the posterior lets the domain switch "
-        "before a token (0: cumulative), or 'auto': chosen on held-out bigrams",
-    )
-    p.add_argument(
-        "--smoothing",
-        type=number_or_auto,
-        default=None,
-        help="decay in [0, 1] of the causal moving average of router logits (0 off, 1 running "
-        "mean), or 'auto'",
-    )
-    p.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=None,
-        help=f"share of each {holdout_owner}'s documents held out to choose 'auto' settings "
-        "(default 0.1)",
-    )
+        "--lam", type=number_or_auto, default=None,
+        help="older name of the kind's solver parameter (--ridge-lambda, --lda-shrinkage or "
+        "--mu, by the solver), or 'auto'",
+    )  # fmt: skip
+
+
+def routing_settings(args) -> dict:
+    """The routing flags given (None: the preset's value) by their option names."""
+    names = ("routing", "kind", *routing_option_names(), "lam")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -192,16 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
-    add_routing_flags(
-        p,
-        routing_default=None,
-        routing_help="named routing setting: 'ngram' (the default: sequence-level naive Bayes on "
-        "token bigrams, mu chosen on held-out statistics), 'context' (prefix-mean features, lda) "
-        "or 'paper' (token features, ridge, λ=1e-2, k=1; the default of --format mixtral)",
-        holdout_owner="expert",
-    )
+    add_routing_flags(p, holdout_owner="expert")
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token k (default 1)")
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
@@ -344,16 +324,11 @@ def routing_spec(args):
     """The build's RoutingSpec: the --routing preset with the individual flags on top."""
     from dume_dist.model.routing import resolve_routing
 
-    preset = args.routing
-    if preset is None:  # the best measured routing, unless the format cannot hold it
-        preset = "paper" if getattr(args, "format", "dume") == "mixtral" else "ngram"
-    return resolve_routing(
-        preset, features=args.features, solver=args.solver, lam=args.lam,
-        smoothing=args.smoothing, top_k=args.top_k, holdout_fraction=args.holdout_fraction,
-        ngram_buckets=getattr(args, "ngram_buckets", None),
-        switch=getattr(args, "switch", None),
-        min_weight=getattr(args, "min_weight", None),
-    )  # fmt: skip
+    settings = routing_settings(args)
+    preset = settings.pop("routing", None)
+    if preset is None and getattr(args, "format", "dume") == "mixtral":
+        preset = "paper"  # a Mixtral gate can hold only the paper's routing
+    return resolve_routing(preset, **settings)
 
 
 def _print_build_summary(result) -> None:
@@ -372,12 +347,13 @@ def _print_build_summary(result) -> None:
     solved = getattr(result, "routing", None)
     if solved is not None:
         spec = solved.spec
-        line = (
-            f"routing: features={spec.features} solver={spec.solver} lam={solved.lam:g} "
-            f"smoothing={solved.smoothing:g} k={spec.top_k}"
-        )
-        if getattr(solved, "switch", 0):
-            line += f" switch={solved.switch:g}"
+        chosen = solved.chosen or {}
+        options = " ".join(
+            f"{k}={v}" for k, v in spec.options.items()
+            if k not in chosen and v is not None and not isinstance(v, tuple)
+        )  # fmt: skip
+        values = " ".join(f"{k}={v:g}" for k, v in chosen.items())
+        line = f"routing: kind={spec.kind} {options} {values} k={spec.top_k}"
         if solved.selection is not None:
             line += (
                 f" (chosen on {solved.selection.num_holdout_tokens:,} held-out tokens by "

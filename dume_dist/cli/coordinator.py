@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from dume_dist.cli import federated
-from dume_dist.cli.build import BACKBONE_HELP, add_routing_flags, parse_experts
+from dume_dist.cli.build import BACKBONE_HELP, add_routing_flags, parse_experts, routing_settings
 from dume_dist.cli.shared import (
     DEFAULT_OPERATOR_FILE,
     coordinator,
@@ -33,9 +33,8 @@ def register(sub) -> None:
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
     p.add_argument("--founding-expert", action="append", default=None, metavar="NAME=DIR",
                    help="a founding expert whose non-MLP weights the 'average' backbone averages (repeatable)")  # fmt: skip
-    _routing_flags(p)
+    add_routing_flags(p, holdout_owner="node")  # fixed at genesis
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token k (default 1)")
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
@@ -90,35 +89,12 @@ def register(sub) -> None:
     p.set_defaults(func=run_rebase)
 
 
-def _routing_flags(p) -> None:
-    add_routing_flags(
-        p,
-        routing_default="paper",
-        routing_help="named routing setting (fixed at genesis): 'paper' (the default: token "
-        "features, ridge, λ=1e-2, k=1), 'context' (prefix-mean features, lda, λ chosen on "
-        "held-out statistics) or 'ngram' (sequence-level naive Bayes on hashed token bigrams, mu "
-        "chosen on held-out statistics)",
-        holdout_owner="node",
-    )
-
-
-def _routing_settings(args) -> dict:
-    """The routing entries of coordinator settings (None: the preset's value)."""
-    out = {"routing": args.routing, "features": args.features, "solver": args.solver,
-           "lam": args.lam, "smoothing": args.smoothing, "holdout_fraction": args.holdout_fraction,
-           "ngram_buckets": args.ngram_buckets, "min_weight": args.min_weight,
-           "switch": args.switch}  # fmt: skip
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def settings_from_args(args) -> dict:
     """Coordinator settings from the flags; checked (one-line errors) before any actor exists."""
     from dume_dist.distributed.validation import check_settings
 
-    settings = {**_routing_settings(args), "temperature": args.temperature,
+    settings = {**routing_settings(args), "temperature": args.temperature,
                 "max_tokens_per_seq": args.max_tokens_per_seq}  # fmt: skip
-    if args.top_k is not None:
-        settings["top_k"] = args.top_k
     check_settings(settings)
     return settings
 

@@ -22,7 +22,7 @@ def register(sub) -> None:
         "--routing",
         choices=ROUTING_PRESETS,
         default=None,
-        help="routing preset of the demo's coordinator (default: the demo's, 'ngram')",
+        help="routing preset of the demo's coordinator (default: the default routing)",
     )
     p.add_argument("--federated", action="store_true",
                    help="each contributor on its own Ray cluster, talking to the coordinator only "

@@ -235,15 +235,6 @@ def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
     return stats
 
 
-def ngram_from_bytes(data: bytes) -> NgramStats:
-    from dume_dist.core.stats import stats_from_bytes
-
-    stats = stats_from_bytes(data)
-    if not isinstance(stats, NgramStats):
-        raise ValueError(f"statistics blob holds {stats.feature_map!r} Grams, not n-gram counts")
-    return stats
-
-
 # -- solving and choosing mu ----------------------------------------------------------------
 
 

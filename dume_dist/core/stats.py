@@ -253,12 +253,8 @@ def unpack_symmetric(packed_LT: torch.Tensor, p: int) -> torch.Tensor:
     return gram_LPP
 
 
-def stats_to_bytes(stats: RouterStats) -> bytes:
-    """One statistics blob (safetensors): Gram matrices, or n-gram counts (``core.ngram``)."""
-    from dume_dist.core.ngram import NgramStats, ngram_to_bytes
-
-    if isinstance(stats, NgramStats):
-        return ngram_to_bytes(stats)
+def gram_to_bytes(stats: RouterStats) -> bytes:
+    """One statistics blob (safetensors, schema ``STATS_SCHEMA``): the packed Grams."""
     meta = {
         "schema": STATS_SCHEMA,
         "feature_map": stats.feature_map,
@@ -271,17 +267,8 @@ def stats_to_bytes(stats: RouterStats) -> bytes:
     return st_save({"gram_packed": pack_symmetric(stats.gram_LPP)}, metadata=meta)
 
 
-def stats_from_bytes(data: bytes) -> RouterStats:
-    """Decode and validate; a corrupt or foreign blob raises a one-line ValueError."""
-    try:
-        tensors = st_load(data)
-        meta = _read_metadata(data)
-    except Exception as exc:  # safetensors raises several types
-        raise ValueError(f"statistics blob is not valid safetensors: {exc}") from None
-    from dume_dist.core.ngram import NGRAM_SCHEMA, ngram_from_tensors
-
-    if meta.get("schema") == NGRAM_SCHEMA:
-        return ngram_from_tensors(tensors, meta)
+def gram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> RouterStats:
+    """Decode and validate the tensors and metadata of a ``STATS_SCHEMA`` blob."""
     if meta.get("schema") != STATS_SCHEMA or "gram_packed" not in tensors:
         raise ValueError(f"statistics blob has an unknown schema {str(meta.get('schema'))[:40]!r}")
     missing = [k for k in ("feature_dim", "num_layers", "feature_map") if k not in meta]
@@ -318,6 +305,16 @@ def parse_extra(meta) -> dict:
     return extra
 
 
+def gram_from_bytes(data: bytes) -> RouterStats:
+    """Decode and validate a Gram blob; a corrupt or foreign blob raises a one-line ValueError."""
+    try:
+        tensors = st_load(data)
+        meta = _read_metadata(data)
+    except Exception as exc:  # safetensors raises several types
+        raise ValueError(f"statistics blob is not valid safetensors: {exc}") from None
+    return gram_from_tensors(tensors, meta)
+
+
 def _read_metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
@@ -327,7 +324,7 @@ def _read_metadata(data: bytes) -> dict:
 
 def save_stats(stats: RouterStats, path) -> None:
     with open(path, "wb") as f:
-        f.write(stats_to_bytes(stats))
+        f.write(gram_to_bytes(stats))
 
 
 def load_stats(path) -> RouterStats:
@@ -336,4 +333,4 @@ def load_stats(path) -> RouterStats:
             data = f.read()
     except FileNotFoundError:
         raise ValueError(f"statistics file not found: {path}") from None
-    return stats_from_bytes(data)
+    return gram_from_bytes(data)

@@ -13,9 +13,9 @@ Steps of `join` (each one thing, each safe to repeat):
 ``check_expert``  the expert fits the backbone (config, MLP shapes, tokenizer)
 ``upload_expert`` MLP weights as one safetensors blob (a no-op when already registered)
 ``compute``       one `StatsWorker` per local GPU (else one CPU worker); all_reduce; rank 0's sum:
-                  fit statistics of the coordinator's routing features (Grams, or for ngram
-                  routing token counts) and, when its routing chooses λ / β / mu on held-out
-                  data, held-out statistics (same split as a build)
+                  fit statistics of the coordinator's router kind (Grams, token counts, ...)
+                  and, when its routing chooses a setting on held-out data, held-out
+                  statistics (same split as a build)
 ``submit``        with a submission id = hash(data files, expert, backbone, settings, routing's
                   statistics settings): a rerun after a crash is recognised and counted once
 
@@ -107,41 +107,35 @@ def write_checked(dest: Path, rel: str, data: bytes, record: dict) -> None:
 
 
 def check_heldout_policy(job: StatsJob, send_heldout_bigrams: bool, dp: dict | None) -> None:
-    """Exact held-out bigrams (text fragments) leave the node only when the contributor says so,
-    and never with differential privacy."""
-    if job.features != "ngram" or not job.holdout_smoothings:
+    """Held-out statistics that release more than sums (the n-gram kind's exact held-out
+    bigrams, text fragments) leave the node only when the contributor says so, and never with
+    differential privacy."""
+    from dume_dist.model.routing import resolve_routing
+
+    release = resolve_routing(job.routing).router_kind.heldout_release
+    if release is None or not job.holdout_smoothings:
         return
     if dp is not None:
         raise ValueError(
-            "this coordinator chooses mu on exact held-out bigrams, which cannot be released "
-            "with differential privacy: ask the operator for a fixed mu (--lam)"
+            f"this coordinator chooses its routing on {release.split(' (')[0]}, which cannot be "
+            "released with differential privacy: ask the operator for a fixed setting (--lam)"
         )
     if not send_heldout_bigrams:
         raise ValueError(
-            "this coordinator chooses mu on exact held-out bigrams (previous token, token, count "
-            "of your held-out documents): pass --send-heldout-bigrams to send them, or ask the "
-            "operator for a fixed mu (--lam)"
+            f"this coordinator chooses its routing on {release}: pass --send-heldout-bigrams to "
+            "send them, or ask the operator for a fixed setting (--lam)"
         )
 
 
-def _dp_job(backbone_dir: Path, features: str, dp: dict) -> dict:
-    """The collection bounds of ``dp`` for the workers: feature clip (Grams), count cap."""
+def _dp_job(backbone_dir: Path, spec, dp: dict) -> dict:
+    """The collection bounds of ``dp`` for the workers (the router kind's: feature clip, count
+    cap)."""
     from dume_dist.core.dp import DpSpec
+    from dume_dist.model.backbone import Backbone
 
-    spec = DpSpec(**dp)
-    out = {"dp_count_cap": spec.count_cap if spec.unit == "sequence" else None, "dp_clip": None}
-    if features != "ngram":
-        if spec.unit != "sequence":
-            raise ValueError(
-                "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
-                "states of every later token of its window): use --dp-unit sequence"
-            )
-        from dume_dist.model.backbone import Backbone
-        from dume_dist.model.collect import default_clip
-
-        clip = spec.clip or default_clip(Backbone.load(Path(backbone_dir), verify=False), features)
-        out["dp_clip"] = clip
-    return out
+    backbone = Backbone.load(Path(backbone_dir), verify=False)
+    clip, cap = spec.router_kind.dp_bounds(spec, backbone, DpSpec(**dp))
+    return {"dp_clip": clip, "dp_count_cap": cap}
 
 
 def submission_id(data_hashes: list[str], expert_fp: str, backbone_fp: str, settings: dict) -> str:
@@ -293,21 +287,20 @@ class NodeAgent:
             "max_tokens_per_seq": max_tps,
             "max_tokens": opts.get("max_tokens"),
         }
+        # What the statistics depend on is part of the submission id; the paper's token
+        # statistics without a held-out part keep the ids they had before routing options.
+        own = spec.router_kind.statistics_settings(spec)
         routing = {
-            "features": spec.features,
+            **(own or {}),
             "holdout_fraction": spec.holdout_fraction if spec.needs_holdout else 0.0,
             "holdout_smoothings": list(spec.holdout_smoothings()),
         }
-        if spec.features == "ngram":  # token counts in this many hash buckets
-            routing["ngram_buckets"] = spec.ngram_buckets
-        # What the statistics depend on is part of the submission id; the paper's token
-        # statistics without a held-out part keep the ids they had before routing options.
         id_settings = dict(stats_settings)
-        if spec.features != "token" or spec.needs_holdout:
+        if own is not None or spec.needs_holdout:
             id_settings["routing"] = routing
         if dp is not None:  # private statistics: features clipped, counts capped while collected
             id_settings["dp"] = dp
-            routing.update(_dp_job(backbone_dir, spec.features, dp))
+            routing.update(_dp_job(backbone_dir, spec, dp))
         for path in data:
             if not Path(path).is_file():
                 raise ValueError(f"data file {path} does not exist on node {self.name}")
@@ -323,7 +316,12 @@ class NodeAgent:
             expert_fingerprint=fingerprint,
             submission_id=submission_id(hashes, fingerprint, backbone_fp, id_settings),
             **stats_settings,
-            **routing,
+            holdout_fraction=routing["holdout_fraction"],
+            holdout_smoothings=routing["holdout_smoothings"],
+            dp_clip=routing.get("dp_clip"),
+            dp_count_cap=routing.get("dp_count_cap"),
+            routing=spec.to_json(),
+            statistics=own or {},
         )
 
     def compute(
@@ -365,7 +363,7 @@ class NodeAgent:
 
     def submit(self, job: StatsJob, computed: dict) -> dict:
         """Push ``compute``'s statistics (fit, and held-out when the routing needs them)."""
-        from dume_dist.core.stats import stats_from_bytes
+        from dume_dist.model.kinds import stats_from_bytes
 
         self._enter("submit")
         stats, holdout = computed["stats"], computed.get("holdout") or {}
@@ -427,7 +425,7 @@ class NodeAgent:
 
     def outbound(self, spec, fingerprint: str, computed: dict | None) -> list[dict]:
         """What leaves the node, by kind and bytes (the expert only when not yet registered)."""
-        from dume_dist.core.stats import stats_from_bytes
+        from dume_dist.model.kinds import stats_from_bytes
 
         out = []
         registered = (self._info.get("expert") or {}).get("fingerprint") == fingerprint
@@ -454,7 +452,7 @@ class NodeAgent:
             return computed
         from dume_dist.core.dp import DpSpec
         from dume_dist.core.private import privatize
-        from dume_dist.core.stats import stats_from_bytes, stats_to_bytes
+        from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
 
         fit = stats_from_bytes(computed["stats"])
         held = {float(b): stats_from_bytes(x) for b, x in (computed.get("holdout") or {}).items()}

@@ -28,32 +28,25 @@ from dume_dist.model.experts import (
     read_safetensors_header,
     semantic_config,
 )
+from dume_dist.model.routing_options import routing_option_names
 
 BACKBONE_PREFIX = "backbone"
 FEATURE_MAP = "token"  # the feature map of registries founded before routing options existed
 
 # Coordinator settings that name the routing (everything else in them: temperature and
-# max_tokens_per_seq). ``routing`` is a preset name or a dict of ``RoutingSpec`` fields.
-ROUTING_KEYS = (
-    "routing",
-    "features",
-    "solver",
-    "lam",
-    "smoothing",
-    "top_k",
-    "holdout_fraction",
-    "ngram_buckets",
-    "min_weight",
-    "switch",
-)
+# max_tokens_per_seq): ``routing`` (a preset name or a dict of `RoutingSpec` settings), ``kind``,
+# every routing option of `dume_dist.model.routing_options` that has a flag, and the older
+# names ``features``, ``solver``, ``lam``, ``smoothing``.
+ROUTING_KEYS = ("routing", "kind", *routing_option_names(), "lam")
 SETTINGS_KEYS = (*ROUTING_KEYS, "temperature", "max_tokens_per_seq", "feature_map")
 
 
 def routing_of(settings: dict):
     """The `RoutingSpec` of a coordinator's stored settings. A registry founded before routing
     options existed has no ``routing`` entry: it is the paper's token / ridge routing with its
-    own λ and k (``feature_map`` "token")."""
-    from dume_dist.model.routing import RoutingSpec, resolve_routing
+    own λ and k (``feature_map`` "token"); one founded before router kinds stored the older
+    names, which still read."""
+    from dume_dist.model.routing import resolve_routing
 
     stored = settings.get("routing")
     if stored is None:
@@ -63,12 +56,7 @@ def routing_of(settings: dict):
             )
         return resolve_routing("paper", lam=float(settings.get("lam", 1e-2)),
                                top_k=int(settings.get("top_k", 1)))  # fmt: skip
-    fields = dict(stored)
-    if fields.get("lam_grid") is not None:
-        fields["lam_grid"] = tuple(fields["lam_grid"])
-    if fields.get("smoothing_grid") is not None:
-        fields["smoothing_grid"] = tuple(fields["smoothing_grid"])
-    return RoutingSpec(**fields)
+    return resolve_routing(dict(stored))
 
 
 def _jsonable(obj):

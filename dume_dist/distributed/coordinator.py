@@ -24,9 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from dume_dist.core.ngram import NgramStats
 from dume_dist.core.private import guarantee_of
-from dume_dist.core.stats import RouterStats
 from dume_dist.distributed import signing
 from dume_dist.distributed import transitions as tr
 from dume_dist.distributed.artifacts import record_vocab_size
@@ -43,7 +41,6 @@ from dume_dist.distributed.state import (
     public_view,
 )
 from dume_dist.distributed.validation import (
-    DIST_FEATURES,
     StatsValidator,
     check_credential_hash,
     check_mlp_header,
@@ -62,7 +59,6 @@ from dume_dist.store import (
 )
 
 __all__ = [
-    "DIST_FEATURES",
     "UNLEARNED_MARK",
     "Coordinator",
     "check_settings",
@@ -319,7 +315,7 @@ class Coordinator:
         secret: str,
         name: str,
         domain: str,
-        stats: bytes | RouterStats | NgramStats,
+        stats,
         submission_id: str,
         num_tokens: int,
         holdout: dict | None = None,

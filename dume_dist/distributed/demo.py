@@ -26,9 +26,8 @@ from dume_dist.distributed import cluster, genesis, tables
 from dume_dist.distributed.calls import call
 from dume_dist.store import ObjectStore, VersionStore, reader_layout
 
-# The default routing of `dume build` (n-gram naive Bayes, docs/routing.md); `dume demo --routing`
-# changes it (`paper`: the paper's exact routing).
-SETTINGS = {"routing": "ngram", "temperature": 1.0, "max_tokens_per_seq": 256}
+# The default routing (`routing_options.DEFAULT_PRESET`); `dume demo --routing` changes it.
+SETTINGS = {"temperature": 1.0, "max_tokens_per_seq": 256}
 NAMESPACE = "dume-demo"
 
 

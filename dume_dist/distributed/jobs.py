@@ -20,9 +20,17 @@ class StatsJob:
     seq_len: int
     max_tokens_per_seq: int
     max_tokens: int | None
-    features: str = "token"  # the coordinator's routing features
     holdout_fraction: float = 0.0  # share of documents held out (0: no held-out statistics)
-    holdout_smoothings: list[float] = field(default_factory=list)  # one held-out set per decay
-    ngram_buckets: int | None = None  # ngram routing: hash buckets of the bigram counts
+    holdout_smoothings: list[float] = field(default_factory=list)  # one held-out part per key
     dp_clip: float | None = None  # differential privacy: each token's feature norm bound (Grams)
     dp_count_cap: int | None = None  # differential privacy: most a sequence adds to one count
+    routing: dict = field(default_factory=dict)  # the coordinator's RoutingSpec (JSON)
+    # What the statistics of the routing's kind depend on (`RouterKind.statistics_settings`,
+    # e.g. features, ngram_buckets); readable as attributes.
+    statistics: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        statistics = self.__dict__.get("statistics") or {}
+        if name in statistics:
+            return statistics[name]
+        raise AttributeError(name)

@@ -170,7 +170,7 @@ class Publisher:
 
 def routers_of(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The router tensors of a published DUME model directory (for comparisons): the per-layer
-    linear routers, or the n-gram router's count tables."""
+    routers and sequence-level routers: everything but the backbone and the experts."""
     from safetensors.torch import load_file
 
     out = {}
@@ -179,7 +179,7 @@ def routers_of(model_dir: str | Path) -> dict[str, torch.Tensor]:
             {
                 k: v
                 for k, v in load_file(str(file)).items()
-                if ".mlp.router." in k or k.startswith("ngram_router.")
+                if ".mlp.router." in k or not k.startswith(("model.", "lm_head."))
             }
         )
     return out

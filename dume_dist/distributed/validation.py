@@ -8,22 +8,10 @@ and their held-out companions. A refusal is a one-line ``ValueError``.
 from __future__ import annotations
 
 from dume_dist.core.header import check_layout, parse_header
-from dume_dist.core.ngram import NgramStats, check_count_values, ngram_layout
-from dume_dist.core.stats import (
-    MAX_TOKENS,
-    RouterStats,
-    check_gram_values,
-    gram_layout,
-    stats_from_bytes,
-    stats_to_bytes,
-)
-from dume_dist.distributed.artifacts import SETTINGS_KEYS, routing_of
+from dume_dist.distributed.artifacts import ROUTING_KEYS, SETTINGS_KEYS, routing_of
 from dume_dist.distributed.state import NodeRecord, Registry
 
-DIST_FEATURES = ("token", "prefix_mean", "ngram")  # the features node workers compute
 MAX_FIELD_CHARS = 256  # submission ids, reasons, fingerprints: short strings only
-
-Stats = RouterStats | NgramStats
 
 
 def check_text(what: str, value, max_chars: int = MAX_FIELD_CHARS) -> str:
@@ -73,31 +61,46 @@ def check_count(what: str, value) -> int:
     return value
 
 
-def parse_stats(stats) -> Stats:
+def parse_stats(stats):
+    """Statistics of any router kind, from bytes (decoded and validated) or as they are."""
+    from dume_dist.model.kinds import kind_of_stats, stats_from_bytes
+
     try:
-        parsed = stats_from_bytes(bytes(stats)) if isinstance(stats, (bytes, bytearray)) else stats
+        if isinstance(stats, (bytes, bytearray)):
+            return stats_from_bytes(bytes(stats))
     except (KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"statistics blob is malformed: {exc!r}") from None
-    if not isinstance(parsed, (RouterStats, NgramStats)):
+    try:
+        kind_of_stats(stats)
+    except ValueError:
         raise ValueError(
-            f"statistics must be bytes, RouterStats or NgramStats, got {type(stats).__name__}"
-        )
-    return parsed
+            f"statistics must be bytes or a router kind's statistics, got {type(stats).__name__}"
+        ) from None
+    return stats
 
 
-def stats_bytes(stats, parsed: Stats) -> bytes:
+def stats_bytes(stats, parsed) -> bytes:
+    from dume_dist.model.kinds import stats_to_bytes
+
     return bytes(stats) if isinstance(stats, (bytes, bytearray)) else stats_to_bytes(parsed)
 
 
 # -- settings ------------------------------------------------------------------------------------
 
 
-def _number_or_auto(key: str, value):
-    if value is None or value == "auto":
+def _setting(key: str, value):
+    """A routing setting as given (YAML / CLI strings of numbers become numbers)."""
+    from dume_dist.model.kinds import kinds
+    from dume_dist.model.routing_options import COMMON_OPTIONS
+
+    if not isinstance(value, str):
         return value
-    if isinstance(value, str):
+    options = {o.name: o for k in kinds().values() for o in k.options}
+    options.update({o.name: o for o in COMMON_OPTIONS})
+    option = options.get(key)
+    if key == "lam" or (option is not None and option.type in ("float", "int")):
         try:
-            return float(value)
+            return "auto" if value.strip().lower() == "auto" else float(value)
         except ValueError:
             raise ValueError(f"{key} must be a number or 'auto', got {value!r}") from None
     return value
@@ -105,11 +108,11 @@ def _number_or_auto(key: str, value):
 
 def check_settings(settings: dict) -> dict:
     """The registry's settings from what genesis was given: the routing (a ``routing`` preset
-    name or dict of `RoutingSpec` fields, default ``paper``, with ``features``, ``solver``,
-    ``lam``, ``smoothing``, ``top_k``, ``holdout_fraction``, ``ngram_buckets``, ``min_weight`` on
-    top), ``temperature`` and ``max_tokens_per_seq``. Stored: the resolved spec (``routing``, its
-    JSON), its ``feature_map``, and ``lam`` / ``top_k`` (as the spec has them) for readers of
-    older registries."""
+    name or dict of `RoutingSpec` settings, default ``DEFAULT_PRESET``, with any routing option
+    on top: ``artifacts.ROUTING_KEYS``), ``temperature`` and ``max_tokens_per_seq``. Stored: the
+    resolved spec (``routing``, its JSON), its ``feature_map``, and ``lam`` / ``top_k`` (as the
+    spec has them) for readers of older registries. Every routing option is checked by its one
+    definition (``dume_dist.model.routing_options``)."""
     from dume_dist.model.routing import resolve_routing
 
     if not isinstance(settings, dict):
@@ -117,29 +120,15 @@ def check_settings(settings: dict) -> dict:
     unknown = sorted(set(settings) - set(SETTINGS_KEYS))
     if unknown:
         raise ValueError(f"unknown coordinator setting {unknown[0]!r}")
+    overrides = {
+        k: _setting(k, settings[k]) for k in ROUTING_KEYS if k != "routing" and k in settings
+    }
     try:
         temperature = float(settings.get("temperature", 1.0))
         max_tps = settings.get("max_tokens_per_seq", 1024)
-        holdout_fraction = settings.get("holdout_fraction")
-        spec = resolve_routing(
-            settings.get("routing") or "paper",
-            features=settings.get("features"),
-            solver=settings.get("solver"),
-            lam=_number_or_auto("lam", settings.get("lam")),
-            smoothing=_number_or_auto("smoothing", settings.get("smoothing")),
-            top_k=settings.get("top_k"),
-            holdout_fraction=None if holdout_fraction is None else float(holdout_fraction),
-            ngram_buckets=settings.get("ngram_buckets"),
-            min_weight=settings.get("min_weight"),
-            switch=_number_or_auto("switch", settings.get("switch")),
-        )
+        spec = resolve_routing(settings.get("routing"), **overrides)
     except TypeError as exc:
         raise ValueError(f"bad coordinator settings: {exc}") from None
-    if spec.features not in DIST_FEATURES:
-        raise ValueError(
-            f"features {spec.features!r} are not supported by the distributed pipeline "
-            f"(it computes {', '.join(DIST_FEATURES)})"
-        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(max_tps, bool) or not isinstance(max_tps, int) or max_tps < 1:
@@ -150,7 +139,7 @@ def check_settings(settings: dict) -> dict:
             f"feature_map {given_map!r} does not match the routing's {spec.feature_map!r}"
         )
     return {
-        "lam": spec.lam,
+        "lam": spec.to_json().get("lam"),  # the older name of the solver's parameter, if any
         "temperature": temperature,
         "top_k": spec.top_k,
         "max_tokens_per_seq": max_tps,
@@ -173,47 +162,36 @@ class StatsValidator:
         self._vocab_size = vocab_size
         self._feature_bound = feature_bound
 
-    def _feature_dim(self) -> int:
-        from dume_dist.model.modeling_dume import routing_feature_dim
+    def _shape(self):
+        from dume_dist.model.kinds import BackboneShape
 
-        return routing_feature_dim(self.spec.features, self.reg.backbone["feature_dim"])
+        backbone = self.reg.backbone
+        return BackboneShape(backbone["num_layers"], backbone["feature_dim"], self._vocab_size,
+                             self._feature_bound)  # fmt: skip
 
-    def _check_header(self, data: bytes, feature_map: str) -> None:
+    def _check_header(self, data: bytes) -> None:
         """Names, dtypes and shapes from the safetensors header, before any tensor is read."""
         _, entries = parse_header(data, "statistics blob")
-        if self.spec.features == "ngram":  # held-out bigrams or not: the feature map tells
-            layout = ngram_layout(self._vocab_size(), self.spec.ngram_buckets, pairs=True)
-            check_layout("statistics blob", entries, layout, optional=("pairs",))
-        else:
-            layout = gram_layout(self.reg.backbone["num_layers"], self._feature_dim())
-            check_layout("statistics blob", entries, layout)
+        layout, optional = self.spec.router_kind.layout(self.spec, self._shape())
+        check_layout("statistics blob", entries, layout, optional=optional)
 
-    def _check_kind(self, parsed: Stats) -> None:
-        spec, backbone = self.spec, self.reg.backbone
-        if spec.features == "ngram":
-            if not isinstance(parsed, NgramStats):
-                raise ValueError(
-                    f"statistics are Gram matrices of feature map {parsed.feature_map!r}; the "
-                    "coordinator's ngram routing needs n-gram counts (NgramStats)"
-                )
-            parsed.validate(vocab_size=self._vocab_size(), buckets=spec.ngram_buckets)
-            check_count_values(parsed, MAX_TOKENS)
-        else:
-            if not isinstance(parsed, RouterStats):
-                raise ValueError(
-                    f"statistics are n-gram counts ({parsed.feature_map!r}); the coordinator's "
-                    f"{spec.features} routing needs Gram statistics (RouterStats)"
-                )
-            feature_dim = self._feature_dim()
-            parsed.validate(num_layers=backbone["num_layers"], feature_dim=feature_dim)
-            bound_L = self._feature_bound()
-            blocks = feature_dim // backbone["feature_dim"]  # token: 1, prefix_mean: 2
-            check_gram_values(parsed.gram_LPP, None if bound_L is None else blocks * bound_L)
+    def _check_kind(self, parsed) -> None:
+        from dume_dist.model.kinds import kind_of_stats
 
-    def stats(self, node: NodeRecord, name: str, stats, num_tokens, feature_map: str) -> Stats:
+        kind, shape = self.spec.router_kind, self._shape()
+        if type(parsed) is not kind.stats_type:
+            raise ValueError(
+                f"statistics are {kind_of_stats(parsed).stats_label} of feature map "
+                f"{parsed.feature_map!r}; the coordinator's {kind.name} routing needs "
+                f"{kind.stats_label}"
+            )
+        kind.validate(parsed, self.spec, shape)
+        kind.check_values(parsed, self.spec, shape)
+
+    def stats(self, node: NodeRecord, name: str, stats, num_tokens, feature_map: str):
         backbone = self.reg.backbone
         if isinstance(stats, (bytes, bytearray)):
-            self._check_header(stats, feature_map)
+            self._check_header(stats)
         parsed = parse_stats(stats)
         self._check_kind(parsed)
         if parsed.feature_map != feature_map:
@@ -240,18 +218,19 @@ class StatsValidator:
             )
         return parsed
 
-    def holdout(self, node: NodeRecord, name: str, fit: Stats, holdout) -> dict[float, tuple[Stats, bytes]]:  # fmt: skip
+    def holdout(self, node: NodeRecord, name: str, fit, holdout) -> dict[float, tuple[object, bytes]]:  # fmt: skip
         """``{β: (statistics, bytes)}`` of a submission's held-out statistics, each checked like
-        fit statistics (identity ``spec.holdout_feature_map(β)``; for ngram the counts with the
-        exact held-out bigrams); exactly the decays the routing needs."""
+        fit statistics (identity ``spec.holdout_feature_map(part)``); exactly the parts the
+        routing needs."""
         spec = self.spec
         needed = spec.holdout_smoothings()
         given = _holdout_by_decay(holdout)
         missing = [b for b in needed if b not in given]
         if missing:
             raise ValueError(
-                f"the coordinator's routing ({spec.features}, {spec.solver}, lam={spec.lam}, "
-                f"smoothing={spec.smoothing}) needs held-out statistics for smoothing "
+                f"the coordinator's routing ({spec.kind}, "
+                f"{', '.join(f'{k}={v}' for k, v in spec.options.items() if v == 'auto')}) "
+                "needs held-out statistics for smoothing "
                 f"{', '.join(map(str, needed))}; the submission lacks {missing[0]} "
                 "(a node agent of this version computes them)"
             )

@@ -10,17 +10,11 @@ race; the port reaches the others through Ray), then every rank:
 2. builds the same token batches of each part from the node's local data (deterministic) and
    takes its round-robin share of the *batches* (`data.shard`), so any number of workers sees
    exactly the batches one worker would;
-3. collects partial statistics of the routing's features with `collect_smoothed_stats` on
-   `dense_model_for(backbone, own expert)`: the fit Gram and one held-out Gram per decay of
-   ``job.holdout_smoothings``;
-4. one ``all_reduce(SUM)`` of the stacked fp64 Grams; rank 0 returns the summed statistics as
-   bytes: ``{"stats": fit, "holdout": {β: held-out}}``.
-
-``ngram`` routing needs no model: step 3 counts token ids with `collect_ngram_stats` (fit
-counts, and held-out counts with their exact bigrams when the routing chooses ``mu`` on held-out
-data; ``job.ngram_buckets`` buckets, the backbone's vocabulary); step 4 all_reduces the
-stacked fp64 count vectors (integers: the sum is exact in any order) and gathers the held-out
-bigram lists, of different lengths per rank, to rank 0, which merges them (`coalesce_pairs`).
+3. feeds them to the routing's router kind's collectors (``dume_dist.model.kinds``: Grams on
+   `dense_model_for(backbone, own expert)`, token counts, ...), one per part;
+4. one ``all_reduce(SUM)`` of the collectors' flat fp64 states, and the rows a collector keeps
+   that do not add (held-out bigrams) gathered to every rank and merged; rank 0 returns the
+   summed statistics as bytes: ``{"stats": fit, "holdout": {part: held-out}}``.
 
 With ``world_size == 1`` there is no process group at all.
 """
@@ -34,13 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dume_dist.core.ngram import NgramStats, coalesce_pairs
-from dume_dist.core.stats import RouterStats, stats_to_bytes
 from dume_dist.distributed.jobs import StatsJob
-
-
-def _symmetrised(gram_LPP: torch.Tensor) -> torch.Tensor:
-    return torch.triu(gram_LPP) + torch.triu(gram_LPP, diagonal=1).transpose(1, 2)
 
 
 class StatsWorker:
@@ -85,76 +73,81 @@ class StatsWorker:
 
     def compute(self, job: StatsJob, rendezvous: tuple[str, int] | None = None) -> dict | None:
         """Run the job (see `NodeAgent.job`); rank 0 returns the group's summed statistics
-        ``{"stats": bytes, "holdout": {β: bytes}}`` (``holdout`` empty unless the job asks)."""
-        if job.features == "ngram":
-            return self._compute_ngram(job, rendezvous)
-        with self._group(rendezvous) as group:
-            partial = self._partial_grams(job)
-            if group:
-                import torch.distributed as dist
+        ``{"stats": bytes, "holdout": {part: bytes}}`` (``holdout`` empty unless the job asks)."""
+        from dume_dist.model.backbone import Backbone
+        from dume_dist.model.kinds import BackboneShape, stats_to_bytes
+        from dume_dist.model.routing import resolve_routing
 
-                grams = partial.to(self.device())
-                dist.all_reduce(grams, op=dist.ReduceOp.SUM)
-                partial = grams.cpu()
+        spec = resolve_routing(job.routing)
+        backbone = Backbone.load(Path(job.backbone_dir), verify=False)
+        with self._group(rendezvous) as group:
+            collectors = self._collect(job, spec, backbone)
+            if group:
+                self._reduce(collectors)
         if self.rank != 0:
             return None
-        from dume_dist.model.routing import feature_map_name
-
-        features = job.features
         meta = dict(
             backbone_fingerprint=job.backbone_fingerprint,
             expert_fingerprint=job.expert_fingerprint,
         )
         extra = {"submission_id": job.submission_id, "workers": self.world_size}
-        stats = RouterStats(
-            _symmetrised(partial[0]), feature_map=feature_map_name(features), **meta, extra=extra
-        )
-        stats.validate()
-        holdout = {}
-        for i, beta in enumerate(job.holdout_smoothings):
-            held = RouterStats(
-                _symmetrised(partial[1 + i]), feature_map=feature_map_name(features, beta),
-                **meta, extra={**extra, "split": "holdout"},
-            )  # fmt: skip
-            held.validate()
-            holdout[float(beta)] = stats_to_bytes(held)
-        return {"stats": stats_to_bytes(stats), "holdout": holdout}
+        shape = BackboneShape.of_config(backbone.config)
+        out = {}
+        for collector, held in zip(collectors, (False, True)):
+            for key, stats in collector.result().items():
+                stats = stats.with_meta(
+                    **meta, extra={**extra, "split": "holdout"} if held else extra
+                )
+                if job.dp_clip is None and job.dp_count_cap is None:  # bounded: whole after noise
+                    spec.router_kind.validate(stats, spec, shape)
+                out[(held, float(key))] = stats_to_bytes(stats)
+        holdout = {key: blob for (held, key), blob in out.items() if held}
+        return {"stats": out[(False, 0.0)], "holdout": holdout}
 
-    def _compute_ngram(self, job: StatsJob, rendezvous: tuple[str, int] | None) -> dict | None:
-        """`compute` for ``ngram`` routing: the group's summed token counts (see the module)."""
-        with self._group(rendezvous) as group:
-            counts, pairs = self._partial_counts(job)
-            if group:
-                counts, pairs = self._combine_counts(counts, pairs)
-        if self.rank != 0:
-            return None
-        from dume_dist.model.routing import feature_map_name
+    def _collect(self, job: StatsJob, spec, backbone) -> list:
+        """This rank's collectors (fit, then held-out when the job asks), fed its batches."""
+        from dume_dist.model.experts import load_expert_spec
 
-        buckets = int(job.ngram_buckets)
-        meta = dict(
-            backbone_fingerprint=job.backbone_fingerprint,
-            expert_fingerprint=job.expert_fingerprint,
-        )
-        extra = {"submission_id": job.submission_id, "workers": self.world_size}
+        held_out = bool(job.holdout_smoothings)
+        expert = load_expert_spec(job.name, job.expert_dir)
+        collectors = spec.router_kind.collectors(
+            spec, backbone, expert, holdout=held_out, max_tokens_per_seq=job.max_tokens_per_seq,
+            device=self.device(), clip=job.dp_clip, count_cap=job.dp_count_cap,
+        )  # fmt: skip
+        parts = self._my_batches(job, held_out)
+        with self._lock:
+            self._total = sum(int(m.sum()) for mine in parts for _, m in mine)
+        for collector, mine in zip(collectors, parts):
+            for ids_BT, mask_BT in self._counted(mine):
+                collector.add(ids_BT, mask_BT)
+        return collectors
 
-        def stats_of(part, held: bool) -> NgramStats:
-            vocab = (counts.shape[1] - buckets) // 2
-            uni, ctx, big = part[:vocab], part[vocab : 2 * vocab], part[2 * vocab :]
-            out = NgramStats(
-                uni.clone(), ctx.clone(), big.clone(),
-                feature_map=feature_map_name("ngram", buckets=buckets, heldout=held), **meta,
-                extra={**extra, "split": "holdout"} if held else extra,
-                pairs_K3=pairs if held else None,
-            )  # fmt: skip
-            if job.dp_count_cap is None:  # capped counts are made whole by the noise step
-                out.validate(vocab_size=vocab, buckets=buckets)
-            return out
+    def _reduce(self, collectors: list) -> None:
+        """The group's sums (one all_reduce of every collector's flat fp64 state) and, on every
+        rank, every rank's rows merged (sizes gathered first: the lists differ in length)."""
+        import torch.distributed as dist
 
-        holdout = {}
-        if counts.shape[0] > 1:
-            (beta,) = job.holdout_smoothings
-            holdout[float(beta)] = stats_to_bytes(stats_of(counts[1], True))
-        return {"stats": stats_to_bytes(stats_of(counts[0], False)), "holdout": holdout}
+        device = self.device()
+        flats = [c.flat() for c in collectors]
+        summed = torch.cat([f.to(device, torch.float64) for f in flats])
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        for collector, part in zip(collectors, summed.cpu().split([f.numel() for f in flats])):
+            collector.load_flat(part)
+        for collector in collectors:
+            rows = collector.rows()
+            if rows is None:
+                continue
+            size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+            sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+            dist.all_gather(sizes, size)
+            longest = max(int(n) for n in sizes)
+            if longest == 0:  # every rank knows: no rank found a row
+                continue
+            padded = torch.zeros(longest, rows.shape[1], dtype=torch.int64, device=device)
+            padded[: rows.shape[0]] = rows.to(device)
+            gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(gathered, padded)
+            collector.load_rows(torch.cat([g[: int(n)].cpu() for g, n in zip(gathered, sizes)]))
 
     def _my_batches(self, job: StatsJob, held_out: bool) -> list[list]:
         """This rank's share of the token batches of the node's fit documents and, with
@@ -175,62 +168,6 @@ class StatsWorker:
                   self.rank, self.world_size)
             for part in parts
         ]  # fmt: skip
-
-    def _partial_counts(self, job: StatsJob) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[1 or 2, 2V + H]`` (fp64): this rank's fit counts, then (when the job asks for
-        held-out statistics) its held-out counts, each ``[unigram_V, context_V, bigram_H]``
-        (zeros for a part of which it has no batch); and its held-out bigrams ``[K, 3]``."""
-        from dume_dist.model.collect import collect_ngram_stats
-        from dume_dist.model.experts import load_config
-
-        held_out = bool(job.holdout_smoothings)
-        if held_out and [float(b) for b in job.holdout_smoothings] != [0.0]:
-            raise ValueError("ngram routing takes held-out statistics for smoothing 0 only")
-        buckets = int(job.ngram_buckets)
-        vocab = int(load_config(Path(job.backbone_dir)).vocab_size)
-        parts = self._my_batches(job, held_out)
-        out = torch.zeros(len(parts), 2 * vocab + buckets, dtype=torch.float64)
-        pairs = torch.zeros(0, 3, dtype=torch.int64) if held_out else None
-        with self._lock:
-            self._total = sum(int(m.sum()) for mine in parts for _, m in mine)
-        for slot, mine in enumerate(parts):
-            if not mine:  # more workers than batches: this rank adds nothing to this part
-                continue
-            counted = collect_ngram_stats(
-                self._counted(mine), vocab_size=vocab, buckets=buckets,
-                max_tokens_per_seq=job.max_tokens_per_seq, pairs=slot == 1, progress=False,
-                count_cap=job.dp_count_cap,
-            )  # fmt: skip
-            out[slot] = torch.cat([counted.unigram_V, counted.context_V, counted.bigram_H])
-            if slot == 1:
-                pairs = counted.pairs_K3
-        return out, pairs
-
-    def _combine_counts(
-        self, counts: torch.Tensor, pairs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The group's summed counts (all_reduce, fp64) and, on rank 0, every rank's held-out
-        bigrams merged (sizes gathered first: the lists differ in length)."""
-        import torch.distributed as dist
-
-        device = self.device()
-        summed = counts.to(device)
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        counts = summed.cpu()
-        if pairs is None:
-            return counts, None
-        size = torch.tensor([pairs.shape[0]], dtype=torch.int64, device=device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size)
-        longest = max(int(n) for n in sizes)
-        if longest == 0:  # every rank knows: no rank found a held-out bigram
-            return counts, pairs
-        padded = torch.zeros(longest, 3, dtype=torch.int64, device=device)
-        padded[: pairs.shape[0]] = pairs.to(device)
-        gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded)
-        merged = torch.cat([g[: int(n)].cpu() for g, n in zip(gathered, sizes)])
-        return counts, coalesce_pairs(merged)
 
     @contextlib.contextmanager
     def _group(self, rendezvous: tuple[str, int] | None):
@@ -264,47 +201,6 @@ class StatsWorker:
         dist.init_process_group(
             self.backend, store=store, rank=self.rank, world_size=self.world_size
         )
-
-    def _partial_grams(self, job: StatsJob) -> torch.Tensor:
-        """``[1 + len(holdout_smoothings), L, P, P]``: this rank's fit Gram, then its held-out
-        Gram of each decay (fp64; zeros for a part of which it has no batch)."""
-        from dume_dist.model.backbone import Backbone
-        from dume_dist.model.collect import (
-            collect_smoothed_stats,
-            dense_model_for,
-            stats_compute_dtype,
-        )
-        from dume_dist.model.experts import load_expert_spec
-        from dume_dist.model.modeling_dume import routing_feature_dim
-
-        features = job.features
-        smoothings = [float(b) for b in job.holdout_smoothings]
-        backbone = Backbone.load(Path(job.backbone_dir), verify=False)
-        spec = load_expert_spec(job.name, job.expert_dir)
-        parts = list(zip(self._my_batches(job, bool(smoothings)), [(0.0,), tuple(smoothings)]))
-        num_layers = backbone.config.num_hidden_layers
-        size = routing_feature_dim(features, backbone.config.hidden_size) + 1
-        out = torch.zeros(1 + len(smoothings), num_layers, size, size, dtype=torch.float64)
-        with self._lock:
-            self._total = sum(int(m.sum()) for mine, _ in parts for _, m in mine)
-        if not any(mine for mine, _ in parts):  # more workers than batches: this rank adds nothing
-            return out
-        device = self.device()
-        model = dense_model_for(
-            backbone, spec, dtype=stats_compute_dtype(spec, device), device=device
-        )
-        slot = 0
-        for mine, betas in parts:
-            if mine:
-                grams = collect_smoothed_stats(
-                    model, self._counted(mine), max_tokens_per_seq=job.max_tokens_per_seq,
-                    smoothings=betas, features=features, device=device, progress=False,
-                    clip=job.dp_clip,
-                )  # fmt: skip
-                for i, beta in enumerate(betas):
-                    out[slot + i] = grams[beta].gram_LPP.cpu()
-            slot += len(betas)
-        return out
 
     def _counted(self, batches) -> Iterator:
         for ids_BT, mask_BT in batches:

@@ -30,22 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.private import privatize
-from dume_dist.core.solve import Router
-from dume_dist.core.stats import RouterStats
 from dume_dist.model.backbone import Backbone
-from dume_dist.model.collect import (
-    collect_ngram_stats,
-    collect_smoothed_stats,
-    default_clip,
-    dense_model_for,
-    release_memory,
-    resolve_device,
-    stats_compute_dtype,
-)
-from dume_dist.model.data import load_domain_texts, token_batches
+from dume_dist.model.collect import release_memory, resolve_device
+from dume_dist.model.data import keep_mask, load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
 from dume_dist.model.formats import (
     BuildStats,
@@ -69,13 +60,13 @@ DEFAULT_MAX_TOKENS_PER_SEQ = 1024
 class BuildResult:
     out_dir: Path
     manifest: dict
-    stats: dict[str, RouterStats]
-    routers: list[Router]
+    stats: dict[str, object]  # the router kind's statistics
+    routers: object  # the router kind's routers (per-layer linear routers, n-gram tables, ...)
     backbone_fingerprint: str
     expert_fingerprints: dict[str, str]
     num_tokens: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
-    holdout_stats: dict[float, dict[str, RouterStats]] = field(default_factory=dict)
+    holdout_stats: dict[float, dict[str, object]] = field(default_factory=dict)
     routing: SolvedRouting | None = None
     reused_stats: list[str] = field(default_factory=list)
     privacy: dict[str, dict] = field(default_factory=dict)
@@ -170,11 +161,13 @@ def expert_statistics(
     dtype: torch.dtype | None = None,
     dp: DpSpec | None = None,
     dp_seed: int | None = None,
-) -> tuple[RouterStats, dict[float, RouterStats]]:
-    """One contributor's statistics: fit Grams of ``routing.features`` and, when ``routing``
-    chooses a setting on held-out data, ``{β: held-out Gram}`` for ``routing.holdout_smoothings``.
-    Both carry the backbone's and the expert's fingerprints. With ``dp`` they are private (noise
-    from ``dp_seed``, tests only; else from the system's entropy)."""
+) -> tuple[object, dict[float, object]]:
+    """One contributor's statistics of ``routing``'s router kind (``dume_dist.model.kinds``):
+    fit statistics and, when ``routing`` chooses a setting on held-out data, ``{part: held-out
+    statistics}`` for ``routing.holdout_smoothings``. Both carry the backbone's and the expert's
+    fingerprints. ``dtype``: what a model that collects them runs in (``stats_compute_dtype``).
+    With ``dp`` they are collected within the kind's bounds (``dp_bounds``) and made private
+    (noise from ``dp_seed``, tests only; else from the system's entropy)."""
     fit, held = _raw_statistics(
         backbone, spec, tokenizer, texts, routing, batch_size=batch_size, seq_len=seq_len,
         max_tokens_per_seq=max_tokens_per_seq, max_tokens=max_tokens, device=device,
@@ -182,77 +175,56 @@ def expert_statistics(
     )  # fmt: skip
     if dp is None:
         return fit, held
+    clip, _ = routing.router_kind.dp_bounds(routing, backbone, dp)
     fit, held, _ = privatize(
-        fit, held, dp, tokens_per_unit=min(seq_len, max_tokens_per_seq),
-        clip=dp_clip(backbone, routing, dp), seed=dp_seed,
+        fit, held, dp, tokens_per_unit=min(seq_len, max_tokens_per_seq), clip=clip, seed=dp_seed
     )  # fmt: skip
     return fit, held
-
-
-def dp_clip(backbone, routing: RoutingSpec, dp: DpSpec) -> float | None:
-    """The feature clip of a Gram kind under ``dp`` (None for count kinds)."""
-    if routing.features == "ngram":
-        return None
-    return dp.clip if dp.clip is not None else default_clip(backbone, routing.features)
 
 
 def _raw_statistics(
     backbone, spec, tokenizer, texts, routing, *, batch_size, seq_len, max_tokens_per_seq,
     max_tokens, device, progress, fingerprint, dtype, dp,
 ):  # fmt: skip
-    cap = dp.count_cap if dp is not None and dp.unit == "sequence" else None
-    clip = dp_clip(backbone, routing, dp) if dp is not None else None
+    clip, cap = routing.router_kind.dp_bounds(routing, backbone, dp) if dp else (None, None)
     fraction = routing.holdout_fraction if routing.needs_holdout else 0.0  # fixed: no held-out
     fit_texts, held_texts = split_holdout(texts, fraction, spec.name)
     meta = dict(
         backbone_fingerprint=backbone.fingerprint,
         expert_fingerprint=fingerprint or expert_fingerprint(spec),
     )
-    if routing.features == "ngram":  # token counts: no model runs
-
-        def count(part, pairs: bool):
-            batches = token_batches(
-                tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
-            )
-            return collect_ngram_stats(
-                batches, vocab_size=backbone.config.vocab_size, buckets=routing.ngram_buckets,
-                max_tokens_per_seq=max_tokens_per_seq, pairs=pairs, progress=progress,
-                count_cap=cap,
-            )  # fmt: skip
-
-        fit = count(fit_texts, False).with_meta(**meta)
-        held = {}
-        if routing.needs_holdout:
-            held = {0.0: count(held_texts, True).with_meta(**meta, extra={"split": "holdout"})}
-        return fit, held
-    model = dense_model_for(
-        backbone, spec, dtype=stats_compute_dtype(spec, device, dtype), device=device
-    )
-
-    def collect(model, part, smoothings):
+    collectors = routing.router_kind.collectors(
+        routing, backbone, spec, holdout=routing.needs_holdout,
+        max_tokens_per_seq=max_tokens_per_seq, device=device, dtype=dtype, clip=clip,
+        count_cap=cap,
+    )  # fmt: skip
+    results = []
+    for collector, part in zip(collectors, (fit_texts, held_texts)):
         batches = token_batches(
             tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
         )
-        return collect_smoothed_stats(
-            model, batches, max_tokens_per_seq=max_tokens_per_seq, smoothings=smoothings,
-            features=routing.features, device=device, progress=progress, clip=clip,
-        )  # fmt: skip
-
-    fit = collect(model, fit_texts, (0.0,))[0.0].with_meta(**meta)
-    held = {}
-    if routing.needs_holdout:
-        held = {
-            beta: stats.with_meta(**meta, extra={"split": "holdout"})
-            for beta, stats in collect(model, held_texts, routing.holdout_smoothings()).items()
-        }
-    del model
+        seen = 0
+        with tqdm(disable=not progress, unit="tok", desc=f"statistics {spec.name}") as bar:
+            for ids_BT, mask_BT in batches:
+                collector.add(ids_BT, mask_BT)
+                kept = int(keep_mask(mask_BT, max_tokens_per_seq).sum())
+                seen += kept
+                bar.update(kept)
+        if seen == 0:
+            raise ValueError("no tokens to collect statistics from")
+        results.append(collector.result())
+    del collectors
     release_memory(device)
+    fit = results[0][0.0].with_meta(**meta)
+    held = {}
+    if len(results) > 1:
+        held = {p: st.with_meta(**meta, extra={"split": "holdout"}) for p, st in results[1].items()}
     return fit, held
 
 
 def _check_format(name: str, backbone, specs, routing: RoutingSpec, temperature: float) -> None:
     """Refuse, before any statistics are computed, a build the output format cannot hold."""
-    smoothing = 0.0 if routing.smoothing in (0, 0.0) else 1.0  # 'auto' may choose > 0
+    smoothing = 0.0 if getattr(routing, "smoothing", 0.0) in (0, 0.0) else 1.0  # 'auto': > 0?
     preview = CheckpointInput(
         backbone=backbone, experts=specs, routing=SolvedRouting([], routing, 1.0, smoothing, None),
         top_k=routing.top_k, temperature=temperature,
@@ -270,7 +242,7 @@ def build_dume(
     lam: float | str | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
-    routing: str | RoutingSpec | Mapping | None = "paper",
+    routing: str | RoutingSpec | Mapping | None = None,
     holdout_fraction: float | None = None,
     max_tokens_per_seq: int | None = None,
     max_tokens: int | None = None,
@@ -290,10 +262,9 @@ def build_dume(
     """MoErge ``experts`` (``{name: HF dir}``, in expert-index order) using ``data``
     (``{name: [.txt/.jsonl paths]}``) into a DUME model at ``out_dir``.
 
-    ``routing`` is a preset name (``paper``; ``context``; ``ngram``, the best measured and the
-    default of ``dume build``), a ``RoutingSpec`` or a dict of its fields; ``lam`` (a number or ``"auto"``),
-    ``top_k`` and ``holdout_fraction`` override it. The function keeps ``paper`` as its default so
-    that callers comparing with the distributed coordinator (paper routers) keep matching.
+    ``routing`` is a preset name (``paper``, ``context``, ``ngram``; None: ``DEFAULT_PRESET``, the
+    default everywhere), a ``RoutingSpec`` or a dict of its settings; ``lam`` (the kind's solver
+    parameter, a number or ``"auto"``), ``top_k`` and ``holdout_fraction`` override it.
     ``max_tokens_per_seq`` defaults to the experts' ``max_position_embeddings`` (at most 1024),
     ``seq_len`` (window length) to ``max_tokens_per_seq``; statistics run on ``device``
     in ``stats_dtype`` (default: the experts' dtype; products fp32, sums fp64); ``dtype`` casts
@@ -424,15 +395,6 @@ def build_dume(
 
 
 def _check_dp(dp: DpSpec | None, routing: RoutingSpec) -> None:
-    if dp is None:
-        return
-    if routing.features == "ngram" and routing.needs_holdout:
-        raise ValueError(
-            "differential privacy with ngram routing needs a fixed mu (--lam): exact held-out "
-            "bigrams cannot be released privately"
-        )
-    if routing.features != "ngram" and dp.unit != "sequence":
-        raise ValueError(
-            "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
-            "states of every later token of its window): use --dp-unit sequence"
-        )
+    """Refuse, before any statistics are computed, a routing its kind cannot make private."""
+    if dp is not None:
+        routing.router_kind.check_dp(routing, dp)

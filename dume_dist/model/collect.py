@@ -9,6 +9,9 @@ the base model only (no LM head) and stops as soon as the last layer's MLP input
 ``collect_smoothed_stats`` does the same for several smoothing decays at once (the held-out
 statistics that choose λ and β, see ``dume_dist.core.select``).
 
+``GramCollector`` is the same, batch by batch with its additive state as one flat fp64 vector: the
+collector of router kinds that read the MLP input (``dume_dist.model.kinds``).
+
 It works on any model whose base model has ``layers[*].mlp``: a dense HF model, or a
 ``DumeForCausalLM`` with an expert forced. ``dense_model_for`` builds the dense model that equals
 the MoE with one expert forced — all a contributor needs is the backbone and its own expert.
@@ -26,19 +29,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
-from dume_dist.core.dp import capped_bincount, clip_rows
-from dume_dist.core.ngram import NgramStats, coalesce_pairs
+from dume_dist.core.dp import clip_rows
 from dume_dist.core.stats import GramAccumulator, RouterStats
+from dume_dist.model.data import keep_mask
 from dume_dist.model.experts import ExpertSpec
-from dume_dist.model.modeling_dume import (
-    causal_ema,
-    causal_features,
-    ngram_bucket,
-    previous_real_tokens,
-)
-from dume_dist.model.routing import feature_map_name
-
-_PAIRS_BEFORE_COALESCING = 1 << 22  # rows of held-out bigrams kept before summing equal ones
+from dume_dist.model.kinds import Collector
+from dume_dist.model.routing_dume import causal_ema, causal_features, routing_feature_dim
 
 
 class _StopForward(Exception):
@@ -124,64 +120,109 @@ def collect_smoothed_stats(
     device: str | torch.device | None = None,
     progress: bool = True,
     clip: float | None = None,
+    names: dict[float, str] | None = None,
 ) -> dict[float, RouterStats]:
     """``{β: statistics}``: for each decay β, the Gram of the router features smoothed with
-    ``modeling_dume.causal_ema`` (β = 0: the plain features), in one pass over ``batches``.
-    ``feature_map`` is ``features`` for β = 0 and ``"<features>+ema:<β>"`` otherwise. ``clip``
-    bounds each token's feature norm (differential privacy, ``core.dp``) before smoothing."""
-    smoothings = sorted({float(b) for b in smoothings})
-    names = {beta: feature_map_name(features, beta) for beta in smoothings}
-    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
-    if any(block.forced_expert is None for block in blocks):
-        raise ValueError("statistics of a DUME model need an expert forced (set_forced_expert)")
-    device = resolve_device(device)
-    model.to(device).eval()
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    layers = decoder_layers(model)
-    state: dict = {"real_BT": None, "keep_BT": None, "acc": None}
-
-    def make_hook(layer_idx: int):
-        def hook(module, args, kwargs):
-            x_BTD = args[0] if args else next(iter(kwargs.values()))
-            feats_BTF, _ = causal_features(features, x_BTD, state["real_BT"])
-            if clip is not None:
-                feats_BTF = clip_rows(feats_BTF.flatten(0, 1), clip).view_as(feats_BTF)
-            if state["acc"] is None:
-                state["acc"] = {
-                    beta: GramAccumulator(len(layers), feats_BTF.shape[-1], device=device)
-                    for beta in smoothings
-                }
-            for beta, acc in state["acc"].items():
-                smoothed_BTF, _ = causal_ema(feats_BTF, beta, state["real_BT"])
-                acc.add(layer_idx, smoothed_BTF[state["keep_BT"]])
-            if layer_idx == len(layers) - 1:
-                raise _StopForward
-
-        return hook
-
-    handles = [
-        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
+    ``routing_dume.causal_ema`` (β = 0: the plain features), in one pass over ``batches``.
+    ``feature_map`` is ``names[β]`` (default: ``features`` for β = 0, ``"<features>+ema:<β>"``
+    otherwise). ``clip`` bounds each token's feature norm (differential privacy, ``core.dp``)
+    before smoothing."""
+    collector = GramCollector(
+        model, features=features, smoothings=smoothings, max_tokens_per_seq=max_tokens_per_seq,
+        device=device, names=names, clip=clip,
+    )  # fmt: skip
     bar = tqdm(disable=not progress, unit="tok", desc="statistics")
     try:
-        with torch.inference_mode():
-            for ids_BT, mask_BT in batches:
-                ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-                state["real_BT"] = mask_BT.bool()
-                state["keep_BT"] = _keep_mask(mask_BT, max_tokens_per_seq)
-                try:
-                    base(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
-                except _StopForward:
-                    pass
-                bar.update(int(state["keep_BT"].sum()))
+        for ids_BT, mask_BT in batches:
+            collector.add(ids_BT, mask_BT)
+            bar.update(int(keep_mask(mask_BT, max_tokens_per_seq).sum()))
     finally:
-        for handle in handles:
-            handle.remove()
         bar.close()
-    if state["acc"] is None:
+    if collector.num_tokens == 0:
         raise ValueError("no tokens to collect statistics from")
-    return {beta: acc.result(feature_map=names[beta]) for beta, acc in state["acc"].items()}
+    return collector.result()
+
+
+class GramCollector(Collector):
+    """Per-layer Grams of the router features of the MLP inputs (``features``), one per
+    smoothing decay, over the real tokens of the batches added (``Collector``). The model (or a
+    function that makes it, called at the first batch) runs the base model only and stops after
+    the last layer's MLP input."""
+
+    def __init__(self, model, *, features: str, smoothings: Sequence[float],
+                 max_tokens_per_seq: int, device=None, names: dict[float, str] | None = None,
+                 num_layers: int | None = None, hidden_size: int | None = None,
+                 clip: float | None = None):  # fmt: skip
+        self.features, self.clip = features, clip
+        self.smoothings = sorted({float(b) for b in smoothings})
+        self.names = names or {
+            b: features if b == 0.0 else f"{features}+ema:{b!r}" for b in self.smoothings
+        }
+        self.max_tokens_per_seq = max_tokens_per_seq
+        self.device = resolve_device(device)
+        self._model = model
+        config = getattr(model, "config", None)
+        num_layers = num_layers or config.num_hidden_layers
+        dim = routing_feature_dim(features, hidden_size or config.hidden_size)
+        self.acc = {b: GramAccumulator(num_layers, dim, self.device) for b in self.smoothings}
+        self.num_tokens = 0
+
+    def _ready_model(self):
+        model = self._model() if callable(self._model) and not isinstance(
+            self._model, torch.nn.Module
+        ) else self._model  # fmt: skip
+        self._model = model
+        blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+        if any(block.forced_expert is None for block in blocks):
+            raise ValueError("statistics of a DUME model need an expert forced (set_forced_expert)")
+        return model.to(self.device).eval()
+
+    def add(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> None:
+        model = self._ready_model()
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+        layers = decoder_layers(model)
+        ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
+        real_BT = mask_BT.bool()
+        keep_BT = keep_mask(mask_BT, self.max_tokens_per_seq)
+
+        def make_hook(layer_idx: int):
+            def hook(module, args, kwargs):
+                x_BTD = args[0] if args else next(iter(kwargs.values()))
+                feats_BTF, _ = causal_features(self.features, x_BTD, real_BT)
+                if self.clip is not None:
+                    feats_BTF = clip_rows(feats_BTF.flatten(0, 1), self.clip).view_as(feats_BTF)
+                for beta, acc in self.acc.items():
+                    smoothed_BTF, _ = causal_ema(feats_BTF, beta, real_BT)
+                    acc.add(layer_idx, smoothed_BTF[keep_BT])
+                if layer_idx == len(layers) - 1:
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            with torch.inference_mode():
+                base(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.num_tokens += int(keep_BT.sum())
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.acc[b].gram_LPP.reshape(-1) for b in self.smoothings])
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        for beta, part in zip(self.smoothings, flat.chunk(len(self.smoothings))):
+            acc = self.acc[beta]
+            acc.gram_LPP = part.reshape(acc.gram_LPP.shape).to(acc.gram_LPP.device, torch.float64)
+
+    def result(self) -> dict[float, RouterStats]:
+        return {b: acc.result(feature_map=self.names[b]) for b, acc in self.acc.items()}
 
 
 def default_clip(backbone, features: str, scale: float = 1.0) -> float:
@@ -196,14 +237,6 @@ def default_clip(backbone, features: str, scale: float = 1.0) -> float:
     if not norms:
         raise ValueError("no post_attention_layernorm in the backbone: give the dp clip explicitly")
     return scale * max(norms) * (2**0.5 if features == "prefix_mean" else 1.0)
-
-
-def _keep_mask(mask_BT: torch.Tensor, max_tokens_per_seq: int) -> torch.Tensor:
-    """Real tokens among the first ``max_tokens_per_seq`` real tokens of each sequence (so left
-    padding is handled too)."""
-    real_BT = mask_BT.bool()
-    rank_BT = real_BT.long().cumsum(dim=1)  # 1-based position among the real tokens
-    return real_BT & (rank_BT <= max_tokens_per_seq)
 
 
 def dense_model_for(
@@ -240,56 +273,3 @@ def dense_model_for(
                 )
             target.copy_(src)
     return model.eval()
-
-
-def collect_ngram_stats(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    vocab_size: int,
-    buckets: int,
-    max_tokens_per_seq: int,
-    pairs: bool = False,
-    progress: bool = True,
-    count_cap: int | None = None,
-) -> NgramStats:
-    """Token counts for the n-gram router (``dume_dist.core.ngram``) over the same tokens the Gram
-    statistics see (real tokens among the first ``max_tokens_per_seq`` of each sequence): a token
-    always counts as a unigram, and as a bigram with the sequence's previous real token when it
-    has one. With ``pairs`` the exact bigram list is kept too (held-out statistics). No model
-    runs: the counts depend on the token ids only. ``count_cap``: no sequence adds more than this
-    to any one count (differential privacy by sequence, ``core.dp``)."""
-    unigram_V = torch.zeros(vocab_size, dtype=torch.float64)
-    context_V = torch.zeros(vocab_size, dtype=torch.float64)
-    bigram_H = torch.zeros(buckets, dtype=torch.float64)
-    found: list[torch.Tensor] = []
-    bar = tqdm(disable=not progress, unit="tok", desc="n-gram counts")
-    try:
-        for ids_BT, mask_BT in batches:
-            ids_BT, real_BT = ids_BT.cpu().long(), mask_BT.cpu().bool()
-            keep_BT = _keep_mask(real_BT, max_tokens_per_seq)
-            ids = ids_BT[keep_BT]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-                raise ValueError(f"token ids must be in [0, {vocab_size}) for n-gram statistics")
-            prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT)
-            pair_BT = keep_BT & has_prev_BT
-            prev, cur = prev_BT[pair_BT], ids_BT[pair_BT]
-            row_BT = torch.arange(ids_BT.shape[0])[:, None].expand_as(ids_BT)
-            row, pair_row = row_BT[keep_BT], row_BT[pair_BT]
-            unigram_V += capped_bincount(ids, row, vocab_size, count_cap)
-            context_V += capped_bincount(prev, pair_row, vocab_size, count_cap)
-            bigram_H += capped_bincount(
-                ngram_bucket(prev, cur, buckets), pair_row, buckets, count_cap
-            )
-            if pairs:
-                found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
-                if sum(len(f) for f in found) > _PAIRS_BEFORE_COALESCING:  # bound the memory
-                    found = [coalesce_pairs(torch.cat(found))]
-            bar.update(int(keep_BT.sum()))
-    finally:
-        bar.close()
-    if not unigram_V.sum() > 0:
-        raise ValueError("no tokens to collect statistics from")
-    pairs_K3 = (
-        (coalesce_pairs(torch.cat(found)) if found else torch.zeros(0, 3).long()) if pairs else None
-    )
-    return NgramStats(unigram_V, context_V, bigram_H, pairs_K3=pairs_K3)

@@ -64,6 +64,14 @@ def load_domain_texts(domain: str, paths: str | Path | Sequence[str | Path]) -> 
     return load_texts(paths, domain=domain)
 
 
+def keep_mask(mask_BT: torch.Tensor, max_tokens_per_seq: int) -> torch.Tensor:
+    """Real tokens among the first ``max_tokens_per_seq`` real tokens of each sequence (so left
+    padding is handled too): the tokens statistics count."""
+    real_BT = mask_BT.bool()
+    rank_BT = real_BT.long().cumsum(dim=1)  # 1-based position among the real tokens
+    return real_BT & (rank_BT <= max_tokens_per_seq)
+
+
 def shard(items: Sequence, rank: int, world: int) -> list:
     """Round-robin share of ``rank`` among ``world`` workers (disjoint, covering, deterministic)."""
     if world < 1 or not 0 <= rank < world:

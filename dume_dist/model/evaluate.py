@@ -150,21 +150,12 @@ def set_top_k(model, k: int) -> None:
 
 
 def randomise_routers(model, seed: int = 0) -> None:
-    """Random routing: random unit-norm router rows without bias (an n-gram router: random
-    counts)."""
+    """Random routing: every router module re-drawn by its kind's own ``randomise_`` (linear:
+    random unit-norm rows without bias; n-gram: random counts)."""
     g = torch.Generator().manual_seed(seed)
-    ngram = getattr(model, "ngram_router", None)
-    if ngram is not None:
-        for counts in (ngram.unigram_counts, ngram.bigram_counts):
-            counts.data = torch.randint(0, 100, counts.shape, generator=g).float().to(counts.device)
-        ngram.context_counts.data = ngram.unigram_counts.data.clone()
-        return
-    for block in model.moe_blocks():
-        w = block.router.weight
-        w.data = torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)
-        w.data /= w.data.norm(dim=1, keepdim=True)
-        if block.router.bias is not None:
-            block.router.bias.data.zero_()
+    for module in model.modules():
+        if hasattr(module, "randomise_"):
+            module.randomise_(g)
 
 
 def average_weights_model(expert_dirs: Mapping[str, str | Path], device="cpu"):

@@ -20,10 +20,10 @@ import torch
 from transformers import PretrainedConfig
 
 from dume_dist.core.solve import Router
-from dume_dist.core.stats import load_stats
 from dume_dist.model.experts import SAFETENSORS_DTYPES, TensorInfo, load_tensor, read_weight_index
 from dume_dist.model.formats.base import BuildStats, CheckpointInput, Provenance, WriteOptions
 from dume_dist.model.formats.mixtral import EXPORT_INFO_NAME, LAYOUTS, MixtralFormat
+from dume_dist.model.kinds import load_stats
 from dume_dist.model.routing import RoutingSpec, SolvedRouting
 from dume_dist.model.writer import (
     DEFAULT_SHARD_BYTES,
@@ -36,7 +36,8 @@ from dume_dist.model.writer import (
 __all__ = ["EXPORT_INFO_NAME", "LAYOUTS", "ShardedWriter", "export_mixtral"]
 STATS_DIR = "stats"
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
-_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.router\.|^ngram_router\.")
+# per-layer routers, and sequence-level routers (top-level modules beside model. and lm_head.)
+_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.router\.|^(?!model\.|lm_head\.)")
 
 
 @dataclass(frozen=True)
@@ -185,18 +186,12 @@ class _SavedStats(Mapping):
 def _recorded_routing(ckpt: DumeCheckpoint, lam: float) -> SolvedRouting:
     """The checkpoint's routing settings as a ``SolvedRouting`` (no router tensors)."""
     routing = ckpt.config.routing or {}
-    features = routing.get("features", "token")
-    ngram = features == "ngram"
+    named = {k: routing[k] for k in ("kind", "features", "solver", "smoothing") if k in routing}
     try:
-        spec = RoutingSpec(
-            features=features,
-            solver=routing.get("solver", "nb" if ngram else "ridge"),
-            smoothing=0.0 if ngram else routing.get("smoothing", 0.0),
-            lam=lam if lam > 0 else 1.0,
-        )
+        spec = RoutingSpec(kind=named.pop("kind", None), **named, lam=lam if lam > 0 else 1.0)
     except ValueError as exc:
         raise ValueError(f"cannot read the routing of {ckpt.path}: {exc}") from None
-    return SolvedRouting([], spec, lam, float(spec.smoothing), None)
+    return SolvedRouting([], spec, lam, float(getattr(spec, "smoothing", 0.0)), None)
 
 
 def checkpoint_input(

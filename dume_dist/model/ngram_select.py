@@ -21,7 +21,7 @@ import torch
 
 from dume_dist.core.ngram import DEFAULT_ALPHA, NgramStats, NgramTables, ngram_tables
 from dume_dist.core.select import Selection
-from dume_dist.model.modeling_dume import fixed_share_posterior, ngram_log_probs
+from dume_dist.model.routing_dume import fixed_share_posterior, ngram_log_probs
 
 DEFAULT_MU_GRID = tuple(10.0 ** (k / 2) for k in range(0, 9))  # 1 .. 1e4
 

@@ -1,336 +1,280 @@
-"""Routing options: what the routers see, how they are solved, and how λ / β are chosen.
+"""Routing of a build: which router kind, with which options, solved how.
 
-A ``RoutingSpec`` is everything a build needs to know about routing:
+A ``RoutingSpec`` is everything a build needs to know about routing: the router ``kind``
+(``dume_dist.model.kinds``), the kind's options (declared once in ``routing_options``; e.g. the
+``linear`` kind's ``features``, ``solver``, ``ridge_lambda``, ``lda_shrinkage``, ``smoothing``,
+the ``ngram`` kind's ``ngram_buckets``, ``mu``), and the options every kind has: ``top_k``,
+``min_weight`` and ``holdout_fraction`` (the share of each contributor's documents kept out of
+the fit statistics to choose ``"auto"`` settings). Settings written by earlier versions (no
+``kind``; ``lam`` for ridge λ, lda shrinkage or n-gram μ alike) still parse: the kind that claims
+them translates them.
 
-* ``features``: the router's feature map (``token``: the MLP input, the paper; ``prefix_mean``:
-  ``[x_t, mean of x over the sequence's real tokens so far]``). The formula lives in
-  ``modeling_dume.causal_features``, shared by statistics and inference.
-* ``solver``: ``ridge`` (the paper) or ``lda`` (see ``dume_dist.core.solve``).
-* ``lam``: ridge λ or lda shrinkage, a number or ``"auto"`` (chosen from held-out statistics).
-* ``smoothing``: decay β of the causal moving average of router logits (0 off, 1 running mean),
-  a number or ``"auto"`` (chosen from held-out statistics on ``smoothing_grid``).
-* ``top_k``, and ``holdout_fraction``: the share of each contributor's documents kept out of the
-  fit statistics for choosing the ``"auto"`` settings (needed when any is ``"auto"``).
-
-Statistics identity (``RouterStats.feature_map``): the feature map's name for fit statistics, and
-``"<features>+ema:<β>"`` for held-out Grams of features smoothed with decay β > 0. Statistics of
-different identities never mix.
+``solve_routing`` checks every contribution's statistics identity and hands the solve to the
+kind; ``SolvedRouting`` carries the kind's routers and what the config and manifest record.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dume_dist.core.ngram import (
-    DEFAULT_ALPHA,
-    DEFAULT_BUCKETS,
-    NgramTables,
-    ngram_feature_map,
-    ngram_tables,
+from dume_dist.model.kinds import RouterKind, get_kind, kind_of_named, kinds
+from dume_dist.model.routing_options import (
+    AUTO,
+    COMMON_OPTIONS,
+    DEFAULT_HOLDOUT_FRACTION,
+    DEFAULT_PRESET,
+    DEFAULT_SMOOTHING_GRID,
+    ROUTING_SOLVERS,
+    options_by_name,
 )
-from dume_dist.core.private import lam_floor
-from dume_dist.core.select import DEFAULT_LAM_GRID, Selection, select_routing
-from dume_dist.core.solve import SOLVERS, Router, solve_routers
-from dume_dist.core.stats import RouterStats
-from dume_dist.model.modeling_dume import ROUTING_FEATURES, routing_feature_dim
-from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu, select_switch
+from dume_dist.model.routing_options import PRESETS as PRESET_SETTINGS
 
-AUTO = "auto"
-DEFAULT_SMOOTHING_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
-DEFAULT_HOLDOUT_FRACTION = 0.1
+__all__ = [
+    "AUTO", "DEFAULT_HOLDOUT_FRACTION", "DEFAULT_PRESET", "DEFAULT_SMOOTHING_GRID", "PRESETS",
+    "ROUTING_SOLVERS", "RoutingSpec", "SolvedRouting", "feature_map_name", "resolve_routing",
+    "solve_routing",
+]  # fmt: skip
 
-Contributions = Mapping[str, tuple[int, RouterStats]]
+Contributions = Mapping[str, tuple[int, object]]
+_COMMON = options_by_name(COMMON_OPTIONS)
 
 
-ROUTING_SOLVERS = (*SOLVERS, "nb")
+_LEGACY_FIELDS = ("features", "solver", "lam", "smoothing", "top_k", "holdout_fraction",
+                  "smoothing_grid", "lam_grid", "preset", "ngram_buckets", "ngram_alpha",
+                  "min_weight")  # fmt: skip
 
 
-def feature_map_name(
-    features: str, smoothing: float = 0.0, buckets: int = DEFAULT_BUCKETS, heldout: bool = False
-) -> str:
-    """Identity of statistics computed on ``features`` smoothed with decay ``smoothing`` (for
-    ``ngram``: counts in ``buckets`` buckets; ``heldout`` ones carry the exact bigrams)."""
-    if features not in ROUTING_FEATURES:
-        raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {features!r}")
-    if features == "ngram":
-        return ngram_feature_map(buckets, pairs=heldout)
-    smoothing = float(smoothing)
-    return features if smoothing == 0.0 else f"{features}+ema:{smoothing!r}"
-
-
-@dataclass(frozen=True)
 class RoutingSpec:
-    features: str = "token"
-    solver: str = "ridge"
-    lam: float | str = 1e-2
-    smoothing: float | str = 0.0
-    top_k: int = 1
-    holdout_fraction: float = 0.0
-    smoothing_grid: tuple[float, ...] = DEFAULT_SMOOTHING_GRID
-    lam_grid: tuple[float, ...] | None = None
-    preset: str | None = None
-    ngram_buckets: int = DEFAULT_BUCKETS
-    ngram_alpha: float = DEFAULT_ALPHA
-    min_weight: float = 0.0
-    switch: float | str = 0.0
+    """A router kind and its options (immutable; compares by value). Construct with the kind's
+    option names, or with the names of earlier versions (``features``, ``solver``, ``lam``)."""
 
-    def __post_init__(self):
-        if self.features not in ROUTING_FEATURES:
-            raise ValueError(f"features must be one of {ROUTING_FEATURES}, got {self.features!r}")
-        if self.solver not in ROUTING_SOLVERS:
-            raise ValueError(f"solver must be one of {ROUTING_SOLVERS}, got {self.solver!r}")
-        if (self.features == "ngram") != (self.solver == "nb"):
-            raise ValueError("the 'nb' solver goes with 'ngram' features, and only with them")
-        if self.features == "ngram":
-            if self.smoothing not in (0, 0.0):
-                raise ValueError("ngram routing is cumulative already: smoothing must be 0")
-            b = self.ngram_buckets
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                raise ValueError(f"ngram_buckets must be a positive integer, got {b!r}")
-            if not (isinstance(self.ngram_alpha, (int, float)) and self.ngram_alpha > 0):
-                raise ValueError(f"ngram_alpha must be > 0, got {self.ngram_alpha!r}")
-        _check_setting("lam", self.lam, lambda v: v > 0 and (self.solver != "lda" or v <= 1))
-        _check_setting("smoothing", self.smoothing, lambda v: 0 <= v <= 1)
-        _check_setting("switch", self.switch, lambda v: 0 <= v < 0.5)
-        if self.features != "ngram" and self.switch not in (0, 0.0):
-            raise ValueError(
-                "switch (the switch rate of the n-gram posterior) needs ngram features"
-            )
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        mw = self.min_weight
-        if isinstance(mw, bool) or not isinstance(mw, (int, float)) or not 0 <= mw < 0.5:
-            raise ValueError(f"min_weight must be in [0, 0.5), got {mw!r}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+    __slots__ = ("kind", "options", "top_k", "min_weight", "holdout_fraction", "preset")
+
+    def __init__(self, *args, preset: str | None = None, kind: str | None = None, **named):
+        if len(args) == 1 and args[0] in kinds() and kind is None:
+            kind = args[0]
+        elif args:  # earlier versions: the fields of a dataclass, in their order
+            named.update(zip(_LEGACY_FIELDS, args))
+            preset = named.pop("preset", preset)
+        common = {k: _COMMON[k].check(named.pop(k, _COMMON[k].default)) for k in _COMMON}
+        router_kind = get_kind(kind) if kind else kind_of_named(named)
+        named = router_kind.from_named(dict(named))
+        declared = options_by_name(router_kind.options)
+        for name, default in _foreign_defaults(router_kind).items():
+            if name not in declared and named.get(name, default) == default:
+                named.pop(name, None)  # earlier versions stored every kind's options
+        unknown = sorted(set(named) - set(declared))
+        if unknown:
+            raise ValueError(f"unknown routing option {unknown[0]!r} for kind {router_kind.name!r}")
+        options = {n: o.check(named[n] if n in named else o.default) for n, o in declared.items()}
+        for key, value in (("kind", router_kind.name), ("options", options), ("preset", preset),
+                           *common.items()):  # fmt: skip
+            object.__setattr__(self, key, value)
         if self.needs_holdout and self.holdout_fraction == 0:
-            raise ValueError("lam or smoothing 'auto' needs a holdout_fraction > 0")
-        grid = tuple(float(b) for b in self.smoothing_grid)
-        if not grid or any(not 0 <= b <= 1 for b in grid):
-            raise ValueError(f"smoothing_grid must be values in [0, 1], got {self.smoothing_grid}")
-        object.__setattr__(self, "smoothing_grid", grid)
+            names = " or ".join(n for n, v in options.items() if v == AUTO)
+            raise ValueError(f"{names} 'auto' needs a holdout_fraction > 0")
+        router_kind.check(self)
+
+    def __setattr__(self, key, value):
+        raise AttributeError("RoutingSpec is immutable: use replace()")
+
+    def __getattr__(self, name):
+        """The kind's options, and their older names (``features``, ``lam``, ...)."""
+        if name.startswith("_") or name in RoutingSpec.__slots__:
+            raise AttributeError(name)
+        options = object.__getattribute__(self, "options")
+        if name in options:
+            return options[name]
+        legacy = self.router_kind.legacy_view(options)
+        if name in legacy:
+            return legacy[name]
+        raise AttributeError(f"routing kind {self.kind!r} has no option {name!r}")
+
+    @property
+    def router_kind(self) -> RouterKind:
+        return get_kind(self.kind)
 
     @property
     def needs_holdout(self) -> bool:
-        return AUTO in (self.lam, self.smoothing, self.switch)
+        return AUTO in self.options.values()
 
     @property
     def feature_map(self) -> str:
         """Identity of this spec's fit statistics."""
-        return feature_map_name(self.features, buckets=self.ngram_buckets)
+        return self.router_kind.identity(self)
 
-    def holdout_feature_map(self, smoothing: float) -> str:
-        """Identity of this spec's held-out statistics for decay ``smoothing``."""
-        return feature_map_name(self.features, smoothing, self.ngram_buckets, heldout=True)
-
-    def feature_dim(self, hidden_size: int) -> int:
-        return routing_feature_dim(self.features, hidden_size)
+    def holdout_feature_map(self, part: float) -> str:
+        """Identity of this spec's held-out statistics of part ``part``."""
+        return self.router_kind.identity(self, float(part))
 
     def holdout_smoothings(self) -> tuple[float, ...]:
-        """Decays whose held-out Grams a contributor computes (none when nothing is 'auto')."""
-        if not self.needs_holdout:
-            return ()
-        if self.smoothing == AUTO:
-            return tuple(sorted(set(self.smoothing_grid) | {0.0}))
-        return (float(self.smoothing),)
+        """Keys of the held-out statistics a contributor computes (none when nothing is auto)."""
+        return self.router_kind.holdout_parts(self)
+
+    def named(self) -> dict:
+        """Every setting by its name: ``kind``, the common options, the kind's options."""
+        common = {k: getattr(self, k) for k in _COMMON}
+        return {"kind": self.kind, **common, **self.options, "preset": self.preset}
 
     def replace(self, **changes) -> RoutingSpec:
-        return dataclasses.replace(self, **changes)
+        """The same kind with ``changes`` (its options, older names, or common options)."""
+        changes = dict(changes)
+        preset = changes.pop("preset", self.preset)
+        common = {k: changes.pop(k, getattr(self, k)) for k in _COMMON}
+        options = {**self.options, **self.router_kind.from_named(changes, self.options)}
+        return RoutingSpec(self.kind, preset=preset, **common, **options)
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["smoothing_grid"] = list(self.smoothing_grid)
-        out["lam_grid"] = None if self.lam_grid is None else list(self.lam_grid)
-        return out
+        """Every setting, and the older names of the kind's settings (for earlier readers)."""
+        out = {**self.named(), **self.router_kind.legacy_view(self.options)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RoutingSpec) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.to_json().items())))
+
+    def __repr__(self) -> str:
+        return f"RoutingSpec({', '.join(f'{k}={v!r}' for k, v in self.named().items())})"
 
 
-def _check_setting(key: str, value, ok) -> None:
-    if value == AUTO:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
-        raise ValueError(f"{key} has a bad value {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{key} must be finite, got {value!r}")
+def _foreign_defaults(kind: RouterKind) -> dict:
+    return {o.name: o.default for k in kinds().values() if k is not kind for o in k.options}
 
 
-# Named settings. `paper` is the paper's exact routing; `context` the best on the measurements
-# (docs/routing.md: better than `paper` on every shipped domain) and the default of a build.
-# Smoothing is not in `context`: on prefix-mean features the held-out choice was always β = 0.
+def feature_map_name(features: str, smoothing: float = 0.0, buckets: int | None = None,
+                     heldout: bool = False) -> str:  # fmt: skip
+    """Identity of statistics of the kind that takes ``features`` (older name), smoothed with
+    decay ``smoothing`` (held-out part), or ``heldout`` (n-gram counts with their bigrams)."""
+    named = {"features": features}
+    if buckets is not None:
+        named["ngram_buckets"] = buckets
+    spec = RoutingSpec(**named)
+    part = float(smoothing) if (heldout or smoothing) else None
+    return spec.router_kind.identity(spec, part)
+
+
 PRESETS: dict[str, RoutingSpec] = {
-    "paper": RoutingSpec(preset="paper"),
-    "context": RoutingSpec(
-        features="prefix_mean",
-        solver="lda",
-        lam=AUTO,
-        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
-        preset="context",
-    ),
-    # k = 2 with weights below 0.05 dropped: the second expert runs only where the sequence's
-    # domain is still uncertain (about 1% of tokens on the shipped experts, docs/routing.md).
-    "ngram": RoutingSpec(
-        features="ngram",
-        solver="nb",
-        lam=AUTO,
-        top_k=2,
-        min_weight=0.05,
-        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
-        preset="ngram",
-    ),
-    # `ngram` whose posterior lets the domain switch before any token (rate chosen on held-out
-    # bigrams): routing follows text whose domain changes (docs/routing.md, mixed-domain text).
-    "switch": RoutingSpec(
-        features="ngram",
-        solver="nb",
-        lam=AUTO,
-        top_k=2,
-        min_weight=0.05,
-        holdout_fraction=DEFAULT_HOLDOUT_FRACTION,
-        switch=AUTO,
-        preset="switch",
-    ),
+    name: RoutingSpec(**settings, preset=name) for name, settings in PRESET_SETTINGS.items()
 }
-DEFAULT_PRESET = "ngram"
 
 
-def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overrides) -> RoutingSpec:
-    """A spec from a preset name, a spec or a dict of fields, with ``overrides`` (None ignored).
-
-    Overriding ``lam`` or ``smoothing`` with ``"auto"`` turns on the default holdout fraction
-    unless one is given."""
+def _spec_from(routing) -> RoutingSpec:
     if routing is None:
         routing = DEFAULT_PRESET
     if isinstance(routing, str):
         if routing not in PRESETS:
             raise ValueError(f"routing preset must be one of {sorted(PRESETS)}, got {routing!r}")
-        spec = PRESETS[routing]
-    elif isinstance(routing, RoutingSpec):
-        spec = routing
-    elif isinstance(routing, Mapping):
-        unknown = set(routing) - {f.name for f in dataclasses.fields(RoutingSpec)}
-        if unknown:
-            raise ValueError(f"unknown routing option {sorted(unknown)[0]!r}")
-        spec = RoutingSpec(**routing)
-    else:
-        raise ValueError(f"routing must be a preset name, a RoutingSpec or a dict, got {routing!r}")
-    changes = {k: v for k, v in overrides.items() if v is not None and v != getattr(spec, k)}
-    if not changes:
+        return PRESETS[routing]
+    if isinstance(routing, RoutingSpec):
+        return routing
+    if isinstance(routing, Mapping):
+        fields = dict(routing)
+        return RoutingSpec(
+            kind=fields.pop("kind", None), preset=fields.pop("preset", None), **fields
+        )
+    raise ValueError(f"routing must be a preset name, a RoutingSpec or a dict, got {routing!r}")
+
+
+def resolve_routing(routing: str | RoutingSpec | Mapping | None = None, **overrides) -> RoutingSpec:
+    """A spec from a preset name (None: ``DEFAULT_PRESET``), a spec or a dict of settings, with
+    ``overrides`` (None ignored). An override that names another kind (``kind``, or an older
+    name such as ``features="ngram"``) starts from that kind's defaults. A solver parameter that
+    changes meaning (another solver) and is not given becomes ``"auto"``; ``"auto"`` turns on
+    the default holdout fraction unless one is given."""
+    spec = _spec_from(routing)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    kind = get_kind(changes.pop("kind")) if "kind" in changes else None
+    if kind is None and any(k.claims(changes) for k in kinds().values()):
+        kind = kind_of_named(changes)
+    kind = kind or spec.router_kind
+    changes = {k: v for k, v in changes.items() if _differs(spec, k, v) or kind.name != spec.kind}
+    if kind.name == spec.kind and not changes:
         return spec
-    features = changes.get("features", spec.features)
-    if "solver" not in changes and (features == "ngram") != (spec.solver == "nb"):
-        changes["solver"] = "nb" if features == "ngram" else "lda"  # the solver of those features
-    if changes.get("solver", spec.solver) != spec.solver and "lam" not in changes:
-        changes["lam"] = AUTO  # λ means something else for another solver: choose it
-    settings = ("lam", "smoothing", "switch")
-    if AUTO in [changes.get(k, getattr(spec, k)) for k in settings]:
-        if "holdout_fraction" not in changes and spec.holdout_fraction == 0:
-            changes["holdout_fraction"] = DEFAULT_HOLDOUT_FRACTION
-    changes.setdefault("preset", None)  # no longer the named setting
-    return spec.replace(**changes)
+    common = {k: changes.pop(k, getattr(spec, k)) for k in _COMMON}
+    options = dict(spec.options) if kind.name == spec.kind else {}
+    given = kind.from_named(dict(changes), options)
+    before = spec.router_kind.selected_option(spec.options)
+    options.update(given)
+    after = kind.selected_option({**_defaults(kind), **options})
+    if after is not None and after != before and after not in given:
+        options[after] = AUTO  # it means something else now: choose it
+    if AUTO in options.values() and common["holdout_fraction"] == 0:
+        if overrides.get("holdout_fraction") is None:
+            common["holdout_fraction"] = DEFAULT_HOLDOUT_FRACTION
+    return RoutingSpec(kind.name, **common, **options)
+
+
+def _differs(spec: RoutingSpec, key: str, value) -> bool:
+    try:
+        return getattr(spec, key) != value
+    except AttributeError:
+        return True
+
+
+def _defaults(kind: RouterKind) -> dict:
+    return {o.name: o.default for o in kind.options}
 
 
 @dataclass(frozen=True)
 class SolvedRouting:
-    """Routers of a build, the settings they were solved with, and how those were chosen."""
+    """Routers of a build (the kind's own type), the spec, the chosen values, the selection."""
 
-    routers: list[Router] | NgramTables  # per-layer linear routers, or the n-gram router
+    routers: object
     spec: RoutingSpec
-    lam: float
+    lam: float  # the value of the kind's selected parameter (older name)
     smoothing: float
-    selection: Selection | None
-    switch: float = 0.0
-    switch_selection: Selection | None = None
+    selection: object | None
+    chosen: Mapping | None = None  # {option name: value used} of the kind's chosen options
+    extras: Mapping | None = None  # more the kind records (read as attributes: ``switch``, ...)
+
+    def __getattr__(self, name):
+        extras = self.__dict__.get("extras") or {}
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
 
     def config_routing(self) -> dict:
         """``DumeConfig.routing`` of the model (what inference reads, and how it was solved)."""
-        out = {"features": self.spec.features, "solver": self.spec.solver, "lam": self.lam}
-        if self.smoothing:
-            out["smoothing"] = self.smoothing
-        if isinstance(self.routers, NgramTables):
-            out["ngram"] = self.routers.config()
-            if self.switch > 0:
-                out["ngram"]["switch"] = self.switch
-        if self.spec.min_weight and self.spec.top_k > 1:
-            out["min_weight"] = float(self.spec.min_weight)
-        if self.spec.preset:
-            out["preset"] = self.spec.preset
-        return out
+        return self.spec.router_kind.config_routing(self)
 
     def checkpoint_tensors(self) -> dict:
         """``{checkpoint name: tensor}`` of the routers (fp32), what a DUME checkpoint holds."""
-        if isinstance(self.routers, NgramTables):
-            return {
-                "ngram_router.bigram_counts": self.routers.bigram_EH.float(),
-                "ngram_router.context_counts": self.routers.context_EV.float(),
-                "ngram_router.unigram_counts": self.routers.unigram_EV.float(),
-            }
-        out = {}
-        for layer, router in enumerate(self.routers):
-            out[f"model.layers.{layer}.mlp.router.weight"] = router.weight_EF.float()
-            out[f"model.layers.{layer}.mlp.router.bias"] = router.bias_E.float()
-        return out
+        num_layers = len(self.routers) if isinstance(self.routers, list) else 0
+        tensors = self.spec.router_kind.checkpoint_tensors(self.routers, num_layers)
+        return {name: tensor for _, name, tensor in tensors}
 
     def bias_free_unsupported(self) -> str | None:
         """Why these routers have no bias-free linear form on the MLP input (what a router
         without intercept, Mixtral's gate, can hold); None when they have one."""
-        if isinstance(self.routers, NgramTables) or self.spec.features != "token":
-            return (
-                f"routing features {self.spec.features!r}: a gate without intercept reads the "
-                "MLP input, only 'token' features"
-            )
-        if self.smoothing or self.spec.solver != "ridge":
-            return (
-                f"routing with smoothing or a non-ridge solver (smoothing={self.smoothing}, "
-                f"solver={self.spec.solver!r}); the gate is a plain linear map of the MLP input"
-            )
-        return None
+        return self.spec.router_kind.bias_free_unsupported(self)
 
-    def bias_free_routers(self, fit: Contributions, num_experts: int) -> list[Router]:
-        """Per layer the ridge router without intercept solved from the fit statistics with this
-        routing's λ (unit-norm rows, temperature not applied)."""
-        reason = self.bias_free_unsupported()
-        if reason:
-            raise ValueError(reason)
-        return solve_routers(fit, num_experts, lam=self.lam, bias=False)
+    def bias_free_routers(self, fit: Contributions, num_experts: int):
+        """Per layer the router without intercept solved from the fit statistics with this
+        routing's parameter (unit-norm rows, temperature not applied)."""
+        return self.spec.router_kind.bias_free_routers(self, fit, num_experts)
 
     def manifest_routing(self) -> dict:
         """The manifest's record: the spec as asked, the values used, and the held-out curves."""
         return {
             "spec": self.spec.to_json(),
-            "features": self.spec.features,
-            "solver": self.spec.solver,
+            "kind": self.spec.kind,
+            **self.spec.router_kind.legacy_view(self.spec.options),
             "lam": self.lam,
             "smoothing": self.smoothing,
             "top_k": self.spec.top_k,
             "feature_map": self.spec.feature_map,
+            **self.spec.router_kind.manifest_routing(self),
             "selection": None if self.selection is None else self.selection.to_json(),
-            "switch": self.switch,
-            "switch_selection": None
-            if self.switch_selection is None
-            else self.switch_selection.to_json(),
         }
-
-
-def _solve_ngram(spec, fit, num_experts, holdout) -> SolvedRouting:
-    selection, mu = None, spec.lam
-    if mu == AUTO:
-        grid = spec.lam_grid or DEFAULT_MU_GRID
-        selection = select_mu(fit, holdout[0.0], num_experts, grid, spec.ngram_alpha)
-        mu = selection.lam
-    tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
-    switch, switch_selection = spec.switch, None
-    if switch == AUTO:
-        switch_selection = select_switch(tables, holdout[0.0], num_experts)
-        switch = switch_selection.lam
-    return SolvedRouting(tables, spec, float(mu), 0.0, selection, float(switch), switch_selection)
 
 
 def check_contributions(contributions: Contributions, feature_map: str, what: str) -> None:
     """Every statistic must carry ``feature_map``: a one-line error names the first that does not."""
     for name in sorted(contributions):
-        got = contributions[name][1].feature_map
+        got = getattr(contributions[name][1], "feature_map", type(contributions[name][1]).__name__)
         if got != feature_map:
             raise ValueError(
                 f"{what} statistics of {name!r} are of feature map {got!r}, expected {feature_map!r}"
@@ -345,31 +289,14 @@ def solve_routing(
     holdout: Mapping[float, Contributions] | None = None,
 ) -> SolvedRouting:
     """Routers for ``spec`` from fit statistics ``{name: (expert, stats)}`` and, for ``"auto"``
-    settings, held-out statistics ``{β: {name: (expert, stats)}}`` (see
+    settings, held-out statistics ``{part: {name: (expert, stats)}}`` (see
     ``RoutingSpec.holdout_smoothings``). The routers are solved on the fit statistics only."""
     check_contributions(fit, spec.feature_map, "fit")
-    betas = spec.holdout_smoothings()
+    parts = spec.holdout_smoothings()
     holdout = dict(holdout or {})
-    missing = [b for b in betas if b not in holdout]
+    missing = [b for b in parts if b not in holdout]
     if missing:
         raise ValueError(f"held-out statistics for smoothing {missing[0]} are missing")
-    for beta in betas:
-        check_contributions(holdout[beta], spec.holdout_feature_map(beta), "held-out")
-    if spec.features == "ngram":
-        return _solve_ngram(spec, fit, num_experts, holdout)
-    selection = None
-    lam, smoothing = spec.lam, spec.smoothing
-    floor = lam_floor(fit, num_experts, spec.solver)  # noise of private contributions
-    if floor and lam != AUTO:
-        lam = max(float(lam), floor)
-    if spec.needs_holdout:
-        lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
-        if floor:
-            lam_grid = [floor] + [x for x in lam_grid if x > floor]
-        selection = select_routing(
-            fit, {b: holdout[b] for b in betas}, num_experts, solver=spec.solver, lam_grid=lam_grid
-        )
-        lam = selection.lam if lam == AUTO else float(lam)
-        smoothing = selection.smoothing if smoothing == AUTO else float(smoothing)
-    routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
-    return SolvedRouting(routers, spec, float(lam), float(smoothing), selection)
+    for part in parts:
+        check_contributions(holdout[part], spec.holdout_feature_map(part), "held-out")
+    return spec.router_kind.solve(spec, fit, num_experts, {p: holdout[p] for p in parts})

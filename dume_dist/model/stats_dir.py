@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from dume_dist.core.stats import load_stats, stats_to_bytes
+from dume_dist.model.kinds import load_stats, stats_to_bytes
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_ENTRY_BYTES = 1 << 16

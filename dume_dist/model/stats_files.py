@@ -2,7 +2,7 @@
 contribution and the running sums, whatever the number of contributors.
 
 ``StatsFiles`` is a ``{name: stats}`` mapping whose values live in safetensors blobs
-(``core.stats`` format) and are decoded (and validated) each time they are read;
+(the format of their router kind, ``dume_dist.model.kinds``) and are decoded (and validated) each time they are read;
 ``contributions(files, index)`` is the ``{name: (expert index, stats)}`` view the solvers take.
 """
 
@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from dume_dist.core.stats import load_stats, stats_to_bytes
+from dume_dist.model.kinds import load_stats, stats_to_bytes
 
 
 class StatsFiles(Mapping):

@@ -29,6 +29,15 @@ MANIFEST_NAME = "dume_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 DEFAULT_SHARD_BYTES = 2 << 30
 MODELING_FILE = Path(__file__).with_name("modeling_dume.py")
+
+
+def remote_code_files() -> list[Path]:
+    """The remote-code model: ``modeling_dume.py`` and the files it imports relatively."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    return [MODELING_FILE] + sorted(Path(f) for f in get_relative_import_files(str(MODELING_FILE)))
+
+
 _RESERVED_MANIFEST_KEYS = {"schema_version", "files"}
 
 

@@ -25,7 +25,8 @@ MAX_HEADER_BYTES = 100 << 20
 ROW_CHUNK_MIN = 64 << 10
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
-_ROUTER = re.compile(r"(^|\.)(router|gate)\.|^ngram_router\.")
+# per-layer routers / gates, and sequence-level routers (top-level modules beside model., lm_head.)
+_ROUTER = re.compile(r"(^|\.)(router|gate)\.|^(?!model\.|lm_head\.)[^.]+\.")
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dume_dist.core.ngram import NgramTables, ngram_feature_map
-from dume_dist.core.stats import stats_to_bytes
 from dume_dist.model.card import write_model_card
 from dume_dist.model.experts import SAFETENSORS_DTYPES, expert_fingerprint
 from dume_dist.model.formats.base import CheckpointInput, OutputFormat, WriteOptions
+from dume_dist.model.kinds import kind_of_config, stats_to_bytes
 from dume_dist.model.tokenizer import has_tokenizer, load_tokenizer, write_checkpoint_tokenizer
 from dume_dist.model.writer import (
     MANIFEST_NAME,
@@ -30,6 +29,7 @@ from dume_dist.model.writer import (
     ShardedWriter,
     atomic_directory,
     file_checksums,
+    remote_code_files,
 )
 
 _RESERVED_MANIFEST_KEYS = {"schema_version", "files"}
@@ -109,8 +109,9 @@ class DumeFormat(OutputFormat):
     description = "DUME remote-code checkpoint (AutoModelForCausalLM, trust_remote_code=True)"
 
     def unsupported(self, inp: CheckpointInput) -> str | None:
-        if not MODELING_FILE.is_file():
-            return f"{MODELING_FILE} is missing: cannot write a loadable DUME model"
+        missing = [p for p in [MODELING_FILE, *remote_code_files()] if not p.is_file()]
+        if missing:
+            return f"{missing[0]} is missing: cannot write a loadable DUME model"
         return None
 
     def write(self, inp: CheckpointInput, out_dir: str | Path, options: WriteOptions) -> dict:
@@ -129,7 +130,8 @@ class DumeFormat(OutputFormat):
         with atomic_directory(out_dir, options.overwrite) as tmp:
             write_weights(tmp, inp, options.max_shard_bytes)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
+            for path in remote_code_files():  # modeling_dume.py and its relative imports
+                shutil.copyfile(path, tmp / path.name)
             copy_tokenizer(inp, tmp)
             blobs, held = _write_stats(tmp, inp)
             manifest = {
@@ -140,7 +142,7 @@ class DumeFormat(OutputFormat):
                 "top_k": inp.top_k,
                 "temperature": float(inp.temperature),
                 "lam": float(inp.routing.lam),
-                "feature_map": routing.get("features", "token"),
+                "feature_map": routing.get("features", kind_of_config(routing).name),
                 "routing": routing,
                 "backbone": inp.backbone.provenance(),
                 "experts": [_expert_entry(j, inp, blobs, held) for j in range(len(inp.experts))],
@@ -219,58 +221,24 @@ def _expert_entry(j: int, inp: CheckpointInput, blobs: dict, held: dict) -> dict
 # -- checks -------------------------------------------------------------------------------------
 
 
-def _check_ngram_router(inp: CheckpointInput, tables, routing) -> None:
-    if not isinstance(tables, NgramTables) or routing.get("features") != "ngram":
-        raise ValueError("n-gram routing needs the n-gram router's tables, and only it uses them")
-    ngram = {k: v for k, v in (routing.get("ngram") or {}).items() if k != "switch"}
-    if ngram != tables.config():
-        raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
-    want = (len(inp.experts), inp.dense_config.vocab_size)
-    for name in ("unigram_EV", "context_EV"):
-        if tuple(getattr(tables, name).shape) != want:
-            raise ValueError(
-                f"n-gram {name} has shape {tuple(getattr(tables, name).shape)}, expected {want}"
-            )
-    if tables.bigram_EH.shape[0] != len(inp.experts):
-        raise ValueError(
-            f"n-gram tables have {tables.bigram_EH.shape[0]} experts, not {len(inp.experts)}"
-        )
-
-
 def check_inputs(inp: CheckpointInput, routing: dict) -> None:
-    from dume_dist.model.modeling_dume import routing_feature_dim
-
+    """The routers (checked by their router kind), statistics and settings of a checkpoint."""
     if not inp.experts:
         raise ValueError("no experts to write")
-    routers = inp.routing.routers
-    features = routing.get("features", "token")
-    if isinstance(routers, NgramTables) or features == "ngram":
-        _check_ngram_router(inp, routers, routing)
-        routers = []
-    elif len(routers) != inp.num_layers:
-        raise ValueError(f"got {len(routers)} routers for {inp.num_layers} layers")
-    dim = routing_feature_dim(features, inp.dense_config.hidden_size)
-    for router in routers:
-        if router.bias_E is None:
-            raise ValueError("DUME checkpoints need routers with a bias (solve with bias=True)")
-        if tuple(router.weight_EF.shape) != (len(inp.experts), dim):
-            raise ValueError(
-                f"router weight has shape {tuple(router.weight_EF.shape)}, expected "
-                f"({len(inp.experts)}, {dim}) for {features!r} features"
-            )
-    _check_stats(inp, routing, features)
+    kind = kind_of_config(routing)
+    kind.check_routers(inp.routing.routers, routing, len(inp.experts), inp.dense_config)
+    _check_stats(inp, kind.config_identity(routing))
     if not 1 <= inp.top_k <= len(inp.experts):
         raise ValueError(f"top_k must be in [1, {len(inp.experts)}], got {inp.top_k}")
     if not inp.temperature > 0:
         raise ValueError(f"temperature must be > 0, got {inp.temperature}")
 
 
-def _check_stats(inp: CheckpointInput, routing: dict, features: str) -> None:
+def _check_stats(inp: CheckpointInput, expected: str) -> None:
     if inp.stats is None:
         return
     if set(inp.stats.fit) != set(inp.expert_names):
         raise ValueError("stats must have one entry per expert")
-    expected = ngram_feature_map(routing["ngram"]["buckets"]) if features == "ngram" else features
     for name in inp.expert_names:
         got = inp.stats.fit[name].feature_map
         if got != expected:

@@ -1,0 +1,278 @@
+"""The ``ngram`` router kind: one sequence-level naive-Bayes router on hashed token bigrams.
+
+Statistics: ``core.ngram.NgramStats`` (unigram, context and hashed bigram counts; held-out ones
+carry their exact bigrams), counted from the token ids without running a model
+(``NgramCollector``). Solve: per-expert sums of the counts in canonical order (``core.ngram``);
+``mu`` ``"auto"`` is chosen on the held-out bigrams (``model.ngram_select``). Checkpoint:
+``ngram_router.{unigram,context,bigram}_counts`` and ``routing.ngram``; inference:
+``routing_dume.NgramInference`` / ``DumeNgramRouter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from dume_dist.core.dp import capped_bincount
+from dume_dist.core.ngram import (
+    NGRAM_SCHEMA,
+    NgramStats,
+    NgramTables,
+    check_count_values,
+    coalesce_pairs,
+    ngram_feature_map,
+    ngram_from_tensors,
+    ngram_layout,
+    ngram_tables,
+    ngram_to_bytes,
+)
+from dume_dist.core.stats import MAX_TOKENS
+from dume_dist.model.data import keep_mask
+from dume_dist.model.kinds import BackboneShape, Collector, RouterKind, register_kind
+from dume_dist.model.routing_dume import NgramInference, ngram_bucket, previous_real_tokens
+from dume_dist.model.routing_options import NGRAM_LEGACY, NGRAM_OPTIONS
+
+_PAIRS_BEFORE_COALESCING = 1 << 22  # rows of held-out bigrams kept before summing equal ones
+
+
+class NgramCollector(Collector):
+    """Token counts of the real tokens among the first ``max_tokens_per_seq`` of each sequence: a
+    token always counts as a unigram, and as a bigram with the sequence's previous real token
+    when it has one. With ``pairs`` the exact bigram list is kept too (held-out statistics)."""
+
+    def __init__(self, *, vocab_size: int, buckets: int, max_tokens_per_seq: int, pairs: bool,
+                 identity: str = "", count_cap: int | None = None):  # fmt: skip
+        self.vocab_size, self.buckets, self.count_cap = vocab_size, buckets, count_cap
+        self.max_tokens_per_seq, self.pairs, self.identity = max_tokens_per_seq, pairs, identity
+        self.counts = torch.zeros(2 * vocab_size + buckets, dtype=torch.float64)
+        self.found: list[torch.Tensor] = []
+
+    def add(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> None:
+        ids_BT, real_BT = ids_BT.cpu().long(), mask_BT.cpu().bool()
+        keep_BT = keep_mask(real_BT, self.max_tokens_per_seq)
+        ids, vocab = ids_BT[keep_BT], self.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}) for n-gram statistics")
+        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT)
+        pair_BT = keep_BT & has_prev_BT
+        prev, cur = prev_BT[pair_BT], ids_BT[pair_BT]
+        # no sequence adds more than count_cap to one count (differential privacy, core.dp)
+        row_BT = torch.arange(ids_BT.shape[0])[:, None].expand_as(ids_BT)
+        row, pair_row, cap = row_BT[keep_BT], row_BT[pair_BT], self.count_cap
+        self.counts[:vocab] += capped_bincount(ids, row, vocab, cap)
+        self.counts[vocab : 2 * vocab] += capped_bincount(prev, pair_row, vocab, cap)
+        bucket = ngram_bucket(prev, cur, self.buckets)
+        self.counts[2 * vocab :] += capped_bincount(bucket, pair_row, self.buckets, cap)
+        if self.pairs:
+            self.found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
+            if sum(len(f) for f in self.found) > _PAIRS_BEFORE_COALESCING:  # bound the memory
+                self.found = [coalesce_pairs(torch.cat(self.found))]
+
+    def flat(self) -> torch.Tensor:
+        return self.counts
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        self.counts = flat.cpu().double().clone()
+
+    def rows(self) -> torch.Tensor | None:
+        if not self.pairs:
+            return None
+        return coalesce_pairs(torch.cat(self.found)) if self.found else torch.zeros(0, 3).long()
+
+    def load_rows(self, rows: torch.Tensor) -> None:
+        self.found = [coalesce_pairs(rows.cpu().long())]
+
+    def result(self) -> dict[float, NgramStats]:
+        vocab = self.vocab_size
+        uni, ctx, big = (
+            self.counts[:vocab],
+            self.counts[vocab : 2 * vocab],
+            self.counts[2 * vocab :],
+        )
+        stats = NgramStats(uni.clone(), ctx.clone(), big.clone(), self.identity,
+                           pairs_K3=self.rows())  # fmt: skip
+        return {0.0: stats}
+
+
+def collect_ngram_stats(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    vocab_size: int,
+    buckets: int,
+    max_tokens_per_seq: int,
+    pairs: bool = False,
+    progress: bool = True,
+    count_cap: int | None = None,
+) -> NgramStats:
+    """Token counts for the n-gram router over the tokens the Gram statistics see (see
+    ``NgramCollector``). No model runs: the counts depend on the token ids only. ``count_cap``:
+    no sequence adds more than this to any one count (differential privacy by sequence)."""
+    collector = NgramCollector(vocab_size=vocab_size, buckets=buckets, count_cap=count_cap,
+                               max_tokens_per_seq=max_tokens_per_seq, pairs=pairs)  # fmt: skip
+    bar = tqdm(disable=not progress, unit="tok", desc="n-gram counts")
+    try:
+        for ids_BT, mask_BT in batches:
+            collector.add(ids_BT, mask_BT)
+            bar.update(int(keep_mask(mask_BT, max_tokens_per_seq).sum()))
+    finally:
+        bar.close()
+    if not collector.counts[:vocab_size].sum() > 0:
+        raise ValueError("no tokens to collect statistics from")
+    return collector.result()[0.0]
+
+
+class NgramKind(RouterKind):
+    name = NgramInference.name
+    options = NGRAM_OPTIONS
+    schema = NGRAM_SCHEMA
+    stats_label = "n-gram counts (NgramStats)"
+    stats_type = NgramStats
+
+    # -- options ------------------------------------------------------------------------------
+
+    def claims(self, named: Mapping) -> bool:
+        return any(named.get(k) == v for k, v in NGRAM_LEGACY.items())
+
+    def from_named(self, named: dict, base: Mapping | None = None) -> dict:
+        named = dict(named)
+        given = {k: named.pop(k) for k in NGRAM_LEGACY if k in named}
+        if given and given != {k: NGRAM_LEGACY[k] for k in given}:
+            raise ValueError("the 'nb' solver goes with 'ngram' features, and only with them")
+        if named.pop("smoothing", 0.0) not in (0, 0.0):
+            raise ValueError("ngram routing is cumulative already: smoothing must be 0")
+        named.pop("smoothing_grid", None)  # earlier versions stored it with every routing
+        for old, new in (("lam", "mu"), ("lam_grid", "mu_grid")):
+            if old in named:
+                named[new] = named.pop(old)
+        return named
+
+    def legacy_view(self, options: Mapping) -> dict:
+        return {**NGRAM_LEGACY, "lam": options["mu"], "lam_grid": options["mu_grid"],
+                "smoothing": 0.0}  # fmt: skip
+
+    def selected_option(self, options: Mapping) -> str | None:
+        return "mu"
+
+    def heldout_as_fit(self, stats):
+        return stats.with_meta(pairs_K3=None, feature_map="")  # the exact bigrams dropped
+
+    def identity(self, spec, part: float | None = None) -> str:
+        return ngram_feature_map(spec.ngram_buckets, pairs=part is not None)
+
+    def statistics_settings(self, spec) -> dict | None:
+        return {"features": NGRAM_LEGACY["features"], "ngram_buckets": spec.ngram_buckets}
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def encode(self, stats) -> bytes:
+        return ngram_to_bytes(stats)
+
+    def decode(self, tensors, meta) -> NgramStats:
+        return ngram_from_tensors(tensors, meta)
+
+    def layout(self, spec, backbone: BackboneShape):
+        # held-out bigrams or not: the identity tells (checked after decoding)
+        return ngram_layout(backbone.vocab_size, spec.ngram_buckets, pairs=True), ("pairs",)
+
+    def validate(self, stats, spec, backbone: BackboneShape) -> None:
+        stats.validate(vocab_size=backbone.vocab_size, buckets=spec.ngram_buckets)
+
+    def check_values(self, stats, spec, backbone: BackboneShape) -> None:
+        check_count_values(stats, MAX_TOKENS)
+
+    # What its held-out statistics release beyond sums (a node sends them only when told to).
+    heldout_release = "exact held-out bigrams (previous token, token, count of your held-out documents)"  # fmt: skip
+
+    def check_dp(self, spec, dp) -> None:
+        if spec.needs_holdout:
+            raise ValueError(
+                "differential privacy with ngram routing needs a fixed mu (--mu or --lam): exact "
+                "held-out bigrams cannot be released privately"
+            )
+
+    def dp_bounds(self, spec, backbone, dp):
+        return None, dp.count_cap if dp.unit == "sequence" else None
+
+    def collectors(self, spec, backbone, expert, *, holdout, max_tokens_per_seq, device,
+                   dtype=None, clip=None, count_cap=None):  # fmt: skip
+        parts = [None] + ([0.0] if holdout else [])
+        return [
+            NgramCollector(
+                vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
+                max_tokens_per_seq=max_tokens_per_seq, pairs=part is not None,
+                identity=self.identity(spec, part), count_cap=count_cap,
+            )
+            for part in parts
+        ]  # fmt: skip
+
+    # -- solve and checkpoint -----------------------------------------------------------------
+
+    def solve(self, spec, fit: Mapping, num_experts: int, holdout: Mapping):
+        from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu, select_switch
+        from dume_dist.model.routing import SolvedRouting
+
+        selection, mu = None, spec.mu
+        if mu == "auto":
+            grid = spec.mu_grid or DEFAULT_MU_GRID
+            selection = select_mu(fit, holdout[0.0], num_experts, grid, spec.ngram_alpha)
+            mu = selection.lam
+        tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
+        switch, switch_selection = spec.switch, None
+        if switch == "auto":
+            switch_selection = select_switch(tables, holdout[0.0], num_experts)
+            switch = switch_selection.lam
+        chosen = {"mu": float(mu), "switch": float(switch)}
+        extras = {"switch": float(switch), "switch_selection": switch_selection}
+        return SolvedRouting(tables, spec, float(mu), 0.0, selection, chosen, extras)
+
+    def config_routing(self, solved) -> dict:
+        spec = solved.spec
+        ngram = solved.routers.config()
+        switch = getattr(solved, "switch", 0.0)
+        if switch > 0:
+            ngram["switch"] = switch
+        out = {"kind": self.name, **NGRAM_LEGACY, "lam": solved.lam, "mu": solved.lam,
+               "ngram": ngram}  # fmt: skip
+        if spec.min_weight and spec.top_k > 1:
+            out["min_weight"] = float(spec.min_weight)
+        if spec.preset:
+            out["preset"] = spec.preset
+        return out
+
+    def manifest_routing(self, solved) -> dict:
+        selection = getattr(solved, "switch_selection", None)
+        return {"mu": solved.lam, "switch": getattr(solved, "switch", 0.0),
+                "switch_selection": None if selection is None else selection.to_json()}  # fmt: skip
+
+    def check_routers(self, routers, routing: Mapping, num_experts: int, backbone_config) -> None:
+        if not isinstance(routers, NgramTables):
+            raise ValueError(
+                "n-gram routing needs the n-gram router's tables, and only it uses them"
+            )
+        ngram = {k: v for k, v in (routing.get("ngram") or {}).items() if k != "switch"}
+        if ngram != routers.config():
+            raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
+        want = (num_experts, backbone_config.vocab_size)
+        for name in ("unigram_EV", "context_EV"):
+            if tuple(getattr(routers, name).shape) != want:
+                raise ValueError(
+                    f"n-gram {name} has shape {tuple(getattr(routers, name).shape)}, expected {want}"
+                )
+        if routers.bigram_EH.shape[0] != num_experts:
+            raise ValueError(
+                f"n-gram tables have {routers.bigram_EH.shape[0]} experts, not {num_experts}"
+            )
+
+    def checkpoint_tensors(self, routers, num_layers: int):
+        prefix = NgramInference.sequence_router_name
+        yield None, f"{prefix}.bigram_counts", routers.bigram_EH.float()
+        yield None, f"{prefix}.context_counts", routers.context_EV.float()
+        yield None, f"{prefix}.unigram_counts", routers.unigram_EV.float()
+
+    def config_identity(self, routing: Mapping) -> str:
+        return ngram_feature_map(routing["ngram"]["buckets"])
+
+
+register_kind(NgramKind())
