@@ -66,6 +66,12 @@ class RoutingSpec:
                 named.pop(name, None)  # earlier versions stored every kind's options
         unknown = sorted(set(named) - set(declared))
         if unknown:
+            owner = [k.name for k in kinds().values() if unknown[0] in options_by_name(k.options)]
+            if owner:
+                raise ValueError(
+                    f"routing option {unknown[0]!r} is the {owner[0]} kind's: it needs "
+                    f"{owner[0]} features, not kind {router_kind.name!r}"
+                )
             raise ValueError(f"unknown routing option {unknown[0]!r} for kind {router_kind.name!r}")
         options = {n: o.check(named[n] if n in named else o.default) for n, o in declared.items()}
         for key, value in (("kind", router_kind.name), ("options", options), ("preset", preset),
