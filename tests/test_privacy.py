@@ -174,7 +174,7 @@ def _build(experts, out, names=("alpha", "beta"), **kw):
     return build_dume(
         {n: str(experts[n]["expert"]) for n in names},
         {n: [str(experts[n]["data"])] for n in names},
-        out, backbone=f"base:{experts['base']}", **{**BUILD, **kw},
+        out, backbone=f"base:{experts['base']}", **{"routing": "paper", **BUILD, **kw},
     )  # fmt: skip
 
 
