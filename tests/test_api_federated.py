@@ -48,7 +48,7 @@ ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "dume-fed"
-SETTINGS = {"max_tokens_per_seq": 16}
+SETTINGS = {"routing": "paper", "max_tokens_per_seq": 16}
 JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4}
 NODES = ("alpha", "beta", "gamma", "delta")
 TOKEN = f"cluster-token-{uuid.uuid4().hex}"  # in the operator cluster's environment
