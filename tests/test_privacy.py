@@ -273,3 +273,37 @@ def test_exact_heldout_bigrams_need_the_contributors_flag(experts, tmp_path):
         flow.join("alpha", send_heldout_bigrams=False)
     sent = flow.join("alpha")  # the flag (the tests' default)
     assert any("exact held-out bigrams" in o["what"] for o in sent["outbound"])
+
+
+# -- poisoning: routing shares estimated from statistics -----------------------------------------
+
+
+def _class_gram(mean, tokens=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = GramAccumulator(1, len(mean))
+    acc.add(0, torch.randn(tokens, len(mean), generator=g, dtype=torch.float64) * 0.5
+            + torch.tensor(mean, dtype=torch.float64))  # fmt: skip
+    return acc.result(feature_map="token")
+
+
+def test_routing_shares_flag_a_contributor_that_claims_others_data():
+    from dume_dist.core.select import class_grams
+    from dume_dist.core.shares import routing_shares
+    from dume_dist.core.solve import solve_routers
+
+    a, b = _class_gram([2, 0, 0, 0], seed=1), _class_gram([0, 2, 0, 0], seed=2)
+    honest = {"a": (0, a), "b": (1, b)}
+    shares = routing_shares(solve_routers(honest, 2), class_grams(honest, 2))
+    assert shares["by_class"][0][0] > 0.9 and shares["by_class"][1][1] > 0.9
+    assert shares["outliers"] == []
+    assert sum(shares["by_class"][1]) == pytest.approx(1.0)
+    mimic = {"a": (0, a + b), "b": (1, b)}  # a also submits b's statistics as its own
+    forged = routing_shares(solve_routers(mimic, 2), class_grams(honest, 2))
+    assert forged["by_class"][1][0] > 0.25 and forged["outliers"] == [0]
+
+
+def test_build_manifest_records_routing_shares(experts, tmp_path):
+    result = _build(experts, tmp_path / "m", routing="context")
+    shares = result.manifest["routing"]["shares"]
+    assert shares["statistics"] == "held-out" and len(shares["by_class"]) == 2
+    assert all(sum(row) == pytest.approx(1.0) for row in shares["by_class"])

@@ -394,7 +394,14 @@ class Coordinator:
     def status(self) -> dict:
         """The registry without secrets, plus its revision and the store URL."""
         state, rev = self.registry.load(check=Registry.from_json)
-        return {"store": self.store_url, "revision": rev, "registry": public_view(state)}
+        out = {"store": self.store_url, "revision": rev, "registry": public_view(state)}
+        latest = state.latest() if state is not None else None
+        if latest:  # routing shares the latest version's solve estimated (docs/privacy.md)
+            try:
+                out["shares"] = self.versions.get_manifest(latest)["routing"].get("shares")
+            except (KeyError, ValueError, OSError, TypeError):
+                out["shares"] = None
+        return out
 
     def ping(self) -> str:
         return "ok"

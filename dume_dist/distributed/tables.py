@@ -94,6 +94,10 @@ def print_status(status: dict) -> None:
         f"publication {'HELD' if registry['hold'] else 'automatic'}"
     )
     out.print(nodes_table(registry))
+    shares = status.get("shares")
+    if shares:
+        active = sorted(n for n, r in registry.get("nodes", {}).items() if r["state"] == "active")
+        out.print(shares_table(shares, active))
     table = Table(title="versions (registry)")
     for col in ("version", "parent", "trigger", "contributors", "unlearned since", "purged"):
         table.add_column(col)
@@ -101,6 +105,20 @@ def print_status(status: dict) -> None:
         table.add_row(v["version"], v["parent"] or "", v["trigger"], ", ".join(v["contributors"]),
                       ", ".join(v["marked"]), "yes" if v["purged"] else "")  # fmt: skip
     out.print(table)
+
+
+def shares_table(shares: dict, names: list[str]) -> Table:
+    """Estimated top-1 routing shares of the latest version (rows: whose tokens; columns: which
+    expert wins them), outliers flagged."""
+    table = Table(title=f"routing shares (estimated on {shares.get('statistics', '?')} statistics)")
+    table.add_column("tokens of")
+    for j, name in enumerate(names):
+        flag = " (outlier)" if j in shares.get("outliers", []) else ""
+        table.add_column(name + flag, justify="right")
+    for name, row in zip(names, shares["by_class"]):
+        table.add_row(name, *(f"{v:.1%}" for v in row))
+    table.add_row("all", *(f"{v:.1%}" for v in shares["overall"]))
+    return table
 
 
 def ppl_table(

@@ -274,6 +274,7 @@ class SolvedRouting:
             "feature_map": self.spec.feature_map,
             **self.spec.router_kind.manifest_routing(self),
             "selection": None if self.selection is None else self.selection.to_json(),
+            **({"shares": self.extras["shares"]} if (self.extras or {}).get("shares") else {}),
         }
 
 

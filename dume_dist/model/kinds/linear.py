@@ -156,7 +156,9 @@ class LinearKind(RouterKind):
         routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
         gc.collect()
         chosen = {param: float(lam), "smoothing": float(smoothing)}
-        return SolvedRouting(routers, spec, float(lam), float(smoothing), selection, chosen)
+        shares = _shares(routers, fit, holdout.get(float(smoothing)), num_experts)
+        return SolvedRouting(routers, spec, float(lam), float(smoothing), selection, chosen,
+                             {"shares": shares})  # fmt: skip
 
     def config_routing(self, solved) -> dict:
         spec = solved.spec
@@ -226,3 +228,16 @@ def _common_config(out: dict, spec) -> dict:
 
 
 register_kind(LinearKind())
+
+
+def _shares(routers, fit, held, num_experts: int) -> dict | None:
+    """Estimated routing shares on the held-out statistics (fit ones when there are none):
+    ``core.shares``, recorded in the manifest as ``routing.shares``."""
+    from dume_dist.core.select import class_grams
+    from dume_dist.core.shares import routing_shares
+
+    if num_experts < 2:
+        return None
+    out = routing_shares(routers, class_grams(held or fit, num_experts))
+    out["statistics"] = "held-out" if held else "fit"
+    return out
