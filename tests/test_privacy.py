@@ -229,7 +229,7 @@ def test_private_build_records_the_guarantee_and_floors_lambda(experts, tmp_path
 # -- the distributed path ----------------------------------------------------------------------
 
 
-def test_private_node_statistics_unlearn_exactly(experts, tmp_path):
+def test_private_node_statistics_unlearn_exactly(experts, tmp_path, capsys):
     from dist_helpers import Flow, assert_same_routers
 
     private = {"dp": dp.DpSpec(4.0, 1e-5, clip=1.0).to_json()}
@@ -245,6 +245,13 @@ def test_private_node_statistics_unlearn_exactly(experts, tmp_path):
     rec = {c["name"]: c for c in manifest["contributors"]}["gamma"]
     assert rec["privacy"]["epsilon"] == pytest.approx(4.0, rel=1e-3)
     assert rec["stats"][0]["dp"]["noise_multiplier"] > 0
+    from dume_dist.distributed.tables import print_status
+
+    status = flow.status()
+    assert len(status["shares"]["by_class"]) == 3 and status["shares"]["statistics"] == "fit"
+    print_status(status)
+    out = capsys.readouterr().out
+    assert "routing shares" in out and "ε=4" in out
     flow.coord.unlearn(flow.op, "gamma", "request")
     assert_same_routers(flow.routers("v4"), flow.routers(v2))
 

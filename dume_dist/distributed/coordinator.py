@@ -395,11 +395,12 @@ class Coordinator:
         """The registry without secrets, plus its revision and the store URL."""
         state, rev = self.registry.load(check=Registry.from_json)
         out = {"store": self.store_url, "revision": rev, "registry": public_view(state)}
-        latest = state.latest() if state is not None else None
+        versions = (state or {}).get("versions") or []
+        latest = versions[-1].get("version") if versions else None
         if latest:  # routing shares the latest version's solve estimated (docs/privacy.md)
             try:
                 out["shares"] = self.versions.get_manifest(latest)["routing"].get("shares")
-            except (KeyError, ValueError, OSError, TypeError):
+            except (KeyError, ValueError, OSError, TypeError, AttributeError):
                 out["shares"] = None
         return out
 
