@@ -10,8 +10,10 @@ the tokenizer), never the text:
   of the vocabulary with ``min(bigram[h(u, v)], context[u], unigram[v])`` and keeping the top;
   with μ ``auto`` the held-out bigrams are sent verbatim.
 * **Gram matrices** (``token``, and the ``x`` block of ``prefix_mean``): per-token templates
-  ``φ(v)`` = each layer's MLP input for the probe ``[BOS, v]`` (the coordinator runs the public
-  backbone with the contributor's expert), then non-negative least squares
+  ``φ(v)`` = each layer's mean MLP input for token ``v`` over auxiliary text the coordinator has
+  (here: ``aux_tokens`` of the *other* domains' text; the probe ``[BOS, v]`` for tokens it never
+  saw), computed with the public backbone and the contributor's expert, then non-negative least
+  squares
   ``min_p≥0 ‖Σ_v p_v [φ_l(v) ; vech(φ_0(v) φ_0(v)ᵀ)] − [Σx_l / N ; vech(G_0 / N)]‖`` over the
   first moments of every layer and layer 0's second moment (projected accelerated gradient).
 
@@ -36,10 +38,11 @@ from transformers import AutoTokenizer
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
+from dume_dist.core.private import privatize
 from dume_dist.model.backbone import Backbone
-from dume_dist.model.build import expert_statistics
+from dume_dist.model.build import expert_statistics, raw_statistics
 from dume_dist.model.collect import decoder_layers, dense_model_for
-from dume_dist.model.data import load_texts
+from dume_dist.model.data import load_texts, token_batches
 from dume_dist.model.experts import load_expert_specs
 from dume_dist.model.kinds import stats_to_bytes
 from dume_dist.model.modeling_dume import ngram_bucket
@@ -137,43 +140,84 @@ def token_templates(model, vocab: int, bos: int | None, batch: int = 512) -> lis
     return [torch.cat(x) for x in out]
 
 
+def context_templates(model, probes: list[torch.Tensor], batches) -> list[torch.Tensor]:
+    """``[V, D]`` per layer: each token's mean MLP input over its occurrences in auxiliary text
+    ``batches`` (text the coordinator has, never the contributor's); the probe template where a
+    token does not occur."""
+    layers = decoder_layers(model)
+    vocab = probes[0].shape[0]
+    sums = [torch.zeros_like(p) for p in probes]
+    count_V = torch.zeros(vocab, dtype=torch.float64)
+    state = {}
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            sums[i].index_add_(0, state["ids"], x[state["real"]].double())
+
+        return hook
+
+    handles = [
+        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.inference_mode():
+            for ids_BT, mask_BT in batches:
+                state["real"], state["ids"] = mask_BT.bool(), ids_BT[mask_BT.bool()]
+                count_V.index_add_(
+                    0, state["ids"], torch.ones(len(state["ids"]), dtype=torch.float64)
+                )
+                model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = count_V > 0
+    return [
+        torch.where(seen[:, None], s / count_V.clamp_min(1)[:, None], p)
+        for s, p in zip(sums, probes)
+    ]
+
+
 def _vech(m_PP: torch.Tensor) -> torch.Tensor:
     rows, cols = torch.triu_indices(m_PP.shape[-1], m_PP.shape[-1])
     return m_PP[..., rows, cols]
 
 
-def nnls(a_MV: torch.Tensor, b_M: torch.Tensor, steps: int = 2000) -> torch.Tensor:
-    """``argmin_{p ≥ 0} ‖A p − b‖²`` by accelerated projected gradient (FISTA) on the normal
-    equations ``AᵀA p = Aᵀb`` (formed once)."""
-    a_MV, b_M = a_MV.float(), b_M.float()
-    q_VV, r_V = a_MV.T @ a_MV, a_MV.T @ b_M
-    v = torch.ones(q_VV.shape[0])
-    for _ in range(50):  # power iteration: the largest eigenvalue (the gradient's Lipschitz bound)
-        v = q_VV @ v
-        v = v / v.norm()
-    lip = 1.01 * float(v @ q_VV @ v)
-    p = torch.full((a_MV.shape[1],), 1.0 / a_MV.shape[1])
-    y, t = p.clone(), 1.0
-    for _ in range(steps):
-        p_next = (y - (q_VV @ y - r_V) / lip).clamp_min(0)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = p_next + ((t - 1) / t_next) * (p_next - p)
-        p, t = p_next, t_next
-    return p
+class GramAttack:
+    """Non-negative least squares onto per-token templates (module docstring). The system
+    ``A`` (first moments of every layer, layer 0's second moment, each block scaled to unit
+    Frobenius norm) depends on the templates only, so ``AᵀA`` is formed once per expert."""
 
+    def __init__(self, templates: list[torch.Tensor], steps: int = 2000):
+        t0_VD = templates[0]
+        blocks = [t.T.float() for t in templates]
+        blocks.append(_vech(t0_VD[:, :, None] * t0_VD[:, None, :]).T.float())
+        self.scales = [float(b.norm()) for b in blocks]
+        self.blocks = [b / sc for b, sc in zip(blocks, self.scales)]
+        self.q_VV = sum(b.T @ b for b in self.blocks)
+        v = torch.ones(self.q_VV.shape[0])
+        for _ in range(50):  # power iteration: the gradient's Lipschitz bound
+            v = self.q_VV @ v
+            v = v / v.norm()
+        self.lip = 1.01 * float(v @ self.q_VV @ v)
+        self.steps, self.num_layers = steps, len(templates)
 
-def gram_attack(gram_LPP: torch.Tensor, templates: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """Recovered unigram weights ``[V]`` from Grams whose first ``dim`` features are the MLP
-    input (the ``x`` block serves ``token`` and ``prefix_mean`` alike)."""
-    n = gram_LPP[0, -1, -1]
-    rows = [(templates[i].T, gram_LPP[i, :dim, -1] / n) for i in range(len(templates))]
-    t0_VD = templates[0]
-    rows.append(
-        (_vech(t0_VD[:, :, None] * t0_VD[:, None, :]).T, _vech(gram_LPP[0, :dim, :dim] / n))
-    )
-    a_MV = torch.cat([a / b.norm() for a, b in rows])
-    b_M = torch.cat([b / b.norm() for _, b in rows])
-    return nnls(a_MV, b_M)
+    def __call__(self, gram_LPP: torch.Tensor, dim: int) -> torch.Tensor:
+        """Recovered unigram weights ``[V]`` from Grams whose first ``dim`` features are the MLP
+        input (the ``x`` block serves ``token`` and ``prefix_mean`` alike)."""
+        n = gram_LPP[0, -1, -1]
+        targets = [gram_LPP[i, :dim, -1] / n for i in range(self.num_layers)]
+        targets.append(_vech(gram_LPP[0, :dim, :dim] / n))
+        r_V = sum(b.T @ (t.float() / sc) for b, t, sc in zip(self.blocks, targets, self.scales))
+        p = torch.full((self.q_VV.shape[0],), 1.0 / self.q_VV.shape[0])
+        y, t = p.clone(), 1.0
+        for _ in range(self.steps):  # FISTA on the normal equations, projected onto p >= 0
+            p_next = (y - (self.q_VV @ y - r_V) / self.lip).clamp_min(0)
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            y = p_next + ((t - 1) / t_next) * (p_next - p)
+            p, t = p_next, t_next
+        return p
 
 
 # -- the bench ----------------------------------------------------------------------------------
@@ -201,12 +245,32 @@ def _sent(backbone, spec, tokenizer, texts, routing, kw, dp_spec=None, seed=0):
     return fit, held, size
 
 
-def _attack(kind, fit, truth, templates, dim, top_bigrams):
+def _attack(kind, fit, truth, attack, dim, top_bigrams):
     if kind == "ngram":
         out = unigram_scores(truth.unigram_V, fit.unigram_V)
         out["bigram_precision_top100"] = bigram_precision(top_bigrams, recover_bigrams(fit))
         return out
-    return unigram_scores(truth.unigram_V, gram_attack(fit.gram_LPP, templates, dim))
+    return unigram_scores(truth.unigram_V, attack(fit.gram_LPP, dim))
+
+
+def _private_rows(backbone, spec, tokenizer, texts, routing, kw, epsilons, delta, attack_args):
+    """The attack on the statistics made private at each ε: collected once with the unit's
+    bounds (clip, count cap: the same for every ε), noised per ε."""
+    kind = "ngram" if routing.features == "ngram" else "gram"
+    fixed = routing.replace(lam=100.0 if kind == "ngram" else 0.1, holdout_fraction=0.0)
+    first = DpSpec(float(epsilons[0]), delta, unit="token" if kind == "ngram" else "sequence")
+    raw, _ = raw_statistics(backbone, spec, tokenizer, texts, fixed, progress=False,
+                            fingerprint="", dtype=None, dp=first, **kw)  # fmt: skip
+    rows = []
+    for eps in epsilons:
+        dp_spec = DpSpec(float(eps), delta, unit=first.unit)
+        clip, _ = fixed.router_kind.dp_bounds(fixed, backbone, dp_spec)
+        fit, _, g = privatize(raw, {}, dp_spec, clip=clip, tokens_per_unit=kw["seq_len"],
+                              seed=int(eps * 1000))  # fmt: skip
+        rows.append({"epsilon": float(eps), "unit": g.unit, "sigma": g.sigma,
+                     "bytes": {"fit": len(stats_to_bytes(fit)), "holdout": 0},
+                     **_attack(*attack_args[:1], fit, *attack_args[1:])})  # fmt: skip
+    return rows
 
 
 def _kind_spec(kind: str):
@@ -225,6 +289,7 @@ def run_leakage_bench(
     dp_epsilons: Sequence[float] = (),
     dp_delta: float = 1e-6,
     device: str = "cpu",
+    aux_tokens: int = 40000,
 ) -> dict:
     """``{"rows": [...]}``: per domain and routing kind, bytes sent and the attack's scores (and
     with ``dp_epsilons`` the same on private statistics); see the module docstring."""
@@ -241,10 +306,13 @@ def run_leakage_bench(
         name, truth = spec.name, truths[spec.name]
         others = sum(truths[o].unigram_V for o in truths if o != name)
         top = true_top_bigrams(truth.pairs_K3)
-        templates = None
+        attack = None
         if any(k != "ngram" for k in kinds):
             model = dense_model_for(backbone, spec)
-            templates = token_templates(model, vocab, tokenizer.bos_token_id)
+            probes = token_templates(model, vocab, tokenizer.bos_token_id)
+            aux = [t for o in texts if o != name for t in texts[o]]  # not the contributor's text
+            aux_batches = token_batches(tokenizer, aux, batch_size, seq_len, seq_len, aux_tokens)
+            attack = GramAttack(context_templates(model, probes, aux_batches))
             del model
         base = {"domain": name, "tokens": truth.num_tokens,
                 "baseline_other_domains": unigram_scores(truth.unigram_V, others)}  # fmt: skip
@@ -252,18 +320,14 @@ def run_leakage_bench(
             routing = _kind_spec(kind)
             fit, held, size = _sent(backbone, spec, tokenizer, texts[name], routing, kw)
             row = {**base, "kind": kind, "bytes": size, "epsilon": None,
-                   **_attack(kind, fit, truth, templates, dim, top)}  # fmt: skip
+                   **_attack(kind, fit, truth, attack, dim, top)}  # fmt: skip
             if kind == "ngram" and held:
                 row["heldout_bigrams_sent_verbatim"] = int(len(held[0.0].pairs_K3))
             rows.append(row)
-            for eps in dp_epsilons:
-                private = routing.replace(lam=100.0, holdout_fraction=0.0) if kind == "ngram" else (
-                    routing.replace(lam=1e-2, holdout_fraction=0.0) if kind == "paper" else
-                    routing.replace(lam=0.1, holdout_fraction=0.0))  # fmt: skip
-                fit, _, size = _sent(backbone, spec, tokenizer, texts[name], private, kw,
-                                     DpSpec(float(eps), dp_delta), seed=int(eps * 1000))  # fmt: skip
-                rows.append({**base, "kind": kind, "bytes": size, "epsilon": float(eps),
-                             **_attack(kind, fit, truth, templates, dim, top)})  # fmt: skip
+            if dp_epsilons:
+                private = _private_rows(backbone, spec, tokenizer, texts[name], routing, kw,
+                                        dp_epsilons, dp_delta, (kind, truth, attack, dim, top))  # fmt: skip
+                rows += [{**base, "kind": kind, **r} for r in private]
     return {
         "bench": "leakage",
         "experts": {s.name: str(s.path) for s in specs},

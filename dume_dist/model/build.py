@@ -168,7 +168,7 @@ def expert_statistics(
     fingerprints. ``dtype``: what a model that collects them runs in (``stats_compute_dtype``).
     With ``dp`` they are collected within the kind's bounds (``dp_bounds``) and made private
     (noise from ``dp_seed``, tests only; else from the system's entropy)."""
-    fit, held = _raw_statistics(
+    fit, held = raw_statistics(
         backbone, spec, tokenizer, texts, routing, batch_size=batch_size, seq_len=seq_len,
         max_tokens_per_seq=max_tokens_per_seq, max_tokens=max_tokens, device=device,
         progress=progress, fingerprint=fingerprint, dtype=dtype, dp=dp,
@@ -182,7 +182,7 @@ def expert_statistics(
     return fit, held
 
 
-def _raw_statistics(
+def raw_statistics(
     backbone, spec, tokenizer, texts, routing, *, batch_size, seq_len, max_tokens_per_seq,
     max_tokens, device, progress, fingerprint, dtype, dp,
 ):  # fmt: skip
