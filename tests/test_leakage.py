@@ -16,7 +16,7 @@ from dume_dist.bench.leakage import (
     true_top_bigrams,
 )
 from dume_dist.core.stats import GramAccumulator
-from dume_dist.model.collect import collect_ngram_stats
+from dume_dist.model.kinds.ngram import collect_ngram_stats
 
 
 def test_hashed_bigram_counts_give_the_frequent_bigrams_back():
