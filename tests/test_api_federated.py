@@ -107,7 +107,7 @@ def world(tmp_path_factory):
         entry = " ".join([
             sys.executable, "-m", "dume_dist.cli.main", "coordinator", "start",
             "--store", world["store"], *[f"--storage-option={k}={v}" for k, v in options.items()],
-            "--backbone", f"base:{experts['base']}", "--max-tokens-per-seq", "16",
+            "--backbone", f"base:{experts['base']}", "--routing", "paper", "--max-tokens-per-seq", "16",
             "--operator-credential-file", str(world["op_file"]), "--namespace", NAMESPACE,
             "--work-dir", str(tmp / "coordinator"), "--api-port", str(world["port"]),
             "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]),
