@@ -188,6 +188,20 @@ def test_publish_waits_for_a_running_collection(tmp_path, builds):
         impatient.publish(str(builds["join"]), {})
 
 
+def test_a_collection_that_died_holding_its_lock_is_finished_on_recovery(tmp_path, builds):
+    store, versions, (v1,) = _published(tmp_path, builds, "found")
+    assert versions.resume_collection() is None  # no lock: nothing to finish
+    versions.publish(str(builds["join"]), {})
+    store.write_json("versions/v1/purged.json", {"reason": "test"})  # purged, then the
+    store.create_json("versions/gc.lock", {"since": "then", "by": "a dead collector"})  # crash
+    before = _objects(store)
+    done = versions.resume_collection()
+    assert done["deleted"] > 0 and not store.exists("versions/gc.lock")
+    assert _objects(store) < before
+    versions.pull("v2", str(tmp_path / "v2"))  # what v2 references survived
+    assert VersionStore(store, gc_wait_s=0.1).publish(str(builds["join"]), {}) == "v3"
+
+
 def _legacy_publish(store: ObjectStore, local: Path, vid: str) -> None:
     """A version as stores written before chunks hold it: whole files, manifest last."""
     files = store.put_dir(str(local), f"versions/{vid}/files", exclude=("dume_manifest.json",))

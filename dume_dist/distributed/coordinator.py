@@ -458,8 +458,10 @@ class Coordinator:
 
     def recover(self) -> dict:
         """What a restarted coordinator runs first (`cluster.start_coordinator`; every publish
-        and unlearn runs it too): the registry reconciled with the store's versions."""
+        and unlearn runs it too): a garbage collection that died holding its lock finished,
+        and the registry reconciled with the store's versions."""
         with self._lock:
+            self.publisher.versions.resume_collection()
             reg, rev = self._load()
             if reg is not None:
                 reg, rev = self._reconcile(reg, rev)

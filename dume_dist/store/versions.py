@@ -343,9 +343,26 @@ class VersionStore:
         """Delete the chunks nobody references; returns what was kept and deleted. Raises
         StoreConflict while another collection runs."""
         lock = f"{self.prefix}/gc.lock"
-        self.store.create_json(
-            lock, {"since": _now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
-        )
+        self.store.create_json(lock, self._lock_record())
+        return self._collect(lock)
+
+    def resume_collection(self) -> dict | None:
+        """Finish a collection whose collector died holding ``gc.lock`` (publishes wait on it):
+        take the lock over, read the references again and delete what nobody references. What
+        a restarted coordinator runs first; None when no lock is held. The references are read
+        after the takeover, and no publish passed the lock since it was taken, so the module's
+        ordering argument still holds."""
+        lock = f"{self.prefix}/gc.lock"
+        if not self.store.exists(lock):
+            return None
+        self.store.write_json(lock, self._lock_record())
+        return self._collect(lock)
+
+    @staticmethod
+    def _lock_record() -> dict:
+        return {"since": _now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
+
+    def _collect(self, lock: str) -> dict:
         try:
             objects = [k for k in self.store.list(f"{self.prefix}/objects")]
             keep = self.referenced()  # read after the lock: see the module docstring
