@@ -303,8 +303,9 @@ def test_cli_flow_on_the_cluster(ray_cluster, experts, tmp_path, capsys):
         return main(["node", "join", "--name", name, "--domain", name, "--expert", str(experts[name]["expert"]),
                      "--data", str(experts[name]["data"]), "--credential-file", cred or str(tmp_path / name),
                      "--max-tokens", "240", "--seq-len", "16", "--node-id", ray_cluster["node_ids"][node],
-                     "--no-progress", *ray_flags])  # fmt: skip
+                     "--no-progress", "--send-heldout-bigrams", *ray_flags])  # fmt: skip
 
+    # the default routing (ngram, mu chosen on held-out bigrams) needs the contributor's consent
     assert join("alpha", 0) == 0 and join("beta", 1) == 0
     out = capsys.readouterr().out
     assert out.count("statistics accepted") == 2 and "(held)" in out
