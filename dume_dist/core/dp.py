@@ -289,3 +289,8 @@ def min_ridge_lam(sigmas: Sequence[float], p: int, margin: float = 2.0) -> float
     ``2σ√P`` (Wigner), with ``σ² = Σ σ_c²``."""
     sigma = math.sqrt(sum(s * s for s in sigmas))
     return margin * 2.0 * sigma * math.sqrt(p)
+
+
+def with_guarantee(stats, guarantee: Guarantee):
+    """``stats`` with the guarantee it was released under recorded in ``extra["dp"]``."""
+    return stats.with_meta(extra={**stats.extra, "dp": guarantee.to_json()})

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import save as st_save
 
+from dume_dist.core import dp
 from dume_dist.core.stats import check_same_backbone, parse_extra
 
 NGRAM_SCHEMA = "dume-ngram-stats/1"
@@ -136,6 +137,29 @@ class NgramStats:
 
     def with_meta(self, **kwargs) -> NgramStats:
         return replace(self, **kwargs)
+
+    def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip=None, gen):
+        """Differential privacy of n-gram counts (``core.private.privatize``): the fit and each
+        held-out part are one Gaussian release each, with the sensitivity of ``spec.unit``."""
+        if any(h.pairs_K3 is not None for h in held.values()):
+            raise ValueError(
+                "exact held-out bigrams cannot be released with differential privacy: use a fixed "
+                "mu (--lam) for ngram routing"
+            )
+        releases = 1 + len(held)
+        z = dp.calibrate(spec.epsilon, spec.delta, releases)
+        sens = dp.ngram_sensitivity(spec.unit, tokens_per_unit, spec.count_cap)
+        guarantee = dp.Guarantee(
+            epsilon=spec.epsilon, delta=spec.delta, unit=spec.unit, noise_multiplier=z,
+            num_releases=releases, sensitivity={"counts": sens}, sigma={"counts": z * sens},
+            clip=None, count_cap=spec.count_cap if spec.unit == "sequence" else None,
+        )  # fmt: skip
+        noisy = {b: noisy_ngram(h, z * sens, gen) for b, h in sorted(held.items())}
+        return (
+            dp.with_guarantee(noisy_ngram(self, z * sens, gen), guarantee),
+            {b: dp.with_guarantee(h, guarantee) for b, h in noisy.items()},
+            guarantee,
+        )
 
 
 def ngram_layout(vocab_size: int, buckets: int, pairs: bool) -> dict[str, tuple[str, tuple]]:
@@ -293,3 +317,18 @@ def ngram_tables(
         float(mu),
         float(alpha),
     )
+
+
+def noisy_ngram(stats: NgramStats, sigma: float, gen: torch.Generator) -> NgramStats:
+    """Noise on the three count vectors, post-processed into counts that pass validation: a
+    context count never above its unigram count, bigram counts summing to the context counts."""
+    uni_V = dp.noisy_counts(stats.unigram_V, sigma, gen)
+    ctx_V = torch.minimum(dp.noisy_counts(stats.context_V, sigma, gen), uni_V)
+    big_H = dp.noisy_counts(stats.bigram_H, sigma, gen)
+    if not float(uni_V.sum()) > 0:  # everything under the threshold: one count, anywhere
+        uni_V[int(torch.argmax(stats.unigram_V + dp.gaussian(uni_V.shape, sigma, gen)))] = 1.0
+    if float(big_H.sum()) > 0:
+        big_H = dp.rescale_to_total(big_H, float(ctx_V.sum()))
+    else:
+        ctx_V = torch.zeros_like(ctx_V)
+    return stats.with_meta(unigram_V=uni_V, context_V=ctx_V, bigram_H=big_H)

@@ -15,19 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from dume_dist.core import dp
-from dume_dist.core.ngram import NgramStats
 from dume_dist.core.stats import RouterStats
-
-
-def gram_releases(num_layers: int, num_held_parts: int) -> int:
-    """Gaussian releases of a Gram contribution: every layer of every part, one count per part."""
-    fit = num_layers + 1
-    held = num_held_parts * num_layers + 1 if num_held_parts else 0
-    return fit + held
-
-
-def _with_dp(stats, guarantee: dp.Guarantee):
-    return stats.with_meta(extra={**stats.extra, "dp": guarantee.to_json()})
 
 
 def privatize(
@@ -39,82 +27,17 @@ def privatize(
     clip: float | None = None,
     seed: int | None = None,
 ) -> tuple[object, dict, dp.Guarantee]:
-    """``(noisy fit, {β: noisy held-out}, guarantee)`` for one contributor's statistics."""
+    """``(noisy fit, {β: noisy held-out}, guarantee)`` for one contributor's statistics. Each
+    statistics type owns its mechanism (``privatized``: its releases, sensitivity and
+    post-processing); this calibrates nothing itself and never asks which type it holds."""
     if tokens_per_unit < 1:
         raise ValueError("tokens_per_unit must be positive")
-    gen = dp.generator(seed)
-    if isinstance(fit, NgramStats):
-        return _privatize_ngram(fit, dict(held), spec, tokens_per_unit, gen)
-    if isinstance(fit, RouterStats):
-        if clip is None:
-            raise ValueError("Gram statistics need the feature clip they were collected with")
-        return _privatize_grams(fit, dict(held), spec, tokens_per_unit, clip, gen)
-    raise ValueError(f"no differential privacy for statistics of type {type(fit).__name__}")
-
-
-def _privatize_grams(fit, held, spec, tokens_per_unit, clip, gen):
-    if spec.unit != "sequence":
-        raise ValueError(
-            "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
-            "states of every later token of its window): use --dp-unit sequence"
-        )
-    num_l = fit.num_layers
-    releases = gram_releases(num_l, len(held))
-    z = dp.calibrate(spec.epsilon, spec.delta, releases)
-    sens_gram, sens_count = dp.gram_sensitivity(clip, tokens_per_unit)
-    sigma = {"gram": z * sens_gram, "count": z * sens_count}
-    guarantee = dp.Guarantee(
-        epsilon=spec.epsilon, delta=spec.delta, unit=spec.unit, noise_multiplier=z,
-        num_releases=releases, sensitivity={"gram": sens_gram, "count": sens_count},
-        sigma=sigma, clip=float(clip), count_cap=None,
-    )  # fmt: skip
-    (noisy_fit,) = dp.noisy_grams([fit.gram_LPP], sigma["gram"], sigma["count"], gen)
-    betas = sorted(held)
-    noisy_held = dp.noisy_grams(
-        [held[b].gram_LPP for b in betas], sigma["gram"], sigma["count"], gen
-    ) if betas else []  # fmt: skip
-    out_fit = _with_dp(fit.with_meta(gram_LPP=noisy_fit), guarantee)
-    out_held = {
-        b: _with_dp(held[b].with_meta(gram_LPP=g), guarantee) for b, g in zip(betas, noisy_held)
-    }
-    return out_fit, out_held, guarantee
-
-
-def _privatize_ngram(fit, held, spec, tokens_per_unit, gen):
-    if any(h.pairs_K3 is not None for h in held.values()):
-        raise ValueError(
-            "exact held-out bigrams cannot be released with differential privacy: use a fixed "
-            "mu (--lam) for ngram routing"
-        )
-    releases = 1 + len(held)
-    z = dp.calibrate(spec.epsilon, spec.delta, releases)
-    sens = dp.ngram_sensitivity(spec.unit, tokens_per_unit, spec.count_cap)
-    guarantee = dp.Guarantee(
-        epsilon=spec.epsilon, delta=spec.delta, unit=spec.unit, noise_multiplier=z,
-        num_releases=releases, sensitivity={"counts": sens}, sigma={"counts": z * sens},
-        clip=None, count_cap=spec.count_cap if spec.unit == "sequence" else None,
-    )  # fmt: skip
-    noisy = {b: noisy_ngram(h, z * sens, gen) for b, h in sorted(held.items())}
-    return (
-        _with_dp(noisy_ngram(fit, z * sens, gen), guarantee),
-        {b: _with_dp(h, guarantee) for b, h in noisy.items()},
-        guarantee,
+    mechanism = getattr(fit, "privatized", None)
+    if mechanism is None:
+        raise ValueError(f"no differential privacy for statistics of type {type(fit).__name__}")
+    return mechanism(
+        dict(held), spec, tokens_per_unit=tokens_per_unit, clip=clip, gen=dp.generator(seed)
     )
-
-
-def noisy_ngram(stats: NgramStats, sigma: float, gen: torch.Generator) -> NgramStats:
-    """Noise on the three count vectors, post-processed into counts that pass validation: a
-    context count never above its unigram count, bigram counts summing to the context counts."""
-    uni_V = dp.noisy_counts(stats.unigram_V, sigma, gen)
-    ctx_V = torch.minimum(dp.noisy_counts(stats.context_V, sigma, gen), uni_V)
-    big_H = dp.noisy_counts(stats.bigram_H, sigma, gen)
-    if not float(uni_V.sum()) > 0:  # everything under the threshold: one count, anywhere
-        uni_V[int(torch.argmax(stats.unigram_V + dp.gaussian(uni_V.shape, sigma, gen)))] = 1.0
-    if float(big_H.sum()) > 0:
-        big_H = dp.rescale_to_total(big_H, float(ctx_V.sum()))
-    else:
-        ctx_V = torch.zeros_like(ctx_V)
-    return stats.with_meta(unigram_V=uni_V, context_V=ctx_V, bigram_H=big_H)
 
 
 def guarantee_of(stats) -> dp.Guarantee | None:

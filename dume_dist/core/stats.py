@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from dume_dist.core import dp
+
 STATS_SCHEMA = "dume-stats/1"
 
 
@@ -84,6 +86,44 @@ class RouterStats:
 
     def with_meta(self, **kwargs) -> RouterStats:
         return replace(self, **kwargs)
+
+    def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip, gen):
+        """Differential privacy of a Gram contribution (``core.private.privatize``): every layer
+        of the fit and held-out parts and each part's count is one Gaussian release; symmetric
+        noise of the ``clip``-bounded features' sensitivity."""
+        if clip is None:
+            raise ValueError("Gram statistics need the feature clip they were collected with")
+        if spec.unit != "sequence":
+            raise ValueError(
+                "--dp-unit token does not hold for Gram statistics (one token changes the hidden "
+                "states of every later token of its window): use --dp-unit sequence"
+            )
+        releases = gram_releases(self.num_layers, len(held))
+        z = dp.calibrate(spec.epsilon, spec.delta, releases)
+        sens_gram, sens_count = dp.gram_sensitivity(clip, tokens_per_unit)
+        sigma = {"gram": z * sens_gram, "count": z * sens_count}
+        guarantee = dp.Guarantee(
+            epsilon=spec.epsilon, delta=spec.delta, unit=spec.unit, noise_multiplier=z,
+            num_releases=releases, sensitivity={"gram": sens_gram, "count": sens_count},
+            sigma=sigma, clip=float(clip), count_cap=None,
+        )  # fmt: skip
+        (noisy_fit,) = dp.noisy_grams([self.gram_LPP], sigma["gram"], sigma["count"], gen)
+        betas = sorted(held)
+        noisy_held = dp.noisy_grams(
+            [held[b].gram_LPP for b in betas], sigma["gram"], sigma["count"], gen
+        ) if betas else []  # fmt: skip
+        out_held = {
+            b: dp.with_guarantee(held[b].with_meta(gram_LPP=g), guarantee)
+            for b, g in zip(betas, noisy_held)
+        }
+        return dp.with_guarantee(self.with_meta(gram_LPP=noisy_fit), guarantee), out_held, guarantee
+
+
+def gram_releases(num_layers: int, num_held_parts: int) -> int:
+    """Gaussian releases of a Gram contribution: every layer of every part, one count per part."""
+    fit = num_layers + 1
+    held = num_held_parts * num_layers + 1 if num_held_parts else 0
+    return fit + held
 
 
 def check_same_backbone(a: str, b: str) -> None:
