@@ -10,7 +10,6 @@ warm-up, on one fixed batch.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dume_dist.bench import results as results_io
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM
 
 
@@ -155,10 +155,5 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict, json_path: str | Path) -> Path:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2))
-    md = json_path.with_suffix(".md")
-    md.write_text(markdown_table(result))
-    return md
+def write_results(results: dict, json_path: str | Path) -> Path:
+    return results_io.write_results(results, json_path, markdown_table)

@@ -27,7 +27,6 @@ attack on statistics privatised by ``core.private`` at those ε.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from dume_dist.bench import results as results_io
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
 from dume_dist.core.private import privatize
@@ -369,9 +369,4 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(results: dict, json_path: str | Path) -> Path:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md = json_path.with_suffix(".md")
-    md.write_text(markdown_table(results))
-    return md
+    return results_io.write_results(results, json_path, markdown_table)

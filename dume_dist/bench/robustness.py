@@ -18,7 +18,6 @@ tokens routed top-1 to each expert (mean over layers).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from dume_dist.bench import results as results_io
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
 from dume_dist.model.backbone import Backbone
@@ -209,9 +209,4 @@ def poisoning_table(results: dict) -> str:
 
 
 def write_results(results: dict, json_path: str | Path, table) -> Path:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md = json_path.with_suffix(".md")
-    md.write_text(table(results))
-    return md
+    return results_io.write_results(results, json_path, table)

@@ -18,7 +18,6 @@ processes hits them alike; the fastest run is the one least disturbed), after a 
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from dume_dist.bench import results as results_io
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics
 from dume_dist.model.data import eval_windows, load_texts
@@ -346,9 +346,4 @@ def _mixed_cell(row: dict) -> str:
 
 
 def write_results(results: dict, json_path: str | Path) -> Path:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md = json_path.with_suffix(".md")
-    md.write_text(markdown_table(results))
-    return md
+    return results_io.write_results(results, json_path, markdown_table)

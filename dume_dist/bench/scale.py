@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dume_dist.bench import results as results_io
+
 SHAPES = {
     "189m": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
                  num_attention_heads=16, num_key_value_heads=4),
@@ -259,12 +261,7 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, json_path: str) -> str:
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    md = path.with_suffix(".md")
-    md.write_text(markdown_table(result) + "\n")
-    return str(md)
+    return str(results_io.write_results(result, json_path, markdown_table))
 
 
 def store_report(url: str) -> dict:

@@ -19,12 +19,13 @@ For each N in ``counts`` (default 2, 8, 32), on a local multi-node Ray cluster a
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from dume_dist.bench import results as results_io
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 NUM_WORDS = 512
@@ -231,9 +232,4 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, json_path: str) -> str:
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    md = path.with_suffix(".md")
-    md.write_text(markdown_table(result) + "\n")
-    return str(md)
+    return str(results_io.write_results(result, json_path, markdown_table))
