@@ -51,7 +51,8 @@ def test_every_flag_has_a_config_key(words, config):
     if config == "node.yaml":
         assert args.data == ["/data/python/train.txt"] and args.workers is None
     else:
-        assert args.routing == "paper" and args.lam is None and args.top_k is None
+        assert args.routing is None and args.lam is None and args.top_k is None
+        assert args.max_tokens_per_seq is None  # the experts' limit, at genesis
         assert args.backbone == "average" and args.hold is False
 
 

@@ -552,6 +552,22 @@ def test_bad_routing_settings_are_one_line_errors_and_write_nothing(experts, tmp
     assert ObjectStore(url).list() == []
 
 
+def test_max_tokens_per_seq_defaults_to_the_experts_position_limit(experts, tmp_path):
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(experts["base"]).max_position_embeddings
+    url = str(tmp_path / "store")
+    coord = Coordinator(url, work_dir=str(tmp_path / "coord"))
+    with pytest.raises(ValueError, match="exceeds the experts' max_position_embeddings") as err:
+        genesis.found(coord, ObjectStore(url), backbone=f"base:{experts['base']}", founding={},
+                      settings={"routing": "paper", "max_tokens_per_seq": limit + 1})  # fmt: skip
+    assert "\n" not in str(err.value) and ObjectStore(url).list() == []
+    genesis.found(coord, ObjectStore(url), backbone=f"base:{experts['base']}", founding={},
+                  settings={"routing": "paper"})  # fmt: skip
+    assert coord.status()["registry"]["settings"]["max_tokens_per_seq"] == min(1024, limit)
+    assert genesis.fit_settings({}, 4096)["max_tokens_per_seq"] == 1024  # the paper's at most
+
+
 def test_settings_resolve_presets_and_overrides():
     from dume_dist.distributed.artifacts import routing_of
     from dume_dist.distributed.coordinator import check_settings

@@ -38,8 +38,9 @@ def register(sub) -> None:
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
-        default=1024,
-        help="leading tokens of each sequence in the statistics",
+        default=None,
+        help="leading tokens of each sequence in the statistics (default: the experts' "
+        "max_position_embeddings, at most 1024)",
     )
     p.add_argument(
         "--hold",
@@ -93,8 +94,9 @@ def settings_from_args(args) -> dict:
     """Coordinator settings from the flags; checked (one-line errors) before any actor exists."""
     from dume_dist.distributed.validation import check_settings
 
-    settings = {**routing_settings(args), "temperature": args.temperature,
-                "max_tokens_per_seq": args.max_tokens_per_seq}  # fmt: skip
+    settings = {**routing_settings(args), "temperature": args.temperature}
+    if args.max_tokens_per_seq is not None:  # else the experts' limit, set at genesis
+        settings["max_tokens_per_seq"] = args.max_tokens_per_seq
     check_settings(settings)
     return settings
 
@@ -118,7 +120,9 @@ def run_start(args) -> int:
     cred_path = args.operator_credential_file or DEFAULT_OPERATOR_FILE
     existing = _existing_operator_secret(cred_path)
     # Genesis work (backbone build and upload) happens before any actor exists.
-    record = None if genesis.is_founded(store) else genesis.prepare(store, args.backbone, founding)
+    record = None
+    if not genesis.is_founded(store):
+        record, settings = genesis.prepare(store, args.backbone, founding, settings)
     connect(args.address, args.namespace)
     resources = None
     if args.resource:

@@ -59,11 +59,31 @@ def is_founded(store: ObjectStore) -> bool:
     return bool(RegistryStore(store, coordinator_layout(store).registry).load()[0])
 
 
-def prepare(store: ObjectStore, backbone: str, founding: dict[str, str]) -> dict:
-    """Build and upload the backbone; returns its record. Runs before any actor exists, so bad
-    founding experts fail without leaving anything behind on the cluster."""
+def prepare(
+    store: ObjectStore, backbone: str, founding: dict[str, str], settings: dict
+) -> tuple[dict, dict]:
+    """Build and upload the backbone; returns its record and ``settings`` fitted to it
+    (``fit_settings``). Runs before any actor exists, so bad founding experts or settings the
+    backbone cannot take fail without leaving anything behind on the cluster."""
     bb, ref = build_backbone(backbone, founding)
-    return upload_backbone(store, bb, ref)
+    settings = fit_settings(settings, getattr(ref.config, "max_position_embeddings", None))
+    return upload_backbone(store, bb, ref), settings
+
+
+def fit_settings(settings: dict, max_positions: int | None) -> dict:
+    """``settings`` with ``max_tokens_per_seq`` defaulted to the experts' position limit (at most
+    the paper's 1024, as ``dume build`` does); one given above that limit is refused."""
+    from dume_dist.model.build import DEFAULT_MAX_TOKENS_PER_SEQ
+
+    given = settings.get("max_tokens_per_seq")
+    if given is None:
+        limit = min(DEFAULT_MAX_TOKENS_PER_SEQ, max_positions or DEFAULT_MAX_TOKENS_PER_SEQ)
+        return {**settings, "max_tokens_per_seq": limit}
+    if max_positions and isinstance(given, int) and given > max_positions:
+        raise ValueError(
+            f"max_tokens_per_seq={given} exceeds the experts' max_position_embeddings={max_positions}"
+        )
+    return settings
 
 
 def found_with(coordinator, record: dict, settings: dict, operator_secret: str | None = None,
@@ -91,7 +111,7 @@ def found(
     if status["registry"]:
         return {"founded": False, "revision": status["revision"]}, None
     check_settings(settings)  # bad settings fail before the backbone is uploaded
-    record = prepare(store, backbone, founding)
+    record, settings = prepare(store, backbone, founding, settings)
     return found_with(coordinator, record, settings, operator_secret, hold)
 
 
