@@ -38,13 +38,7 @@ from dume_dist.model.writer import verify_checkpoint, write_dume_checkpoint
 MAX_TOK = 12  # max_tokens_per_seq in these tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on shared cores: one thread avoids spin-wait contention (100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from dume_dist.distributed.state import public_view
 from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
 from dume_dist.store import CURRENT, BlobStore, ObjectStore, StoreError, VersionStore
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

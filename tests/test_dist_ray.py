@@ -22,7 +22,7 @@ from dume_dist.distributed.coordinator import Coordinator, routers_of
 from dume_dist.model.kinds import stats_from_bytes
 from dume_dist.store import CURRENT, BlobStore, ObjectStore, VersionStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 ray = pytest.importorskip("ray")
 
 SETTINGS = {"routing": "paper", "max_tokens_per_seq": 16}
@@ -48,14 +48,6 @@ def ray_cluster():
         os.environ.pop("RAY_TMPDIR", None)
     else:
         os.environ["RAY_TMPDIR"] = saved
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # in-process reference builds: tiny matmuls on shared cores
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from dume_dist.core.ngram import NgramStats
 from dume_dist.core.private import privatize
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics, raw_statistics
-from dume_dist.model.collect import decoder_layers, dense_model_for
+from dume_dist.model.collect import decoder_layers, dense_model_for, mlp_inputs
 from dume_dist.model.data import load_texts, token_batches
 from dume_dist.model.experts import load_expert_specs
 from dume_dist.model.kinds import stats_to_bytes
@@ -113,30 +113,13 @@ def bigram_precision(truth_K2: torch.Tensor, guess_K2: torch.Tensor) -> float:
 
 def token_templates(model, vocab: int, bos: int | None, batch: int = 512) -> list[torch.Tensor]:
     """``[V, D]`` per layer: the MLP input at the probe's last position for ``[BOS, v]``."""
-    layers = decoder_layers(model)
-    out: list[list[torch.Tensor]] = [[] for _ in layers]
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            out[i].append(x[:, -1].double())
-
-        return hook
-
-    handles = [
-        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.inference_mode():
-            for start in range(0, vocab, batch):
-                ids = torch.arange(start, min(vocab, start + batch))[:, None]
-                if bos is not None:
-                    ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
-                model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    out: list[list[torch.Tensor]] = [[] for _ in decoder_layers(model)]
+    with mlp_inputs(model, lambda i, x: out[i].append(x[:, -1].double())), torch.inference_mode():
+        for start in range(0, vocab, batch):
+            ids = torch.arange(start, min(vocab, start + batch))[:, None]
+            if bos is not None:
+                ids = torch.cat([torch.full_like(ids, bos), ids], dim=1)
+            model(input_ids=ids, use_cache=False)
     return [torch.cat(x) for x in out]
 
 
@@ -144,34 +127,19 @@ def context_templates(model, probes: list[torch.Tensor], batches) -> list[torch.
     """``[V, D]`` per layer: each token's mean MLP input over its occurrences in auxiliary text
     ``batches`` (text the coordinator has, never the contributor's); the probe template where a
     token does not occur."""
-    layers = decoder_layers(model)
     vocab = probes[0].shape[0]
     sums = [torch.zeros_like(p) for p in probes]
     count_V = torch.zeros(vocab, dtype=torch.float64)
     state = {}
 
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            sums[i].index_add_(0, state["ids"], x[state["real"]].double())
+    def add(i: int, x_BTD: torch.Tensor) -> None:
+        sums[i].index_add_(0, state["ids"], x_BTD[state["real"]].double())
 
-        return hook
-
-    handles = [
-        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.inference_mode():
-            for ids_BT, mask_BT in batches:
-                state["real"], state["ids"] = mask_BT.bool(), ids_BT[mask_BT.bool()]
-                count_V.index_add_(
-                    0, state["ids"], torch.ones(len(state["ids"]), dtype=torch.float64)
-                )
-                model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with mlp_inputs(model, add), torch.inference_mode():
+        for ids_BT, mask_BT in batches:
+            state["real"], state["ids"] = mask_BT.bool(), ids_BT[mask_BT.bool()]
+            count_V.index_add_(0, state["ids"], torch.ones(len(state["ids"]), dtype=torch.float64))
+            model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
     seen = count_V > 0
     return [
         torch.where(seen[:, None], s / count_V.clamp_min(1)[:, None], p)

@@ -21,8 +21,9 @@ Shape legend: B batch, T sequence, D hidden size, N real tokens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -86,6 +87,28 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
         raise ValueError(f"{type(model).__name__} has no decoder layers with an `mlp` to hook")
     return list(layers)
+
+
+@contextlib.contextmanager
+def mlp_inputs(model, fn: Callable[[int, torch.Tensor], None]):
+    """Within the block, every forward of ``model`` calls ``fn(layer_index, x_BTD)`` with each
+    decoder layer's MLP input, in layer order (forward pre-hooks, removed on leaving)."""
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            fn(i, args[0] if args else next(iter(kwargs.values())))
+
+        return hook
+
+    handles = [
+        layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def collect_stats(
@@ -185,32 +208,21 @@ class GramCollector(Collector):
         real_BT = mask_BT.bool()
         keep_BT = keep_mask(mask_BT, self.max_tokens_per_seq)
 
-        def make_hook(layer_idx: int):
-            def hook(module, args, kwargs):
-                x_BTD = args[0] if args else next(iter(kwargs.values()))
-                feats_BTF, _ = causal_features(self.features, x_BTD, real_BT)
-                if self.clip is not None:
-                    feats_BTF = clip_rows(feats_BTF.flatten(0, 1), self.clip).view_as(feats_BTF)
-                for beta, acc in self.acc.items():
-                    smoothed_BTF, _ = causal_ema(feats_BTF, beta, real_BT)
-                    acc.add(layer_idx, smoothed_BTF[keep_BT])
-                if layer_idx == len(layers) - 1:
-                    raise _StopForward
+        def on_layer(layer_idx: int, x_BTD: torch.Tensor) -> None:
+            feats_BTF, _ = causal_features(self.features, x_BTD, real_BT)
+            if self.clip is not None:
+                feats_BTF = clip_rows(feats_BTF.flatten(0, 1), self.clip).view_as(feats_BTF)
+            for beta, acc in self.acc.items():
+                smoothed_BTF, _ = causal_ema(feats_BTF, beta, real_BT)
+                acc.add(layer_idx, smoothed_BTF[keep_BT])
+            if layer_idx == len(layers) - 1:
+                raise _StopForward
 
-            return hook
-
-        handles = [
-            layer.mlp.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-            for i, layer in enumerate(layers)
-        ]
         try:
-            with torch.inference_mode():
+            with mlp_inputs(model, on_layer), torch.inference_mode():
                 base(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
         except _StopForward:
             pass
-        finally:
-            for handle in handles:
-                handle.remove()
         self.num_tokens += int(keep_BT.sum())
 
     def flat(self) -> torch.Tensor:
