@@ -13,12 +13,10 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dume_dist.bench import results as results_io
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM
 
 
@@ -153,7 +151,3 @@ def markdown_table(result: dict) -> str:
     ]
     lines += [f"| {name} | {tps:,.0f} | {ratio:.2f}× |" for name, tps, ratio in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, json_path: str | Path) -> Path:
-    return results_io.write_results(results, json_path, markdown_table)

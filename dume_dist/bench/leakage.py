@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dume_dist.bench import results as results_io
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
 from dume_dist.core.private import privatize
@@ -334,7 +333,3 @@ def markdown_table(results: dict) -> str:
             f"{b['top50_overlap']:.0%} / {b['kl']:.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, json_path: str | Path) -> Path:
-    return results_io.write_results(results, json_path, markdown_table)

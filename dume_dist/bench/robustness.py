@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dume_dist.bench import results as results_io
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
 from dume_dist.model.backbone import Backbone
@@ -206,7 +205,3 @@ def poisoning_table(results: dict) -> str:
         lines.append(f"| {r['kind']} | {r['attack']} | {shares} | "
                      f"{r['worst_other_keep_vs_honest']:.2%} | {r['keep'][t]:.2%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, json_path: str | Path, table) -> Path:
-    return results_io.write_results(results, json_path, table)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from dume_dist.bench import results as results_io
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics
 from dume_dist.model.data import eval_windows, load_texts
@@ -343,7 +342,3 @@ def _mixed_cell(row: dict) -> str:
     if not keep:
         return ""
     return " / ".join(f"{keep[g]:.3f}" for g in ("all", "later_segments", "after_switch"))
-
-
-def write_results(results: dict, json_path: str | Path) -> Path:
-    return results_io.write_results(results, json_path, markdown_table)

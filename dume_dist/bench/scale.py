@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from dume_dist.bench import results as results_io
-
 SHAPES = {
     "189m": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
                  num_attention_heads=16, num_key_value_heads=4),
@@ -258,10 +256,6 @@ def markdown_table(result: dict) -> str:
             f"{r['expert_mlp_bytes'] / 1e6:.1f} MB | {r['store_over_pulled']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def write_results(result: dict, json_path: str) -> str:
-    return str(results_io.write_results(result, json_path, markdown_table))
 
 
 def store_report(url: str) -> dict:

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from dume_dist.bench import results as results_io
-
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 NUM_WORDS = 512
 
@@ -229,7 +227,3 @@ def markdown_table(result: dict) -> str:
         f"{p['expert_mlp_bytes'] / 1e9:.2f} GB | {p['expert_checkpoint_bytes'] / 1e9:.2f} GB | {p['stats_over_mlp']:.3f} |"
     )
     return "\n".join(lines)
-
-
-def write_results(result: dict, json_path: str) -> str:
-    return str(results_io.write_results(result, json_path, markdown_table))

@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 
 
+def _common(p, *, experts: str | None = None, train: bool = False, valid: bool = False) -> None:
+    """--json, and the expert/text flags a benchmark takes (``experts``: the --expert help)."""
+    p.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    if experts is not None:
+        p.add_argument("--expert", action="append", metavar="NAME=DIR", help=experts)
+    if train:
+        p.add_argument("--train", action="append", metavar="NAME=PATH",
+                       help="statistics text of NAME (repeat)")  # fmt: skip
+    if valid:
+        p.add_argument("--valid", action="append", metavar="NAME=PATH",
+                       help="held-out text of NAME (repeat)")  # fmt: skip
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results to JSON + markdown)")
     kinds = bench.add_subparsers(dest="command2", required=True, metavar="BENCH")
 
     inf = kinds.add_parser("inference", help="dense vs DUME tokens/s; statistics vs forward")
-    inf.add_argument(
-        "--json", required=True, help="results file (a .md table is written beside it)"
-    )
+    _common(inf)
     inf.add_argument(
         "--expert",
         default=None,
@@ -29,19 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt = kinds.add_parser(
         "routing", help="routing options vs oracle routing: quality, statistics, solve, speed"
     )
-    rt.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
-    rt.add_argument(
-        "--expert",
-        action="append",
-        metavar="NAME=DIR",
-        help="an expert (repeat; default: the shipped founding demo experts)",
-    )
-    rt.add_argument(
-        "--train", action="append", metavar="NAME=PATH", help="statistics text of NAME (repeat)"
-    )
-    rt.add_argument(
-        "--valid", action="append", metavar="NAME=PATH", help="held-out text of NAME (repeat)"
-    )
+    _common(rt, experts="an expert (repeat; default: the shipped founding demo experts)",
+            train=True, valid=True)  # fmt: skip
     rt.add_argument(
         "--option",
         action="append",
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc = kinds.add_parser(
         "scaling", help="join / re-solve / unlearn times and bytes pushed, 2-32 contributors"
     )
-    sc.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    _common(sc)
     sc.add_argument("--contributors", default="2,8,32", help="comma-separated contributor counts")
     sc.add_argument("--hidden-size", type=int, default=64)
     sc.add_argument("--layers", type=int, default=2)
@@ -77,16 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lk = kinds.add_parser(
         "leakage", help="what a curious coordinator recovers from each routing kind's statistics"
     )
-    lk.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
-    lk.add_argument(
-        "--expert",
-        action="append",
-        metavar="NAME=DIR",
-        help="an expert (default: the shipped ones)",
-    )
-    lk.add_argument(
-        "--train", action="append", metavar="NAME=PATH", help="statistics text of NAME (repeat)"
-    )
+    _common(lk, experts="an expert (repeat; default: the shipped ones)", train=True)
     lk.add_argument("--kind", action="append", choices=("ngram", "paper", "context"), default=None)
     lk.add_argument("--seq-len", type=int, default=512, help="statistics window length")
     lk.add_argument("--max-tokens", type=int, default=None, help="statistics tokens per expert")
@@ -103,11 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("poisoning", "what one contributor's inflated or forged statistics do to routing"),
     ):
         rb = kinds.add_parser(name, help=helptext)
-        rb.add_argument("--json", required=True, help="results file (a .md table beside it)")
-        rb.add_argument("--expert", action="append", metavar="NAME=DIR",
-                        help="an expert (default: the shipped founding ones)")  # fmt: skip
-        rb.add_argument("--train", action="append", metavar="NAME=PATH")
-        rb.add_argument("--valid", action="append", metavar="NAME=PATH")
+        _common(rb, experts="an expert (repeat; default: the shipped founding ones)",
+                train=True, valid=True)  # fmt: skip
         rb.add_argument("--kind", action="append", choices=("ngram", "paper", "context"))
         rb.add_argument("--seq-len", type=int, default=512, help="statistics window length")
         rb.add_argument("--max-eval-tokens", type=int, default=8192, help="per domain")
@@ -126,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc = kinds.add_parser(
         "scale", help="memory and seconds of build, solve and publish at real sizes; store bytes"
     )
-    sc.add_argument("--json", required=True, help="results file (a .md table is written beside it)")
+    _common(sc)
     sc.add_argument(
         "--shape",
         choices=("189m", "1b", "tiny"),
@@ -144,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inference(args) -> int:
-    from dume_dist.bench.inference import markdown_table, run_inference_bench, write_results
+    from dume_dist.bench.inference import markdown_table, run_inference_bench
 
     expert = args.expert
     if expert is None:
@@ -155,32 +143,21 @@ def run_inference(args) -> int:
         expert_dir=expert, num_experts=args.num_experts, batch_size=args.batch_size,
         seq_len=args.seq_len, repeats=args.repeats, threads=args.threads, device=args.device,
     )  # fmt: skip
-    md = write_results(result, args.json)
-    print(markdown_table(result))
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return _report(result, args.json, markdown_table)
 
 
 def run_scale(args) -> int:
-    from dume_dist.bench.scale import markdown_table, run_scale_bench, write_results
+    from dume_dist.bench.scale import markdown_table, run_scale_bench
 
     result = run_scale_bench(
         counts=tuple(args.experts or (2, 4, 8)), shape=args.shape, max_tokens=args.max_tokens,
         threads=args.threads, work=args.work,
     )  # fmt: skip
-    md = write_results(result, args.json)
-    print(markdown_table(result))
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return _report(result, args.json, markdown_table)
 
 
 def run_routing(args) -> int:
-    from dume_dist.bench.routing import (
-        markdown_table,
-        run_routing_bench,
-        select_options,
-        write_results,
-    )
+    from dume_dist.bench.routing import markdown_table, run_routing_bench, select_options
     from dume_dist.cli.build import parse_experts, parse_named
     from dume_dist.model.mixed import MixedSettings
 
@@ -190,11 +167,7 @@ def run_routing(args) -> int:
         if set(train) != set(experts) or not set(valid) <= set(experts) or not valid:
             raise ValueError("--train needs every --expert name, --valid a subset of them")
     else:
-        from dume_dist.demo import FOUNDING_DOMAINS, data_path, expert_dir
-
-        experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
-        train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
-        valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
+        experts, train, valid = _founders()
     options = select_options(args.option)
     result = run_routing_bench(
         experts, train, valid, options=options, holdout_fraction=args.holdout_fraction,
@@ -203,26 +176,21 @@ def run_routing(args) -> int:
         threads=args.threads, device=args.device,
         mixed=MixedSettings(sequences=args.mixed_sequences) if args.mixed_sequences > 0 else None,
     )  # fmt: skip
-    md = write_results(result, args.json)
-    print(markdown_table(result))
+    code = _report(result, args.json, markdown_table)
     print(f"best: {result['best']}")
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return code
 
 
 def run_scaling(args) -> int:
     from dume_dist.distributed.auth import token_auth_for_a_new_cluster
 
     token_auth_for_a_new_cluster()  # before Ray is imported
-    from dume_dist.bench.scaling import markdown_table, run_scaling_bench, write_results
+    from dume_dist.bench.scaling import markdown_table, run_scaling_bench
 
     counts = [int(c) for c in args.contributors.split(",") if c.strip()]
     result = run_scaling_bench(counts, hidden_size=args.hidden_size, num_layers=args.layers,
                                intermediate_size=args.intermediate_size, tokens=args.tokens)  # fmt: skip
-    md = write_results(result, args.json)
-    print(markdown_table(result))
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return _report(result, args.json, markdown_table)
 
 
 def _experts_and_train(args):
@@ -241,7 +209,7 @@ def _experts_and_train(args):
 def run_leakage(args) -> int:
     import torch
 
-    from dume_dist.bench.leakage import KINDS, markdown_table, run_leakage_bench, write_results
+    from dume_dist.bench.leakage import KINDS, markdown_table, run_leakage_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,10 +218,7 @@ def run_leakage(args) -> int:
         experts, train, kinds=args.kind or KINDS, seq_len=args.seq_len,
         max_tokens=args.max_tokens, dp_epsilons=args.dp_epsilon or (), dp_delta=args.dp_delta,
     )  # fmt: skip
-    md = write_results(result, args.json)
-    print(markdown_table(result))
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return _report(result, args.json, markdown_table)
 
 
 def run_robustness(args) -> int:
@@ -267,11 +232,7 @@ def run_robustness(args) -> int:
         experts, train = _experts_and_train(args)
         valid = parse_named_valid(args)
     else:
-        from dume_dist.demo import FOUNDING_DOMAINS, data_path, expert_dir
-
-        experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
-        train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
-        valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
+        experts, train, valid = _founders()
     common = dict(kinds=args.kind or tuple(rb.FIXED), seq_len=args.seq_len,
                   max_eval_tokens=args.max_eval_tokens)  # fmt: skip
     if args.command2 == "privacy":
@@ -283,10 +244,7 @@ def run_robustness(args) -> int:
         result = rb.run_poisoning_bench(experts, train, valid, target=args.target,
                                         max_tokens=args.max_tokens, **common)  # fmt: skip
         table = rb.poisoning_table
-    md = rb.write_results(result, args.json, table)
-    print(table(result))
-    print(f"wrote {args.json} and {md}")
-    return 0
+    return _report(result, args.json, table)
 
 
 def parse_named_valid(args) -> dict:
@@ -296,3 +254,23 @@ def parse_named_valid(args) -> dict:
     if not valid:
         raise ValueError("--valid is needed with --expert")
     return valid
+
+
+def _report(result: dict, json_path: str, table) -> int:
+    """Write ``result`` (JSON and its Markdown table beside it) and print the table."""
+    from dume_dist.bench.results import write_results
+
+    md = write_results(result, json_path, table)
+    print(table(result))
+    print(f"wrote {json_path} and {md}")
+    return 0
+
+
+def _founders() -> tuple[dict, dict, dict]:
+    """The shipped founding experts with their statistics and held-out texts."""
+    from dume_dist.demo import FOUNDING_DOMAINS, data_path, expert_dir
+
+    experts = {d: str(expert_dir(d)) for d in FOUNDING_DOMAINS}
+    train = {d: [str(data_path(d, "train"))] for d in FOUNDING_DOMAINS}
+    valid = {d: [str(data_path(d, "valid"))] for d in FOUNDING_DOMAINS}
+    return experts, train, valid
