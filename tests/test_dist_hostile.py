@@ -211,6 +211,28 @@ def test_one_refusal_for_unknown_node_wrong_domain_and_wrong_secret(paper):
     assert stats
 
 
+def test_refusals_cost_one_scrypt_whether_the_node_exists_or_not(paper, monkeypatch):
+    """Timing does not tell an unknown node from a wrong secret: both run one real scrypt."""
+    from dume_dist.distributed import identity
+
+    calls = []
+
+    def counted(material, hashed):
+        calls.append(hashed)
+        return real(material, hashed)
+
+    real = identity.verify_secret
+    monkeypatch.setattr(identity, "verify_secret", counted)
+    for secret, name, domain in (
+        ("wrong", "beta", "beta"),  # an active node, a wrong secret
+        (paper.creds["beta"], "nobody", "beta"),  # no such node
+        (paper.creds["beta"], "beta", "alpha"),  # a node, another domain
+    ):
+        calls.clear()
+        refused(paper, paper.coord.node_info, secret, name, domain, error=PermissionError)
+        assert len(calls) == 1 and calls[0].startswith("scrypt$")
+
+
 def test_credential_checks_do_not_wait_for_the_registry_lock(paper):
     """A wrong secret is refused while another call holds the registry: scrypt runs outside the
     lock, so wrong secrets queued at the (threaded) actor never delay the others."""

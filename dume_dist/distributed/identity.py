@@ -3,7 +3,9 @@
 A node credential is bound to its name and domain (the hash covers all three), so a secret
 works only for the node it was issued to. A refusal never says which part was wrong: an unknown
 node, a wrong domain, a wrong secret and a revoked credential all get the same one line (the
-message does not tell a caller which names and domains exist).
+message does not tell a caller which names and domains exist), and a refusal takes as long:
+a secret offered for a node that is not active is checked against a decoy hash, so timing does
+not tell an unknown node from a wrong secret either.
 
 Checking a secret costs one scrypt (tens of ms). The coordinator runs checks outside its
 registry lock, on the caller's thread, so wrong secrets queued at the actor do not delay other
@@ -20,7 +22,7 @@ import threading
 
 from dume_dist.distributed import signing
 from dume_dist.distributed.state import NodeState, Registry
-from dume_dist.store import verify_secret
+from dume_dist.store import hash_secret, verify_secret
 
 MAX_SECRET_CHARS = 1024
 
@@ -51,6 +53,8 @@ class Verifier:
         self._accepted: set[bytes] = set()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # what a secret offered for an inactive node is checked against (one scrypt, as a real check)
+        self._decoy = hash_secret(secrets.token_urlsafe(32))
 
     def _tag(self, material: str, hashed: str) -> bytes:
         return hmac.new(self._key, f"{hashed}\0{material}".encode(), hashlib.sha256).digest()
@@ -86,6 +90,8 @@ class Verifier:
             or rec.state in (NodeState.LEFT, NodeState.UNLEARNED)
             or rec.domain != domain
         ):
+            if _plausible(secret):  # the scrypt a real check costs: no timing tells the cases apart
+                verify_secret(node_material(str(name), str(domain), secret), self._decoy)
             raise node_refusal(name, domain)
         if signing.is_envelope(secret):
             if replay is not None:
