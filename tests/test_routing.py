@@ -243,6 +243,10 @@ SPECS = {
     "prefix-ridge-auto": RoutingSpec(features="prefix_mean", lam=AUTO, holdout_fraction=0.1),
     "token-lda": RoutingSpec(solver="lda", lam=0.1),
     "context": PRESETS["context"],
+    "paper-equal": PRESETS["paper"].replace(priors="equal"),
+    "token-ridge-auto-equal": RoutingSpec(lam=AUTO, priors="equal", holdout_fraction=0.1),
+    "context-tokens": PRESETS["context"].replace(priors="tokens"),
+    "context-equal": PRESETS["context"].replace(priors="equal"),
 }
 
 
@@ -273,7 +277,7 @@ def test_adding_then_removing_a_contributor_returns_identical_routers(name):
     # Subtracting the contribution's Grams from the sum gives the same routers to fp64 rounding.
     a_plus_d = (fit["a"][0], fit["a"][1] + fit["d"][1])
     sub = {**without(fit), "a": (0, a_plus_d[1] - fit["d"][1])}
-    subtracted = solve_routers(sub, 3, lam=never.lam, solver=spec.solver)
+    subtracted = solve_routers(sub, 3, lam=never.lam, solver=spec.solver, priors=spec.priors)
     for r0, r1 in zip(never.routers, subtracted):
         torch.testing.assert_close(r1.weight_EF, r0.weight_EF, rtol=1e-7, atol=1e-9)
 

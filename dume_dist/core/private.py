@@ -46,26 +46,38 @@ def guarantee_of(stats) -> dp.Guarantee | None:
     return None if raw is None else dp.Guarantee.from_json(raw)
 
 
-def noise_sigmas(contributions: Mapping[str, tuple[int, object]]) -> list[float]:
-    """The Gram noise scales of the private contributions (empty when none is private)."""
-    out = []
+def noise_sigmas(
+    contributions: Mapping[str, tuple[int, object]], priors: str = "tokens"
+) -> list[float]:
+    """The Gram noise scales of the private contributions (empty when none is private), as they
+    enter the solve: with equal priors each divided by its expert's token count."""
+    out, count_E = [], {}
     for name in sorted(contributions):
-        g = guarantee_of(contributions[name][1])
+        expert, stats = contributions[name]
+        if priors == "equal":
+            count_E[expert] = count_E.get(expert, 0.0) + float(stats.gram_LPP[0, -1, -1])
+        g = guarantee_of(stats)
         if g is not None and "gram" in g.sigma:
-            out.append(float(g.sigma["gram"]))
-    return out
+            out.append((expert, float(g.sigma["gram"])))
+    return [s / count_E[e] if priors == "equal" else s for e, s in out]
 
 
-def lam_floor(contributions: Mapping[str, tuple[int, RouterStats]], num_experts: int, solver: str):
+def lam_floor(
+    contributions: Mapping[str, tuple[int, RouterStats]],
+    num_experts: int,
+    solver: str,
+    priors: str = "tokens",
+):
     """The smallest λ the solve may use with these contributions: for ridge ``core.dp.min_ridge_lam``
-    of their noise, for lda the same bound relative to the pooled covariance's mean variance
-    (its shrinkage is relative), 0 when no contribution is private."""
+    of their noise (as it enters ``A`` under ``priors``), for lda the same bound relative to the
+    pooled covariance's mean variance (its shrinkage is relative), 0 when no contribution is
+    private."""
     from dume_dist.core.solve import normal_equations
 
-    sigmas = noise_sigmas(contributions)
+    sigmas = noise_sigmas(contributions, priors)
     if not sigmas:
         return 0.0
-    a_LPP, b_LPE = normal_equations(contributions, num_experts)
+    a_LPP, b_LPE = normal_equations(contributions, num_experts, priors)
     floor = dp.min_ridge_lam(sigmas, a_LPP.shape[-1])
     if solver != "lda":
         return floor
@@ -73,7 +85,7 @@ def lam_floor(contributions: Mapping[str, tuple[int, RouterStats]], num_experts:
     for a_PP, b_PE in zip(a_LPP, b_LPE):
         count_E = b_PE[-1]
         scatter = torch.diagonal(a_PP[:-1, :-1]).sum() - ((b_PE[:-1] ** 2).sum(0) / count_E).sum()
-        mean_var = float(scatter) / (a_PP.shape[0] - 1)  # N × the mean variance
+        mean_var = float(scatter) / (a_PP.shape[0] - 1)  # N (E: equal priors) × the mean variance
         rel = max(rel, floor / mean_var if mean_var > 0 else 1.0)
     return min(1.0, rel)
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dume_dist.core.solve import SOLVERS, normal_equations, solve_layer
+from dume_dist.core.solve import PRIORS, SOLVERS, normal_equations, solve_layer
 from dume_dist.core.stats import RouterStats
 
 CRITERIA = ("ridge_loss", "error")
@@ -37,6 +37,17 @@ DEFAULT_LAM_GRID = {
     "ridge": tuple(10.0 ** (k / 2) for k in range(-6, 15)),  # 1e-3 .. 1e7
     "lda": tuple(10.0 ** (k / 2) for k in range(-12, 1)),  # 1e-6 .. 1
 }
+# With equal priors A sums E unit-weight experts (their moments), not N tokens: ridge λ is relative.
+EQUAL_PRIORS_LAM_GRID = {
+    "ridge": tuple(10.0 ** (k / 2) for k in range(-18, 3)),  # 1e-9 .. 10
+    "lda": DEFAULT_LAM_GRID["lda"],
+}
+
+
+def default_lam_grid(solver: str, priors: str = "tokens") -> tuple[float, ...]:
+    """The λ grid of ``auto`` for ``solver`` under ``priors``."""
+    return (EQUAL_PRIORS_LAM_GRID if priors == "equal" else DEFAULT_LAM_GRID)[solver]
+
 
 Contributions = Mapping[str, tuple[int, RouterStats]]
 
@@ -99,22 +110,26 @@ def select_routing(
     solver: str = "ridge",
     lam_grid: Sequence[float] | None = None,
     criterion: str | None = None,
+    priors: str = "tokens",
 ) -> Selection:
     """The ``(λ, β)`` on ``lam_grid × holdout`` that minimises the held-out ``criterion``
-    (default: the solver's own, ``DEFAULT_CRITERION``); ties go to the first candidate."""
+    (default: the solver's own, ``DEFAULT_CRITERION``); ties go to the first candidate. The
+    routers are solved with ``priors`` (``core.solve``), and the ridge loss is weighted alike."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if priors not in PRIORS:
+        raise ValueError(f"priors must be one of {PRIORS}, got {priors!r}")
     criterion = criterion or DEFAULT_CRITERION[solver]
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not holdout:
         raise ValueError("selecting lam or smoothing needs held-out statistics")
-    lam_grid = [float(x) for x in (lam_grid or DEFAULT_LAM_GRID[solver])]
+    lam_grid = [float(x) for x in (lam_grid or default_lam_grid(solver, priors))]
     betas = sorted(float(b) for b in holdout)
-    a_LPP, b_LPE = normal_equations(fit, num_experts)
+    a_LPP, b_LPE = normal_equations(fit, num_experts, priors)
     held = {}
     for beta in betas:
-        ga_LPP, gb_LPE = normal_equations(holdout[beta], num_experts)
+        ga_LPP, gb_LPE = normal_equations(holdout[beta], num_experts, priors)
         if ga_LPP.shape != a_LPP.shape:
             raise ValueError(
                 f"held-out statistics have shape {tuple(ga_LPP.shape)}, the fit ones "
@@ -122,7 +137,8 @@ def select_routing(
             )
         held[beta] = (ga_LPP, gb_LPE, class_grams(holdout[beta], num_experts))
     num_layers = a_LPP.shape[0]
-    num_held = int(round(float(held[betas[0]][0][0, -1, -1])))
+    num_held = int(round(float(held[betas[0]][2][0, :, -1, -1].sum())))
+    weight = num_held if priors == "tokens" else num_experts  # what G_h sums: tokens or classes
     curves = {c: [[0.0] * len(lam_grid) for _ in betas] for c in CRITERIA}
     for li, lam in enumerate(lam_grid):
         for layer in range(num_layers):
@@ -136,7 +152,7 @@ def select_routing(
                     curves["ridge_loss"][si][li] = curves["error"][si][li] = math.inf
                     continue
                 loss = ridge_loss(w_PE, ga_LPP[layer], gb_LPE[layer])
-                curves["ridge_loss"][si][li] += loss / (num_held * num_layers)
+                curves["ridge_loss"][si][li] += loss / (weight * num_layers)
                 curves["error"][si][li] += estimated_error(w_PE, cls_LEPP[layer]) / num_layers
     chosen = curves[criterion]
     best = min(

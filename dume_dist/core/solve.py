@@ -14,6 +14,18 @@
   does not buy it traffic). Logits are Gaussian log-likelihoods up to a shared constant; rows are
   not normalised.
 
+**Priors** (``priors``): ``tokens`` (the paper) sums every contribution as it is, so an expert
+weighs in the solve by the tokens it claims — for ridge its share of the tokens acts as a prior,
+for lda it shapes the pooled covariance. ``equal`` first sums each expert's contributions
+(sorted names), then divides that sum by the expert's token count ``n_j``: every expert enters
+``A`` as its mean Gram (its moments, weight 1) and column ``j`` of ``B`` is ``[μ_j, 1]``. An
+expert's weight no longer depends on how many tokens it claims (``×k`` statistics solve to the
+same routers), and it is still a function of per-expert sums of additive statistics, so removing a
+contribution and solving again equals a solve that never had it. Under ``equal`` ridge's λ is
+relative to one expert's moments (``A`` sums ``E`` unit-weight experts, not ``N`` tokens); lda's
+shrinkage is relative under both, and with ``equal`` its pooled covariance is the mean of the
+class covariances.
+
 Shapes: ``P = F + 1`` (features and the constant), ``E`` experts, ``L`` layers.
 """
 
@@ -27,6 +39,7 @@ import torch
 from dume_dist.core.stats import RouterStats, add_stats
 
 SOLVERS = ("ridge", "lda")
+PRIORS = ("tokens", "equal")
 
 
 @dataclass(frozen=True)
@@ -52,29 +65,79 @@ def ridge_solve(a_PP: torch.Tensor, b_PE: torch.Tensor, lam: float) -> torch.Ten
 
 
 def normal_equations(
-    contributions: Mapping[str, tuple[int, RouterStats]], num_experts: int
+    contributions: Mapping[str, tuple[int, RouterStats]], num_experts: int, priors: str = "tokens"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum contributions in canonical (sorted-name) order into ``A_LPP`` and ``B_LPE``.
 
     One pass, one contribution read at a time (``contributions`` may load lazily): memory is
-    the running sums plus one contribution. ``A`` is bit-identical to ``sum_stats``."""
+    the running sums plus one contribution. ``A`` is bit-identical to ``sum_stats``. With
+    ``priors="equal"`` each expert's contributions are summed first and divided by its token
+    count (``_balanced_equations``)."""
+    if priors not in PRIORS:
+        raise ValueError(f"priors must be one of {PRIORS}, got {priors!r}")
     if not contributions:
         raise ValueError("no contributions to solve routers from")
+    if priors == "equal":
+        return _balanced_equations(contributions, num_experts)
     total, b_LPE = None, None
     for name in sorted(contributions):
         expert, stats = contributions[name]
-        if not 0 <= expert < num_experts:
-            raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
+        _check_expert(name, expert, num_experts)
         total = add_stats(total, stats)
         if b_LPE is None:
             b_LPE = torch.zeros(*stats.gram_LPP.shape[:2], num_experts, dtype=torch.float64)
         b_LPE[:, :, expert] += stats.gram_LPP[:, :, -1]
         del stats
     a_LPP = total.gram_LPP
-    missing = [j for j in range(num_experts) if not b_LPE[0, -1, j] > 0]
+    _check_all_present([j for j in range(num_experts) if not b_LPE[0, -1, j] > 0])
+    return a_LPP, b_LPE
+
+
+def _check_expert(name: str, expert: int, num_experts: int) -> None:
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
+
+
+def _check_all_present(missing: list[int]) -> None:
     if missing:
         raise ValueError(f"experts {missing} have no statistics: every expert needs data")
-    return a_LPP, b_LPE
+
+
+def experts_of(
+    contributions: Mapping[str, tuple[int, object]], num_experts: int
+) -> list[list[str]]:
+    """Per expert the names of its contributions, sorted. A mapping that loads statistics lazily
+    may offer ``expert_of(name)`` so that this reads no statistics."""
+    expert_of = getattr(contributions, "expert_of", None)
+    groups: list[list[str]] = [[] for _ in range(num_experts)]
+    for name in sorted(contributions):
+        expert = expert_of(name) if expert_of is not None else contributions[name][0]
+        _check_expert(name, expert, num_experts)
+        groups[expert].append(name)
+    return groups
+
+
+def _balanced_equations(contributions, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal priors: ``A = Σ_j S_j / n_j`` and ``B[:, j] = S_j[:, F] / n_j`` with ``S_j`` the sum of
+    expert ``j``'s contributions in sorted-name order and ``n_j`` its token count; experts added
+    in index order. Memory: ``A``, one expert's running sum and one contribution."""
+    groups = experts_of(contributions, num_experts)
+    _check_all_present([j for j, names in enumerate(groups) if not names])
+    a_total, b_LPE = None, None
+    for j, names in enumerate(groups):
+        expert_sum = None
+        for name in names:
+            expert_sum = add_stats(expert_sum, contributions[name][1])
+        gram_LPP = expert_sum.gram_LPP
+        count = float(gram_LPP[0, -1, -1])
+        _check_all_present([] if count > 0 else [j])
+        gram_LPP.div_(count)  # the running sum is add_stats' own copy
+        if b_LPE is None:
+            b_LPE = torch.zeros(*gram_LPP.shape[:2], num_experts, dtype=torch.float64)
+        b_LPE[:, :, j] = gram_LPP[:, :, -1]
+        a_total = add_stats(a_total, expert_sum)
+        del expert_sum, gram_LPP
+    return a_total.gram_LPP, b_LPE
 
 
 def _normalised(w_PE: torch.Tensor, with_bias: bool) -> Router:
@@ -136,16 +199,18 @@ def solve_routers(
     lam: float = 1e-2,
     bias: bool = True,
     solver: str = "ridge",
+    priors: str = "tokens",
 ) -> list[Router]:
     """Routers for every layer from ``{contributor: (expert_index, stats)}``.
 
     ``bias=False`` solves the ridge problem without intercept (the ``F×F`` block of A and
     the feature rows of B), for router formats that have no bias (Mixtral). ``solver`` is
-    ``ridge`` (the paper; ``lam`` = λ) or ``lda`` (``lam`` = covariance shrinkage in (0, 1]).
+    ``ridge`` (the paper; ``lam`` = λ) or ``lda`` (``lam`` = covariance shrinkage in (0, 1]);
+    ``priors`` ``tokens`` (the paper) or ``equal`` (module docstring).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    a_LPP, b_LPE = normal_equations(contributions, num_experts)
+    a_LPP, b_LPE = normal_equations(contributions, num_experts, priors)
     return [
         router_from_solution(solve_layer(a_PP, b_PE, lam, solver, bias), solver, bias)
         for a_PP, b_PE in zip(a_LPP, b_LPE)

@@ -186,7 +186,8 @@ class _SavedStats(Mapping):
 def _recorded_routing(ckpt: DumeCheckpoint, lam: float) -> SolvedRouting:
     """The checkpoint's routing settings as a ``SolvedRouting`` (no router tensors)."""
     routing = ckpt.config.routing or {}
-    named = {k: routing[k] for k in ("kind", "features", "solver", "smoothing") if k in routing}
+    named = {k: routing[k] for k in ("kind", "features", "solver", "smoothing", "priors")
+             if k in routing}  # fmt: skip
     try:
         spec = RoutingSpec(kind=named.pop("kind", None), **named, lam=lam if lam > 0 else 1.0)
     except ValueError as exc:

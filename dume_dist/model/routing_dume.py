@@ -390,7 +390,8 @@ class KindInference:
 
 class LinearInference(KindInference):
     name = "linear"
-    config_keys = ("features", "smoothing", "solver", "lam", "ridge_lambda", "lda_shrinkage")
+    config_keys = ("features", "smoothing", "solver", "lam", "ridge_lambda", "lda_shrinkage",
+                   "priors")  # fmt: skip
 
     @staticmethod
     def validate(routing: dict) -> None:

@@ -137,6 +137,13 @@ LINEAR_OPTIONS = (
     ),
     Option("solver", "choice", "ridge", "router solver: 'ridge' (the paper) or 'lda'",
            choices=("ridge", "lda")),
+    Option(
+        "priors", "choice", "tokens",
+        "how experts weigh in the solve: 'tokens' (by the tokens each claims, the paper) or "
+        "'equal' (each expert's statistics normalised by its token count: claimed volume buys no "
+        "traffic; ridge λ is then relative to one expert's moments)",
+        choices=("tokens", "equal"),
+    ),
     Option("ridge_lambda", "float", 1e-2, "ridge solver's λ (> 0), or 'auto'",
            low=0.0, low_open=True, auto=True),
     Option("lda_shrinkage", "float", 1e-2,

@@ -57,6 +57,12 @@ class Indexed(Mapping):
     def __getitem__(self, name: str):
         return self.index[name], self.stats[name]
 
+    def expert_of(self, name: str) -> int:
+        """``name``'s expert index without reading its statistics (``core.solve.experts_of``)."""
+        if name not in self.stats:
+            raise KeyError(name)
+        return self.index[name]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.stats)
 

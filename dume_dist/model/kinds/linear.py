@@ -3,9 +3,9 @@
 Statistics: ``core.stats.RouterStats``, one Gram of the router features per MoE layer (identity
 ``feature_map``: the features' name, ``"<features>+ema:<β>"`` for held-out Grams of smoothed
 features), collected by ``collect.GramCollector`` on the dense model (backbone + own expert).
-Solve: ``core.solve`` (``ridge`` or ``lda``); ``ridge_lambda`` / ``lda_shrinkage`` / ``smoothing``
-``"auto"`` are chosen on held-out Grams (``core.select``). Checkpoint: ``mlp.router.weight`` and
-``bias`` per layer; inference: ``routing_dume.LinearInference``.
+Solve: ``core.solve`` (``ridge`` or ``lda``; ``priors`` ``tokens`` or ``equal``); ``ridge_lambda``
+/ ``lda_shrinkage`` / ``smoothing`` ``"auto"`` are chosen on held-out Grams (``core.select``).
+Checkpoint: ``mlp.router.weight`` and ``bias`` per layer; inference: ``routing_dume.LinearInference``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import gc
 from collections.abc import Mapping
 
 from dume_dist.core.private import lam_floor
-from dume_dist.core.select import DEFAULT_LAM_GRID, select_routing
+from dume_dist.core.select import default_lam_grid, select_routing
 from dume_dist.core.solve import Router, solve_routers
 from dume_dist.core.stats import (
     STATS_SCHEMA,
@@ -141,19 +141,22 @@ class LinearKind(RouterKind):
 
         param = _PARAM[spec.solver]
         lam, smoothing, selection = spec.options[param], spec.smoothing, None
-        floor = lam_floor(fit, num_experts, spec.solver)  # noise of private contributions
+        priors = spec.priors
+        floor = lam_floor(fit, num_experts, spec.solver, priors)  # noise of private contributions
         if floor and lam != AUTO:
             lam = max(float(lam), floor)
         if spec.needs_holdout:
-            lam_grid = (spec.lam_grid or DEFAULT_LAM_GRID[spec.solver]) if lam == AUTO else (lam,)
+            grid = spec.lam_grid or default_lam_grid(spec.solver, priors)
+            lam_grid = grid if lam == AUTO else (lam,)
             if floor:
                 lam_grid = [floor] + [x for x in lam_grid if x > floor]
             selection = select_routing(
-                fit, holdout, num_experts, solver=spec.solver, lam_grid=lam_grid
+                fit, holdout, num_experts, solver=spec.solver, lam_grid=lam_grid, priors=priors
             )
             lam = selection.lam if lam == AUTO else float(lam)
             smoothing = selection.smoothing if smoothing == AUTO else float(smoothing)
-        routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver)
+        routers = solve_routers(fit, num_experts, lam=float(lam), solver=spec.solver,
+                                priors=priors)  # fmt: skip
         gc.collect()
         chosen = {param: float(lam), "smoothing": float(smoothing)}
         shares = _shares(routers, fit, holdout.get(float(smoothing)), num_experts)
@@ -167,11 +170,14 @@ class LinearKind(RouterKind):
         out[_PARAM[spec.solver]] = solved.lam
         if solved.smoothing:
             out["smoothing"] = solved.smoothing
+        if spec.priors != "tokens":  # the paper's configs stay as they were
+            out["priors"] = spec.priors
         return _common_config(out, spec)
 
     def manifest_routing(self, solved) -> dict:
         spec = solved.spec
-        return {"features": spec.features, "solver": spec.solver, _PARAM[spec.solver]: solved.lam}
+        return {"features": spec.features, "solver": spec.solver, "priors": spec.priors,
+                _PARAM[spec.solver]: solved.lam}  # fmt: skip
 
     def bias_free_unsupported(self, solved) -> str | None:
         spec = solved.spec
@@ -191,7 +197,8 @@ class LinearKind(RouterKind):
         reason = self.bias_free_unsupported(solved)
         if reason:
             raise ValueError(reason)
-        return solve_routers(fit, num_experts, lam=solved.lam, bias=False)
+        return solve_routers(fit, num_experts, lam=solved.lam, bias=False,
+                             priors=solved.spec.priors)  # fmt: skip
 
     def check_routers(self, routers, routing: Mapping, num_experts: int, backbone_config) -> None:
         num_layers = backbone_config.num_hidden_layers
