@@ -546,6 +546,24 @@ def test_bad_routing_settings_are_one_line_errors_and_write_nothing(experts, tmp
     assert ObjectStore(url).list() == []
 
 
+def test_recover_deletes_blobs_no_registry_entry_references(experts, tmp_path):
+    """A call that died between writing its blobs and saving the registry left them behind: the
+    restarted coordinator deletes them (complete or half-written) and keeps every referenced one."""
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    blobs = BlobStore(flow.store, CURRENT.blobs)
+    kept = {k for k in flow.store.list(CURRENT.blobs)}
+    orphan = blobs.put_blob("stats", "beta", b"statistics whose registry save never happened")
+    half = f"{CURRENT.blobs}/stats/alpha/{'0' * 64}.bin"  # died before its .json
+    flow.store.write_bytes(half, b"partial")
+    assert flow.coord.recover()["blobs_removed"] == 2
+    assert set(flow.store.list(CURRENT.blobs)) == kept and not flow.store.exists(half)
+    assert orphan.split("/")[2] not in " ".join(flow.store.list(CURRENT.blobs))
+    assert flow.coord.recover()["blobs_removed"] == 0  # idempotent
+    assert flow.join("beta")["version"] == "v2"  # the registry's own blobs all still read
+
+
 def test_max_tokens_per_seq_defaults_to_the_experts_position_limit(experts, tmp_path):
     from transformers import AutoConfig
 

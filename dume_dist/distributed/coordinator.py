@@ -457,12 +457,16 @@ class Coordinator:
             return reg, rev
 
     def recover(self) -> dict:
-        """What a restarted coordinator runs first (`cluster.start_coordinator`; every publish
-        and unlearn runs it too): a garbage collection that died holding its lock finished,
-        and the registry reconciled with the store's versions."""
+        """What a restarted coordinator runs first (`cluster.start_coordinator`): a garbage
+        collection that died holding its lock finished, the registry reconciled with the
+        store's versions, and blobs no registry entry references (a call that died between
+        writing them and saving the registry) deleted."""
         with self._lock:
             self.publisher.versions.resume_collection()
             reg, rev = self._load()
+            swept: list[str] = []
             if reg is not None:
                 reg, rev = self._reconcile(reg, rev)
-            return {"revision": rev, "latest": reg.latest() if reg else None}
+                swept = self.blobs.sweep(reg.referenced_blobs())
+            latest = reg.latest() if reg else None
+            return {"revision": rev, "latest": latest, "blobs_removed": len(swept)}

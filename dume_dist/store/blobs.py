@@ -9,7 +9,8 @@ Layout:
 A blob id is "<kind>/<owner>/<sha256>": a retried submission of the same bytes maps
 to the same id and is stored once (the first submission's meta is kept). Reads
 verify the sha256. `delete_owner` removes everything an owner ever submitted
-(unlearning). The store only moves bytes; (de)serialising statistics lives elsewhere.
+(unlearning); `sweep` removes whatever no registry entry references (a call that died between
+writing a blob and saving the registry). The store only moves bytes; (de)serialising statistics lives elsewhere.
 """
 
 import hashlib
@@ -105,3 +106,18 @@ class BlobStore:
             count += len(self.list_blobs(kind, owner))
             self.store.delete_prefix(f"{self.prefix}/{kind}/{owner}")
         return count
+
+    def sweep(self, referenced: set[str]) -> list[str]:
+        """Delete every blob whose id is not in ``referenced``, complete or not (a ``.bin``
+        without its ``.json``: a write that died half-way); returns the ids removed, sorted.
+        Only the coordinator writes blobs, under its registry lock: call it holding that lock."""
+        removed = set()
+        for kind in self.store.children(self.prefix):
+            for owner in self.store.children(f"{self.prefix}/{kind}"):
+                for key in self.store.list(f"{self.prefix}/{kind}/{owner}"):
+                    stem = key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                    blob_id = f"{kind}/{owner}/{stem}"
+                    if blob_id not in referenced:
+                        self.store.delete(key, missing_ok=True)
+                        removed.add(blob_id)
+        return sorted(removed)
