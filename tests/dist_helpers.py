@@ -29,7 +29,6 @@ JOIN = {
     "seq_len": 16,
     "batch_size": 4,
     "threads": 1,
-    "send_heldout_bigrams": True,
 }
 
 

@@ -623,7 +623,7 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     for name in names:
         (entry,) = nodes[name]["stats"]
         (held,) = entry["holdout"]
-        assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:262144+pairs"
+        assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:262144+curve"
         stats = stats_from_bytes(BlobStore(flow.store, CURRENT.blobs).get_blob(entry["blob"]))
         assert isinstance(stats, NgramStats) and stats.pairs_K3 is None
 
@@ -636,6 +636,8 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     assert _config_routing(pulled)["features"] == "ngram"
     manifest = flow.versions().get_manifest("v3")
     assert manifest["lam"] == single.routing.lam == manifest["routing"]["lam"]
+    # mu from the nodes' held-out curves (the same bits as the single machine's, next line)
+    assert manifest["routing"]["selection"]["criterion"] == "heldout_loglik"
     assert manifest["routing"]["selection"] == single.manifest["routing"]["selection"]
     assert manifest["routing"]["solver"] == "nb"
 
@@ -694,10 +696,11 @@ def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):
         with pytest.raises(ValueError, match="held-out statistics") as err:
             _submit(flow, stats, holdout)
         assert "\n" not in str(err.value)
-    # Held-out counts without their bigrams, or fit counts in the held-out slot, are refused.
+    # Held-out counts without their curve, or fit counts in the held-out slot, are refused.
     fit = stats_from_bytes(stats)
-    no_pairs = stats_from_bytes(held[0.0]).with_meta(pairs_K3=None, feature_map="ngram:64")
-    for stats_, holdout in ((stats, {0.0: no_pairs}), (stats, {0.0: fit}), (held[0.0], held)):
+    no_curve = stats_from_bytes(held[0.0]).with_meta(curve_M=None, curve_mu_M=None,
+                                                     feature_map="ngram:64")  # fmt: skip
+    for stats_, holdout in ((stats, {0.0: no_curve}), (stats, {0.0: fit}), (held[0.0], held)):
         with pytest.raises(ValueError, match="feature map") as err:
             _submit(flow, stats_, holdout)
         assert "\n" not in str(err.value)

@@ -143,7 +143,7 @@ def assert_same_routers(a, b):
 def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routing):
     """Fit statistics (and under ``context`` / ``ngram`` the held-out ones) of two gloo ranks
     equal one worker's: the same batches, Grams summed in fp64; n-gram counts summed exactly and
-    the held-out bigrams gathered and merged."""
+    the held-out bigrams gathered and merged into the same held-out curve, bit for bit."""
     settings = {**SETTINGS, "routing": routing}
     if routing == "ngram":
         settings["ngram_buckets"] = 64
@@ -173,7 +173,7 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
         pairs = [(one["stats"], two["stats"])]
         pairs += [(one["holdout"][b], two["holdout"][b]) for b in one["holdout"]]
         maps = {"paper": ["token"], "context": ["prefix_mean"] * 2,
-                "ngram": ["ngram:64", "ngram:64+pairs"]}[routing]  # fmt: skip
+                "ngram": ["ngram:64", "ngram:64+curve"]}[routing]  # fmt: skip
         for (a_bytes, b_bytes), feature_map in zip(pairs, maps, strict=True):
             a, b = stats_from_bytes(a_bytes), stats_from_bytes(b_bytes)
             assert a.feature_map == b.feature_map == feature_map
@@ -181,9 +181,9 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
             if routing == "ngram":
                 for name in ("unigram_V", "context_V", "bigram_H"):
                     assert torch.equal(getattr(a, name), getattr(b, name)), name
-                assert (a.pairs_K3 is None) == (b.pairs_K3 is None)
-                if a.pairs_K3 is not None:
-                    assert a.pairs_K3.shape[0] > 0 and torch.equal(a.pairs_K3, b.pairs_K3)
+                assert a.pairs_K3 is None and b.pairs_K3 is None  # no exact bigrams by default
+                if a.curve_M is not None:  # the held-out curve: the same bits from two workers
+                    assert torch.equal(a.curve_M, b.curve_M) and (a.curve_M < 0).all()
                 continue
             scale = a.gram_LPP.abs().max()
             torch.testing.assert_close(
@@ -295,9 +295,9 @@ def test_cli_flow_on_the_cluster(ray_cluster, experts, tmp_path, capsys):
         return main(["node", "join", "--name", name, "--domain", name, "--expert", str(experts[name]["expert"]),
                      "--data", str(experts[name]["data"]), "--credential-file", cred or str(tmp_path / name),
                      "--max-tokens", "240", "--seq-len", "16", "--node-id", ray_cluster["node_ids"][node],
-                     "--no-progress", "--send-heldout-bigrams", *ray_flags])  # fmt: skip
+                     "--no-progress", *ray_flags])  # fmt: skip
 
-    # the default routing (ngram, mu chosen on held-out bigrams) needs the contributor's consent
+    # the default routing (ngram, mu chosen on the nodes' held-out curves) needs no consent flag
     assert join("alpha", 0) == 0 and join("beta", 1) == 0
     out = capsys.readouterr().out
     assert out.count("statistics accepted") == 2 and "(held)" in out

@@ -10,6 +10,7 @@ interpreter without dume_dist (a saved n-gram model must load and generate there
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -20,7 +21,13 @@ from dume_dist.core.ngram import NgramStats, ngram_tables
 from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
 from dume_dist.model.kinds.ngram import collect_ngram_stats
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, ngram_bucket
-from dume_dist.model.ngram_select import heldout_logloss, select_mu
+from dume_dist.model.ngram_select import (
+    DEFAULT_MU_GRID,
+    heldout_logloss,
+    select_mu,
+    select_mu_likelihood,
+    with_heldout_curve,
+)
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, resolve_routing, solve_routing
 
 torch.set_num_threads(1)
@@ -176,7 +183,7 @@ def test_collected_counts_equal_explicit_counting(coalesce_every, monkeypatch):
     assert got.bigram_H.tolist() == big
     assert [tuple(r[:2]) for r in got.pairs_K3.tolist()] == sorted(pairs)
     assert [r[2] for r in got.pairs_K3.tolist()] == [pairs[k] for k in sorted(pairs)]
-    assert got.feature_map == f"ngram:{BUCKETS}+pairs"
+    assert got.feature_map == f"ngram:{BUCKETS}+pairs"  # held-out, sent only when asked
     back = stats_from_bytes(stats_to_bytes(got))
     assert isinstance(back, NgramStats) and torch.equal(back.pairs_K3, got.pairs_K3)
 
@@ -193,22 +200,31 @@ def _synthetic_corpus(label: int, num_seqs: int, seed: int, length: int = 40):
     return seqs
 
 
-def _counts(seqs, pairs=False, **meta):
+def _counts(seqs, pairs=False, buckets=BUCKETS, **meta):
     mask = torch.ones_like(seqs)
     stats = collect_ngram_stats(
-        [(seqs, mask)], vocab_size=VOCAB, buckets=BUCKETS, max_tokens_per_seq=10**6,
+        [(seqs, mask)], vocab_size=VOCAB, buckets=buckets, max_tokens_per_seq=10**6,
         pairs=pairs, progress=False,
     )  # fmt: skip
     return stats.with_meta(**meta)
 
 
-def test_adding_then_removing_a_contributor_returns_identical_tables():
+def _held(seqs, fit, criterion="likelihood", grid=DEFAULT_MU_GRID, alpha=0.1):
+    """Held-out statistics as a node computes them for ``criterion``."""
+    pairs = _counts(seqs, pairs=True, buckets=fit.buckets)
+    if criterion == "bigrams":
+        return pairs
+    return with_heldout_curve(pairs, fit, grid, alpha)
+
+
+@pytest.mark.parametrize("criterion", ["likelihood", "bigrams"])
+def test_adding_then_removing_a_contributor_returns_identical_tables(criterion):
     spec = RoutingSpec(features="ngram", solver="nb", lam=AUTO, holdout_fraction=0.1,
-                       ngram_buckets=BUCKETS)  # fmt: skip
+                       ngram_buckets=BUCKETS, mu_criterion=criterion)  # fmt: skip
     members = [("a", 0), ("b", 1), ("c", 2), ("d", 0)]
     fit = {n: (j, _counts(_synthetic_corpus(j, 6, i))) for i, (n, j) in enumerate(members)}
     held = {
-        n: (j, _counts(_synthetic_corpus(j, 3, 50 + i), pairs=True))
+        n: (j, _held(_synthetic_corpus(j, 3, 50 + i), fit[n][1], criterion))
         for i, (n, j) in enumerate(members)
     }
     drop = lambda m: {k: v for k, v in m.items() if k != "d"}  # noqa: E731
@@ -306,6 +322,80 @@ def test_heldout_mu_is_the_minimiser_of_the_explicit_heldout_logloss():
     assert heldout_logloss(tables, held, grid[best]) == pytest.approx(explicit[best])
 
 
+def test_heldout_curve_equals_token_by_token_likelihood_and_mu_is_its_argmax():
+    """The held-out curve a node sends equals the log-likelihood of its raw held-out sequences
+    computed token by token under its own fit counts; the chosen mu maximises the mean over
+    experts of the per-bigram log-likelihood (two contributors of expert 0 summed)."""
+    grid, buckets = [10.0 ** (k / 2) for k in range(-4, 9)], 4099  # few collisions: they
+    members = {"a": 0, "b": 1, "c": 0}  # inflate p at small mu (see heldout_curve)
+    fit = {n: (j, _counts(_synthetic_corpus(j, 2, i), buckets=buckets))
+           for i, (n, j) in enumerate(members.items())}  # fmt: skip
+    seqs = {n: _synthetic_corpus(j, 20, 100 + i) for i, (n, j) in enumerate(members.items())}
+    held = {n: (j, _held(seqs[n], fit[n][1], grid=grid, alpha=0.5)) for n, j in members.items()}
+    explicit = {}
+    for n, (_j, counts) in fit.items():
+        uni, ctx, big = counts.unigram_V, counts.context_V, counts.bigram_H
+        q = (uni + 0.5) / (uni.sum() + 0.5 * VOCAB)
+        rows = []
+        for mu in grid:
+            total = 0.0
+            for row in seqs[n].tolist():
+                for prev, v in zip(row[:-1], row[1:]):
+                    h = (prev * 1_000_003 + v) % buckets
+                    total += math.log((float(big[h]) + mu * float(q[v])) / (float(ctx[prev]) + mu))
+            rows.append(total)
+        explicit[n] = rows
+        torch.testing.assert_close(held[n][1].curve_M, torch.tensor(rows, dtype=torch.float64),
+                                   rtol=1e-11, atol=1e-9)  # fmt: skip
+        assert held[n][1].num_bigrams == seqs[n].shape[0] * (seqs[n].shape[1] - 1)
+        assert held[n][1].pairs_K3 is None and held[n][1].feature_map == f"ngram:{buckets}+curve"
+    per_token = lambda names: [  # noqa: E731
+        sum(explicit[n][m] for n in names) / sum(held[n][1].num_bigrams for n in names)
+        for m in range(len(grid))
+    ]
+    mean = [(x + y) / 2 for x, y in zip(per_token(["a", "c"]), per_token(["b"]))]
+    sel = select_mu_likelihood(held, 2, grid)
+    torch.testing.assert_close(torch.tensor(sel.curves["heldout_loglik"][0]), torch.tensor(mean))
+    best = max(range(len(grid)), key=mean.__getitem__)
+    assert sel.lam == grid[best] and 0 < best < len(grid) - 1
+    back = stats_from_bytes(stats_to_bytes(held["a"][1]))
+    assert torch.equal(back.curve_M, held["a"][1].curve_M) and back.pairs_K3 is None
+
+
+def test_hostile_heldout_curves_are_refused_with_one_line():
+    from dume_dist.core.ngram import check_count_values
+
+    fit = _counts(_synthetic_corpus(0, 3, 0))
+    good = _held(_synthetic_corpus(0, 5, 1), fit)
+    check_count_values(good, 10**9)
+    n = good.num_bigrams
+    cases = {
+        "finite": good.with_meta(curve_M=good.curve_M.clone().fill_(float("nan"))),
+        "same length": good.with_meta(curve_M=good.curve_M[:-1]),
+        "increasing": good.with_meta(
+            curve_mu_M=good.curve_mu_M.flip(0), curve_M=good.curve_M.flip(0)
+        ),  # fmt: skip
+        "float64": good.with_meta(curve_M=good.curve_M.float()),
+        "log-probabilities": good.with_meta(curve_M=good.curve_M.abs()),
+    }
+    for match, bad in cases.items():
+        with pytest.raises(ValueError, match=match) as err:
+            stats_from_bytes(stats_to_bytes(bad)) if match != "log-probabilities" else None
+            check_count_values(stats_from_bytes(stats_to_bytes(bad)), 10**9)
+        assert "\n" not in str(err.value)
+    # far below what n bigrams can score (each >= log(mu alpha / ((N + mu)(N + alpha V))))
+    low = good.with_meta(curve_M=torch.full_like(good.curve_M, -1000.0 * n))
+    with pytest.raises(ValueError, match="log-probabilities"):
+        check_count_values(low, 10**6)
+    # a curve over another grid than the coordinator's
+    spec = RoutingSpec(features="ngram", solver="nb", lam=AUTO, holdout_fraction=0.1,
+                       ngram_buckets=BUCKETS, mu_grid=(1.0, 10.0))  # fmt: skip
+    from dume_dist.model.kinds import BackboneShape
+
+    with pytest.raises(ValueError, match="grid"):
+        spec.router_kind.validate(good, spec, BackboneShape(1, 4, VOCAB))
+
+
 # -- end to end: build, eval, save -> load without dume_dist ------------------------------------
 
 
@@ -330,7 +420,9 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     assert all(s.feature_map.startswith("ngram:") for s in result.stats.values())
     held = sorted((result.out_dir.parent / "kept").rglob("holdout-*.safetensors"))
     assert len(held) == 3
-    assert all(stats_from_bytes(p.read_bytes()).feature_map.endswith("+pairs") for p in held)
+    held = [stats_from_bytes(p.read_bytes()) for p in held]
+    assert all(h.feature_map.endswith("+curve") and h.pairs_K3 is None for h in held)
+    assert routing["selection"]["criterion"] == "heldout_loglik"
     table = compare(
         result.out_dir, world["data"], experts=world["experts"], seq_len=24, batch_size=4,
         max_eval_tokens=400,

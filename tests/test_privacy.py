@@ -81,6 +81,11 @@ def test_private_ngram_counts_are_valid_counts():
     with pytest.raises(ValueError, match="held-out bigrams"):
         held = stats.with_meta(pairs_K3=torch.tensor([[1, 2, 3]]), feature_map="")
         privatize(stats, {0.0: held}, dp.DpSpec(2.0, 1e-6), tokens_per_unit=16)
+    with pytest.raises(ValueError, match="held-out curves"):
+        curve = torch.tensor([-5.0, -4.0], dtype=torch.float64)
+        held = stats.with_meta(curve_M=curve, curve_mu_M=torch.tensor([1.0, 10.0]).double(),
+                               feature_map="")  # fmt: skip
+        privatize(stats, {0.0: held}, dp.DpSpec(2.0, 1e-6), tokens_per_unit=16)
 
 
 def test_clipping_bounds_hold():
@@ -270,15 +275,34 @@ def test_node_shows_what_leaves_and_dry_run_sends_nothing(experts, tmp_path):
     assert flow.status()["registry"]["nodes"]["alpha"].get("expert") is None
 
 
-def test_exact_heldout_bigrams_need_the_contributors_flag(experts, tmp_path):
+def test_default_ngram_join_sends_no_heldout_bigrams_and_exact_ones_need_the_flag(
+    experts, tmp_path
+):
     from dist_helpers import Flow
 
-    flow = Flow(str(tmp_path / "store"), experts, tmp_path,
-                settings={"routing": "ngram", "max_tokens_per_seq": 16, "ngram_buckets": 64})  # fmt: skip
+    from dume_dist.model.kinds import stats_from_bytes
+    from dume_dist.store import CURRENT, BlobStore
+
+    settings = {"routing": "ngram", "max_tokens_per_seq": 16, "ngram_buckets": 64}
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path / "a", settings=settings)
     flow.add("alpha")
-    with pytest.raises(ValueError, match="--send-heldout-bigrams"):
-        flow.join("alpha", send_heldout_bigrams=False)
-    sent = flow.join("alpha")  # the flag (the tests' default)
+    sent = flow.join("alpha", send_heldout_bigrams=False)  # mu auto: no flag needed
+    assert sent["status"] == "accepted"
+    (held,) = [o for o in sent["outbound"] if o["what"].startswith("held-out")]
+    assert "log-likelihood curve (9 values of mu)" in held["what"] and "bigrams" not in held["what"]
+    (entry,) = flow.status()["registry"]["nodes"]["alpha"]["stats"]
+    blob = BlobStore(flow.store, CURRENT.blobs).get_blob(entry["holdout"][0]["blob"])
+    stored = stats_from_bytes(blob)
+    assert stored.pairs_K3 is None and stored.curve_M.shape == (9,)
+    assert stored.feature_map == "ngram:64+curve"
+
+    exact = Flow(str(tmp_path / "exact"), experts, tmp_path / "b",
+                 settings={**settings, "mu_criterion": "bigrams"})  # fmt: skip
+    exact.add("alpha")
+    with pytest.raises(ValueError, match="--send-heldout-bigrams") as err:
+        exact.join("alpha", send_heldout_bigrams=False)
+    assert "\n" not in str(err.value)
+    sent = exact.join("alpha", send_heldout_bigrams=True)
     assert any("exact held-out bigrams" in o["what"] for o in sent["outbound"])
 
 

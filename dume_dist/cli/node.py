@@ -51,7 +51,8 @@ def register(sub) -> None:
         "--send-heldout-bigrams",
         action="store_true",
         help="allow sending the exact (previous token, token, count) bigrams of the held-out "
-        "documents, when the coordinator chooses the n-gram mu on them",
+        "documents (text fragments), for a coordinator whose n-gram routing uses them "
+        "(mu_criterion bigrams, or switch auto); the default routing needs none",
     )
     add_dp_flags(p)
     p.add_argument("--json", default=None, help="also write the join's result here")

@@ -12,17 +12,24 @@ They add across contributors and subtract exactly (integer counts in fp64), so j
 unlearning work as for the Gram statistics. The statistics identity ``feature_map`` is
 ``"ngram:<H>"``; statistics of different identities never mix.
 
-Held-out statistics (to choose the smoothing strength ``mu`` without moving data) also carry
-``pairs_K3``: the exact ``(previous id, id, count)`` bigrams of the held-out slice, sorted (their
-identity is ``"ngram:<H>+pairs"``). Note what that costs: exact held-out bigrams reveal more about
-a contributor's text than hashed counts or Gram matrices do; a fixed ``mu`` needs none.
+Held-out statistics (to choose the smoothing strength ``mu`` without moving data) are the same
+counts of the held-out slice plus its **held-out curve**: for every ``mu`` of the grid
+(``curve_mu_M``), the log-likelihood (``curve_M``, nats, summed) of the slice's bigrams under the
+contributor's own fit counts (``model.ngram_select.heldout_curve``); the number of bigrams it
+scores is the held-out bigram total. The curve is computed on the node, adds across contributors
+and releases a dozen numbers, not text. Only the exact criterion (``mu_criterion: bigrams``) or a
+switch rate ``auto`` needs ``pairs_K3``, the exact ``(previous id, id, count)`` bigrams of the
+held-out slice, sorted: text fragments, sent only when the contributor says so. Identities:
+``"ngram:<H>"`` (fit), ``"ngram:<H>+curve"`` and ``"ngram:<H>+curve+pairs"`` (held-out).
 
-Shapes: ``V`` vocabulary, ``H`` buckets, ``E`` experts, ``K`` distinct held-out bigrams.
+Shapes: ``V`` vocabulary, ``H`` buckets, ``E`` experts, ``K`` distinct held-out bigrams, ``M``
+values of ``mu`` in the held-out curve.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -37,8 +44,11 @@ DEFAULT_BUCKETS = 1 << 18
 DEFAULT_ALPHA = 0.1
 
 
-def ngram_feature_map(buckets: int, pairs: bool = False) -> str:
-    return f"ngram:{int(buckets)}" + ("+pairs" if pairs else "")
+def ngram_feature_map(buckets: int, pairs: bool = False, curve: bool = False) -> str:
+    return f"ngram:{int(buckets)}" + ("+curve" if curve else "") + ("+pairs" if pairs else "")
+
+
+MAX_CURVE_POINTS = 64
 
 
 @dataclass(frozen=True)
@@ -53,11 +63,20 @@ class NgramStats:
     expert_fingerprint: str = ""
     extra: dict = field(default_factory=dict)
     pairs_K3: torch.Tensor | None = None
+    curve_M: torch.Tensor | None = None
+    curve_mu_M: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.feature_map:
-            fm = ngram_feature_map(self.bigram_H.shape[-1], self.pairs_K3 is not None)
-            object.__setattr__(self, "feature_map", fm)
+            object.__setattr__(self, "feature_map", self._own_feature_map())
+
+    def _own_feature_map(self) -> str:
+        return ngram_feature_map(self.buckets, self.pairs_K3 is not None, self.curve_M is not None)
+
+    @property
+    def num_bigrams(self) -> int:
+        """Bigrams counted (what a held-out curve scores)."""
+        return int(round(float(self.context_V.sum())))
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +108,11 @@ class NgramStats:
         pairs = None
         if self.pairs_K3 is not None:
             pairs = merge_pairs(self.pairs_K3, other.pairs_K3, sign)
+        curve = None
+        if self.curve_M is not None:
+            if not torch.equal(self.curve_mu_M, other.curve_mu_M):
+                raise ValueError("cannot combine held-out curves over different mu grids")
+            curve = self.curve_M + sign * other.curve_M
         return NgramStats(
             self.unigram_V + sign * other.unigram_V,
             self.context_V + sign * other.context_V,
@@ -97,6 +121,8 @@ class NgramStats:
             self.backbone_fingerprint or other.backbone_fingerprint,
             self.expert_fingerprint if self.expert_fingerprint == other.expert_fingerprint else "",
             pairs_K3=pairs,
+            curve_M=curve,
+            curve_mu_M=None if curve is None else self.curve_mu_M,
         )
 
     def __add__(self, other: NgramStats) -> NgramStats:
@@ -121,7 +147,7 @@ class NgramStats:
             )
         if buckets is not None and self.buckets != buckets:
             raise ValueError(f"n-gram statistics have {self.buckets} buckets, expected {buckets}")
-        if self.feature_map != ngram_feature_map(self.buckets, self.pairs_K3 is not None):
+        if self.feature_map != self._own_feature_map():
             raise ValueError(
                 f"n-gram statistics with {self.buckets} buckets cannot be of feature map "
                 f"{self.feature_map!r}"
@@ -134,6 +160,8 @@ class NgramStats:
             raise ValueError("n-gram statistics: bigram and context counts differ in total")
         if self.pairs_K3 is not None:
             _validate_pairs(self.pairs_K3, self.vocab_size)
+        if self.curve_M is not None or self.curve_mu_M is not None:
+            _validate_curve(self.curve_M, self.curve_mu_M)
 
     def with_meta(self, **kwargs) -> NgramStats:
         return replace(self, **kwargs)
@@ -141,10 +169,10 @@ class NgramStats:
     def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip=None, gen):
         """Differential privacy of n-gram counts (``core.private.privatize``): the fit and each
         held-out part are one Gaussian release each, with the sensitivity of ``spec.unit``."""
-        if any(h.pairs_K3 is not None for h in held.values()):
+        if any(h.pairs_K3 is not None or h.curve_M is not None for h in held.values()):
             raise ValueError(
-                "exact held-out bigrams cannot be released with differential privacy: use a fixed "
-                "mu (--lam) for ngram routing"
+                "held-out bigrams and held-out curves are not released with differential privacy: "
+                "use a fixed mu (--mu) for ngram routing"
             )
         releases = 1 + len(held)
         z = dp.calibrate(spec.epsilon, spec.delta, releases)
@@ -162,17 +190,22 @@ class NgramStats:
         )
 
 
-def ngram_layout(vocab_size: int, buckets: int, pairs: bool) -> dict[str, tuple[str, tuple]]:
+def ngram_layout(
+    vocab_size: int, buckets: int, pairs: bool, curve_points: int | None = None
+) -> dict[str, tuple[str, tuple]]:
     """The safetensors tensors of an n-gram statistics blob (`ngram_to_bytes`); the number of
     held-out bigrams is free (bounded by `check_count_values`)."""
     out = {"unigram": ("F64", (vocab_size,)), "context": ("F64", (vocab_size,)),
            "bigram": ("F64", (buckets,))}  # fmt: skip
     if pairs:
         out["pairs"] = ("I64", (None, 3))
+    if curve_points is not None:
+        out["curve"] = ("F64", (curve_points,))
+        out["curve_mu"] = ("F64", (curve_points,))
     return out
 
 
-def check_count_values(stats: NgramStats, max_tokens: int) -> None:
+def check_count_values(stats: NgramStats, max_tokens: int, alpha: float = DEFAULT_ALPHA) -> None:
     """What the router needs of one contribution's counts (after `NgramStats.validate`): no
     more tokens than one submission may claim, every count within the token count (so sums stay
     exact integers and every published log-probability finite), held-out bigrams no more than
@@ -185,6 +218,31 @@ def check_count_values(stats: NgramStats, max_tokens: int) -> None:
     if stats.pairs_K3 is not None and len(stats.pairs_K3):
         if float(stats.pairs_K3[:, 2].double().sum()) > n:
             raise ValueError("n-gram statistics: more held-out bigrams than tokens")
+        if float(stats.pairs_K3[:, 2].double().sum()) != float(stats.context_V.sum()):
+            raise ValueError(
+                "n-gram statistics: held-out bigrams and bigram counts differ in total"
+            )
+    if stats.curve_M is not None:
+        check_curve_bounds(stats.curve_M, stats.curve_mu_M, stats.num_bigrams, max_tokens, alpha,
+                           stats.vocab_size)  # fmt: skip
+
+
+def curve_floor(mu: torch.Tensor, max_tokens: int, alpha: float, vocab_size: int) -> torch.Tensor:
+    """The least log-probability the router's bigram model gives any bigram, per ``mu``, with at
+    most ``max_tokens`` fit tokens: ``p >= mu q / (n(u) + mu)``, ``q >= alpha / (N + alpha V)``."""
+    n = float(max_tokens)
+    return mu.log() + math.log(alpha) - (n + mu).log() - math.log(n + alpha * vocab_size)
+
+
+def check_curve_bounds(curve_M, mu_M, num_bigrams: int, max_tokens: int, alpha: float,
+                       vocab_size: int) -> None:  # fmt: skip
+    """A held-out curve is a sum of ``num_bigrams`` log-probabilities: each in [floor, 0]."""
+    low_M = num_bigrams * curve_floor(mu_M, max_tokens, alpha, vocab_size)
+    if (curve_M > 0).any() or (curve_M < low_M).any():
+        raise ValueError(
+            f"held-out curve is not a sum of {num_bigrams} bigram log-probabilities (each in "
+            f"[{float(low_M[0]) / max(num_bigrams, 1):.3g}, 0] nats)"
+        )
 
 
 def _validate_pairs(pairs_K3: torch.Tensor, vocab_size: int) -> None:
@@ -200,6 +258,20 @@ def _validate_pairs(pairs_K3: torch.Tensor, vocab_size: int) -> None:
     key = pairs_K3[:, 0] * vocab_size + pairs_K3[:, 1]
     if not (key[1:] > key[:-1]).all():
         raise ValueError("held-out bigrams must be sorted and distinct")
+
+
+def _validate_curve(curve_M, mu_M) -> None:
+    for name, t in (("curve", curve_M), ("curve_mu", mu_M)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.float64:
+            raise ValueError(f"held-out {name} must be a 1-D float64 tensor")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"held-out {name} must be finite")
+    if curve_M.shape != mu_M.shape or not 1 <= len(mu_M) <= MAX_CURVE_POINTS:
+        raise ValueError(
+            f"held-out curve and its mu grid must have the same length in [1, {MAX_CURVE_POINTS}]"
+        )
+    if (mu_M <= 0).any() or not (mu_M[1:] > mu_M[:-1]).all():
+        raise ValueError("held-out curve's mu grid must be positive and increasing")
 
 
 def merge_pairs(a_K3: torch.Tensor | None, b_K3: torch.Tensor | None, sign: int = 1):
@@ -231,6 +303,8 @@ def ngram_to_bytes(stats: NgramStats) -> bytes:
     tensors = {"unigram": stats.unigram_V, "context": stats.context_V, "bigram": stats.bigram_H}
     if stats.pairs_K3 is not None:
         tensors["pairs"] = stats.pairs_K3.contiguous()
+    if stats.curve_M is not None:
+        tensors["curve"], tensors["curve_mu"] = stats.curve_M, stats.curve_mu_M
     meta = {
         "schema": NGRAM_SCHEMA,
         "feature_map": stats.feature_map,
@@ -254,6 +328,8 @@ def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         expert_fingerprint=meta.get("expert_fingerprint", ""),
         extra=parse_extra(meta),
         pairs_K3=tensors.get("pairs"),
+        curve_M=tensors.get("curve"),
+        curve_mu_M=tensors.get("curve_mu"),
     )
     stats.validate()
     return stats

@@ -112,7 +112,8 @@ def check_heldout_policy(job: StatsJob, send_heldout_bigrams: bool, dp: dict | N
     differential privacy."""
     from dume_dist.model.routing import resolve_routing
 
-    release = resolve_routing(job.routing).router_kind.heldout_release
+    spec = resolve_routing(job.routing)
+    release = spec.router_kind.heldout_release(spec)
     if release is None or not job.holdout_smoothings:
         return
     if dp is not None:
@@ -123,7 +124,8 @@ def check_heldout_policy(job: StatsJob, send_heldout_bigrams: bool, dp: dict | N
     if not send_heldout_bigrams:
         raise ValueError(
             f"this coordinator chooses its routing on {release}: pass --send-heldout-bigrams to "
-            "send them, or ask the operator for a fixed setting (--lam)"
+            "send them, or ask the operator for routing that needs none (e.g. --mu-criterion "
+            "likelihood, a fixed --switch)"
         )
 
 
@@ -441,6 +443,8 @@ class NodeAgent:
         for _, blob in sorted((computed.get("holdout") or {}).items()):
             held = stats_from_bytes(blob)
             what = "held-out statistics"
+            if getattr(held, "curve_M", None) is not None:
+                what += f" incl. a held-out log-likelihood curve ({len(held.curve_M)} values of mu)"
             if getattr(held, "pairs_K3", None) is not None:
                 what += f" incl. {len(held.pairs_K3):,} exact held-out bigrams (prev, next, count)"
             out.append({"what": what + private, "kind": held.feature_map, "bytes": len(blob)})

@@ -171,8 +171,6 @@ def _join_kwargs(inputs: dict, domain: str, opts: dict) -> dict:
         "expert_dir": inputs["experts"][domain],
         "data": [inputs["train"][domain]],
         "threads": 1,
-        # the demo's coordinator chooses the n-gram mu on held-out bigrams: the contributors agree
-        "send_heldout_bigrams": True,
         **opts,
     }
 

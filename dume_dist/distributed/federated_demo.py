@@ -137,8 +137,7 @@ def _join(console, api_url, ca, name, cred, inputs, opts, work) -> dict:
            "--expert", inputs["experts"][name], "--data", inputs["train"][name],
            "--credential-file", str(cred), "--cache-dir", str(work / f"cache-{name}"),
            "--max-tokens", str(opts["max_tokens"]), "--seq-len", str(opts["seq_len"]),
-           "--no-progress", "--json", str(result_file),
-           "--send-heldout-bigrams"]  # the demo's contributors consent, as in `dume demo`  # fmt: skip
+           "--no-progress", "--json", str(result_file)]  # fmt: skip
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=contributor_env(), capture_output=True, text=True)
     if out.returncode != 0:

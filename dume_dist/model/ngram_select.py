@@ -1,10 +1,17 @@
 """Choosing the n-gram router's smoothing ``mu`` from held-out statistics: no data moves.
 
-Each contributor's held-out statistics carry the exact bigrams of its held-out slice
-(``core.ngram.NgramStats.pairs_K3``). For every ``mu`` of a grid the bigram model of the fit
-counts (``modeling_dume.ngram_log_probs``, the formula the router itself uses) scores them: the
-criterion is the mean over experts of the per-bigram log-loss of the expert posterior (equal
-priors), i.e. how well single bigrams tell the domains apart.
+Two criteria (the routing option ``mu_criterion``):
+
+* ``likelihood`` (the default): each contributor computes on its own node its **held-out
+  curve** (``heldout_curve``): for every ``mu`` of the grid, the log-likelihood of its held-out
+  bigrams under the bigram model of its own fit counts (``routing_dume.ngram_log_probs``, the
+  formula the router uses). The coordinator sums the curves of each expert's contributors and
+  takes the ``mu`` with the largest mean over experts of the per-bigram log-likelihood
+  (``select_mu_likelihood``). What leaves the node: a dozen numbers, no text.
+* ``bigrams``: each contributor sends the exact bigrams of its held-out slice
+  (``core.ngram.NgramStats.pairs_K3``) and the coordinator scores, for every ``mu``, the mean
+  over experts of the per-bigram log-loss of the expert posterior (equal priors), i.e. how well
+  single bigrams tell the domains apart (``select_mu``).
 
 The switch rate of the fixed-share posterior (``select_switch``) is chosen on the same held-out
 bigrams, drawn into simulated single-domain and switching sequences.
@@ -36,6 +43,70 @@ def bigram_log_probs(
         tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_K, cur_K, has_prev, mu,
         tables.alpha,
     ).T  # fmt: skip
+
+
+def heldout_curve(
+    fit: NgramStats, pairs_K3: torch.Tensor, mu_grid: Sequence[float], alpha: float
+) -> torch.Tensor:
+    """``[M]`` (fp64): per ``mu`` of ``mu_grid``, the summed log-likelihood of the bigrams
+    ``pairs_K3`` (sorted, distinct, with counts) under the bigram model of ``fit``'s counts. A
+    deterministic function of its inputs: any sharding of the same data gives the same bits."""
+    out = torch.zeros(len(mu_grid), dtype=torch.float64)
+    if pairs_K3.numel() == 0:
+        return out
+    counts = (fit.unigram_V[None], fit.context_V[None], fit.bigram_H[None])
+    has_prev = torch.ones(pairs_K3.shape[0], dtype=torch.bool)
+    weight_K = pairs_K3[:, 2].double()
+    for m, mu in enumerate(mu_grid):
+        logp_K = ngram_log_probs(
+            *counts, pairs_K3[:, 0], pairs_K3[:, 1], has_prev, float(mu), alpha
+        )
+        out[m] = (logp_K[0] * weight_K).sum()
+    return out
+
+
+def with_heldout_curve(
+    held: NgramStats, fit: NgramStats, mu_grid: Sequence[float], alpha: float,
+    keep_pairs: bool = False,
+) -> NgramStats:  # fmt: skip
+    """Held-out statistics as a node sends them for ``mu_criterion: likelihood``: ``held``'s
+    counts and its held-out curve under ``fit`` (``heldout_curve`` of ``held``'s exact bigrams,
+    which stay on the node unless ``keep_pairs``)."""
+    if held.pairs_K3 is None:
+        raise ValueError("a held-out curve needs the held-out bigrams")
+    grid = torch.tensor([float(m) for m in mu_grid], dtype=torch.float64)
+    curve = heldout_curve(fit, held.pairs_K3, grid.tolist(), alpha)
+    pairs = held.pairs_K3 if keep_pairs else None
+    return held.with_meta(pairs_K3=pairs, curve_M=curve, curve_mu_M=grid, feature_map="")
+
+
+def select_mu_likelihood(heldout: Mapping[str, tuple[int, NgramStats]], num_experts: int,
+                         mu_grid: Sequence[float]):  # fmt: skip
+    """The ``mu`` of ``mu_grid`` with the largest mean over experts of the per-bigram held-out
+    log-likelihood (each expert's contributors' curves and bigram counts summed in canonical
+    order), and the curve of that mean, as a ``core.select.Selection``."""
+    grid = torch.tensor([float(m) for m in mu_grid], dtype=torch.float64)
+    sums: dict[int, list] = {}
+    for name in sorted(heldout):
+        expert, stats = heldout[name]
+        if stats.curve_M is None:
+            raise ValueError(f"held-out statistics of {name!r} carry no held-out curve")
+        if not torch.equal(stats.curve_mu_M, grid):
+            raise ValueError(f"held-out curve of {name!r} is over another mu grid")
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
+        total, count = sums.get(expert, (torch.zeros_like(grid), 0))
+        sums[expert] = (total + stats.curve_M, count + stats.num_bigrams)
+    per_expert = [total / count for total, count in (sums[j] for j in sorted(sums)) if count > 0]
+    if not per_expert:
+        raise ValueError("held-out statistics hold no bigrams")
+    mean_M = torch.stack(per_expert).mean(dim=0)
+    best = int(torch.argmax(mean_M))
+    return Selection(
+        lam=float(grid[best]), smoothing=0.0, criterion="heldout_loglik", lam_grid=grid.tolist(),
+        smoothing_grid=[0.0], curves={"heldout_loglik": [mean_M.tolist()]},
+        num_holdout_tokens=sum(count for _, count in sums.values()),
+    )  # fmt: skip
 
 
 def heldout_logloss(

@@ -172,6 +172,12 @@ NGRAM_OPTIONS = (
     Option("mu_grid", "grid", None, "candidate μ for 'auto'", low=0.0, low_open=True,
            flag=False),
     Option(
+        "mu_criterion", "choice", "likelihood",
+        "how μ 'auto' is chosen: 'likelihood' (each node sends its held-out log-likelihood per "
+        "μ, a dozen numbers) or 'bigrams' (nodes send their exact held-out bigrams)",
+        choices=("likelihood", "bigrams"),
+    ),
+    Option(
         "switch", "float", 0.0,
         "n-gram router: rate in [0, 0.5) at which the posterior lets the domain switch before a "
         "token (0: cumulative), or 'auto': chosen on held-out bigrams",

@@ -166,9 +166,11 @@ class RouterKind:
 
     # -- differential privacy -----------------------------------------------------------------
 
-    # What its held-out statistics release beyond sums (None: nothing; else a node sends them
-    # only when its contributor says so, and never with differential privacy).
-    heldout_release: str | None = None
+    def heldout_release(self, spec) -> str | None:
+        """What its held-out statistics of ``spec`` release beyond sums and summaries (None:
+        nothing; else a node sends them only when its contributor says so, and never with
+        differential privacy)."""
+        return None
 
     def check_dp(self, spec, dp) -> None:
         """A one-line ValueError when this routing cannot be made differentially private by

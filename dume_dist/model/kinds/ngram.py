@@ -3,7 +3,9 @@
 Statistics: ``core.ngram.NgramStats`` (unigram, context and hashed bigram counts; held-out ones
 carry their exact bigrams), counted from the token ids without running a model
 (``NgramCollector``). Solve: per-expert sums of the counts in canonical order (``core.ngram``);
-``mu`` ``"auto"`` is chosen on the held-out bigrams (``model.ngram_select``). Checkpoint:
+``mu`` ``"auto"`` is chosen on the held-out curves each node computes (or, with ``mu_criterion``
+``bigrams``, on the exact held-out bigrams; ``model.ngram_select``); routing shares are estimated
+on sequences simulated from the tables (``model.ngram_shares``). Checkpoint:
 ``ngram_router.{unigram,context,bigram}_counts`` and ``routing.ngram``; inference:
 ``routing_dume.NgramInference`` / ``DumeNgramRouter``.
 """
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dume_dist.core.dp import capped_bincount
 from dume_dist.core.ngram import (
+    DEFAULT_ALPHA,
     NGRAM_SCHEMA,
     NgramStats,
     NgramTables,
@@ -40,12 +43,19 @@ _PAIRS_BEFORE_COALESCING = 1 << 22  # rows of held-out bigrams kept before summi
 class NgramCollector(Collector):
     """Token counts of the real tokens among the first ``max_tokens_per_seq`` of each sequence: a
     token always counts as a unigram, and as a bigram with the sequence's previous real token
-    when it has one. With ``pairs`` the exact bigram list is kept too (held-out statistics)."""
+    when it has one. With ``pairs`` the exact bigram list is kept too (held-out statistics); it
+    is in the result only with ``send_pairs``. With ``fit`` (the fit part's collector, complete
+    and summed over the workers when ``result`` is called) and ``curve_grid`` the result carries
+    the held-out curve of the bigrams under the fit counts (``ngram_select.heldout_curve``)."""
 
     def __init__(self, *, vocab_size: int, buckets: int, max_tokens_per_seq: int, pairs: bool,
-                 identity: str = "", count_cap: int | None = None):  # fmt: skip
+                 identity: str = "", count_cap: int | None = None, send_pairs: bool | None = None,
+                 fit: NgramCollector | None = None, curve_grid=None,
+                 alpha: float = DEFAULT_ALPHA):  # fmt: skip
         self.vocab_size, self.buckets, self.count_cap = vocab_size, buckets, count_cap
         self.max_tokens_per_seq, self.pairs, self.identity = max_tokens_per_seq, pairs, identity
+        self.send_pairs = pairs if send_pairs is None else send_pairs
+        self.fit, self.curve_grid, self.alpha = fit, curve_grid, alpha
         self.counts = torch.zeros(2 * vocab_size + buckets, dtype=torch.float64)
         self.found: list[torch.Tensor] = []
 
@@ -91,9 +101,15 @@ class NgramCollector(Collector):
             self.counts[vocab : 2 * vocab],
             self.counts[2 * vocab :],
         )
-        stats = NgramStats(uni.clone(), ctx.clone(), big.clone(), self.identity,
-                           pairs_K3=self.rows())  # fmt: skip
-        return {0.0: stats}
+        stats = NgramStats(uni.clone(), ctx.clone(), big.clone(), pairs_K3=self.rows())
+        if self.curve_grid is not None:
+            from dume_dist.model.ngram_select import with_heldout_curve
+
+            fit = self.fit.result()[0.0]
+            stats = with_heldout_curve(stats, fit, self.curve_grid, self.alpha, self.send_pairs)
+        elif not self.send_pairs:
+            stats = stats.with_meta(pairs_K3=None, feature_map="")
+        return {0.0: stats.with_meta(feature_map=self.identity or stats._own_feature_map())}
 
 
 def collect_ngram_stats(
@@ -155,11 +171,13 @@ class NgramKind(RouterKind):
     def selected_option(self, options: Mapping) -> str | None:
         return "mu"
 
-    def heldout_as_fit(self, stats):
-        return stats.with_meta(pairs_K3=None, feature_map="")  # the exact bigrams dropped
+    def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
+        return stats.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, feature_map="")
 
     def identity(self, spec, part: float | None = None) -> str:
-        return ngram_feature_map(spec.ngram_buckets, pairs=part is not None)
+        if part is None:
+            return ngram_feature_map(spec.ngram_buckets)
+        return ngram_feature_map(spec.ngram_buckets, _sends_pairs(spec), _sends_curve(spec))
 
     def statistics_settings(self, spec) -> dict | None:
         return {"features": NGRAM_LEGACY["features"], "ngram_buckets": spec.ngram_buckets}
@@ -173,23 +191,31 @@ class NgramKind(RouterKind):
         return ngram_from_tensors(tensors, meta)
 
     def layout(self, spec, backbone: BackboneShape):
-        # held-out bigrams or not: the identity tells (checked after decoding)
-        return ngram_layout(backbone.vocab_size, spec.ngram_buckets, pairs=True), ("pairs",)
+        # held-out parts or not: the identity tells (checked after decoding)
+        points = len(_mu_grid(spec)) if _sends_curve(spec) else None
+        layout = ngram_layout(backbone.vocab_size, spec.ngram_buckets, True, points)
+        return layout, ("pairs", "curve", "curve_mu")
 
     def validate(self, stats, spec, backbone: BackboneShape) -> None:
         stats.validate(vocab_size=backbone.vocab_size, buckets=spec.ngram_buckets)
+        grid = torch.tensor(_mu_grid(spec), dtype=torch.float64)
+        if stats.curve_M is not None and not torch.equal(stats.curve_mu_M, grid):
+            raise ValueError(f"held-out curve is over mu {stats.curve_mu_M.tolist()}, the "
+                             f"coordinator's grid is {grid.tolist()}")  # fmt: skip
 
     def check_values(self, stats, spec, backbone: BackboneShape) -> None:
-        check_count_values(stats, MAX_TOKENS)
+        check_count_values(stats, MAX_TOKENS, spec.ngram_alpha)
 
-    # What its held-out statistics release beyond sums (a node sends them only when told to).
-    heldout_release = "exact held-out bigrams (previous token, token, count of your held-out documents)"  # fmt: skip
+    def heldout_release(self, spec) -> str | None:
+        if not (spec.needs_holdout and _sends_pairs(spec)):
+            return None
+        return "exact held-out bigrams (previous token, token, count of your held-out documents)"
 
     def check_dp(self, spec, dp) -> None:
         if spec.needs_holdout:
             raise ValueError(
-                "differential privacy with ngram routing needs a fixed mu (--mu or --lam): exact "
-                "held-out bigrams cannot be released privately"
+                "differential privacy with ngram routing needs a fixed mu and switch (--mu, "
+                "--switch): held-out curves and bigrams are not released privately"
             )
 
     def dp_bounds(self, spec, backbone, dp):
@@ -197,26 +223,33 @@ class NgramKind(RouterKind):
 
     def collectors(self, spec, backbone, expert, *, holdout, max_tokens_per_seq, device,
                    dtype=None, clip=None, count_cap=None):  # fmt: skip
-        parts = [None] + ([0.0] if holdout else [])
-        return [
-            NgramCollector(
-                vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
-                max_tokens_per_seq=max_tokens_per_seq, pairs=part is not None,
-                identity=self.identity(spec, part), count_cap=count_cap,
-            )
-            for part in parts
-        ]  # fmt: skip
+        fit = NgramCollector(
+            vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
+            max_tokens_per_seq=max_tokens_per_seq, pairs=False, identity=self.identity(spec),
+            count_cap=count_cap,
+        )  # fmt: skip
+        if not holdout:
+            return [fit]
+        held = NgramCollector(
+            vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
+            max_tokens_per_seq=max_tokens_per_seq, pairs=True, send_pairs=_sends_pairs(spec),
+            identity=self.identity(spec, 0.0), count_cap=count_cap, fit=fit,
+            curve_grid=_mu_grid(spec) if _sends_curve(spec) else None, alpha=spec.ngram_alpha,
+        )  # fmt: skip
+        return [fit, held]
 
     # -- solve and checkpoint -----------------------------------------------------------------
 
     def solve(self, spec, fit: Mapping, num_experts: int, holdout: Mapping):
-        from dume_dist.model.ngram_select import DEFAULT_MU_GRID, select_mu, select_switch
+        from dume_dist.model.ngram_select import select_mu, select_mu_likelihood, select_switch
         from dume_dist.model.routing import SolvedRouting
 
         selection, mu = None, spec.mu
-        if mu == "auto":
-            grid = spec.mu_grid or DEFAULT_MU_GRID
-            selection = select_mu(fit, holdout[0.0], num_experts, grid, spec.ngram_alpha)
+        if mu == "auto" and spec.mu_criterion == "bigrams":
+            selection = select_mu(fit, holdout[0.0], num_experts, _mu_grid(spec), spec.ngram_alpha)
+            mu = selection.lam
+        elif mu == "auto":
+            selection = select_mu_likelihood(holdout[0.0], num_experts, _mu_grid(spec))
             mu = selection.lam
         tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
         switch, switch_selection = spec.switch, None
@@ -273,6 +306,23 @@ class NgramKind(RouterKind):
 
     def config_identity(self, routing: Mapping) -> str:
         return ngram_feature_map(routing["ngram"]["buckets"])
+
+
+def _mu_grid(spec) -> tuple[float, ...]:
+    from dume_dist.model.ngram_select import DEFAULT_MU_GRID
+
+    return tuple(float(m) for m in (spec.mu_grid or DEFAULT_MU_GRID))
+
+
+def _sends_curve(spec) -> bool:
+    """Held-out statistics carry the held-out curve (μ chosen by held-out likelihood)."""
+    return spec.mu == "auto" and spec.mu_criterion == "likelihood"
+
+
+def _sends_pairs(spec) -> bool:
+    """Held-out statistics carry the exact held-out bigrams: μ chosen on them, or the switch
+    rate (``select_switch`` draws simulated text from them)."""
+    return (spec.mu == "auto" and spec.mu_criterion == "bigrams") or spec.switch == "auto"
 
 
 register_kind(NgramKind())
