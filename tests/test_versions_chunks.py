@@ -5,7 +5,10 @@ against a concurrent publish, and stores written before chunks (read and migrate
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from tiny_world import make_world
 from dume_dist.model.build import build_dume
 from dume_dist.model.experts import read_weight_index
 from dume_dist.model.modeling_dume import DumeForCausalLM
-from dume_dist.store import ChecksumError, ObjectStore, StoreError, VersionStore
+from dume_dist.store import ChecksumError, ObjectStore, StoreConflict, StoreError, VersionStore
 from dume_dist.store.objectstore import local_files
 
 KW = dict(max_tokens_per_seq=16, seq_len=16, batch_size=4, progress=False, routing="paper")
@@ -169,9 +172,15 @@ def test_gc_keeps_chunks_of_a_publish_in_flight(tmp_path, builds):
     assert (pulled / "config.json").read_bytes() == (builds["found"] / "config.json").read_bytes()
 
 
+def _live_lock(age_s: float = 0.0) -> dict:
+    """A lock record of a collector on another machine that beat ``age_s`` seconds ago."""
+    stamp = (datetime.now(timezone.utc) - timedelta(seconds=age_s)).isoformat(timespec="seconds")
+    return {"since": stamp, "beat": stamp, "by": "elsewhere/boot|123|feedface"}
+
+
 def test_publish_waits_for_a_running_collection(tmp_path, builds):
     store, versions, _ = _published(tmp_path, builds, "found")
-    store.create_json("versions/gc.lock", {"since": "now"})  # a collection between list and delete
+    store.create_json("versions/gc.lock", _live_lock())  # a collection between list and delete
     result = {}
     thread = threading.Thread(
         target=lambda: result.update(v=versions.publish(str(builds["join"]), {}))
@@ -183,9 +192,39 @@ def test_publish_waits_for_a_running_collection(tmp_path, builds):
     thread.join(60)
     assert result["v"] == "v2"
     impatient = VersionStore(store, gc_wait_s=0.1)
-    store.create_json("versions/gc.lock", {"since": "now"})
+    store.create_json("versions/gc.lock", _live_lock())
     with pytest.raises(StoreError, match="gc.lock"):
         impatient.publish(str(builds["join"]), {})
+    assert versions.resume_collection() is None and store.exists("versions/gc.lock")  # alive
+
+
+def test_a_dead_holders_lock_is_taken_over_and_a_live_one_is_not(tmp_path, builds):
+    """The lease: another machine's lock is live while beaten; a lock of a process of this
+    machine that is gone, or of this process once its collection ended, is dead at once."""
+    from dume_dist.store.gclock import GcLock, holder_alive
+
+    store, versions, _ = _published(tmp_path, builds, "found")
+    assert holder_alive(_live_lock(10)) and not holder_alive(_live_lock(3600))
+    assert not holder_alive({"since": "then", "by": "a format nobody wrote"})
+    mine = GcLock(store, "versions/gc.lock")
+    mine.take()
+    record = store.read_json("versions/gc.lock")
+    assert holder_alive(record)  # its collection runs in this process
+    machine, _, token = record["by"].split("|")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert not holder_alive({**record, "by": f"{machine}|{gone}|{token}"})  # its process ended
+    mine._forget()  # the collection died without releasing (as a crash leaves it)
+    assert not holder_alive(record)
+    rival = GcLock(store, "versions/gc.lock")
+    rival.take(create=False)  # took the dead lock over
+    with pytest.raises(StoreConflict, match="taken over"):
+        mine.beat(check=True)  # the first holder stops before deleting anything
+    rival.release()
+    assert not store.exists("versions/gc.lock")
+    store.create_json("versions/gc.lock", _live_lock(3600))  # another machine, silent for 1 h
+    assert versions.publish(str(builds["join"]), {}) == "v2"  # taken over, not waited out
+    assert not store.exists("versions/gc.lock")
 
 
 def test_a_collection_that_died_holding_its_lock_is_finished_on_recovery(tmp_path, builds):

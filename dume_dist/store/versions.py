@@ -13,7 +13,8 @@ Layout, everything under one public prefix (default ``versions/``; readers need 
                                   from this moment; ``files``: {relpath: {sha256, size, chunks}}
   versions/vN/marks/<rev>.json    append-only marks merged into the manifest on read
   versions/vN/purged.json         tombstone of a purged version; N is never reused
-  versions/gc.lock                held by a garbage collection (conditional create)
+  versions/gc.lock                held by a garbage collection (conditional create), with a
+                                  lease: a dead holder's lock is taken over (store/gclock.py)
   versions/vN/files/<relpath>     versions written before chunks (schema 1 without ``chunks``):
                                   still read; ``migrate()`` moves them to chunks
                                   (``versions/vN/chunks.json`` then lists them)
@@ -46,6 +47,7 @@ from dume_dist.core.digest import file_sha256_size
 from .backends import LocalBackend
 from .chunks import Chunk, check_chunk_list, plan_file
 from .errors import StoreConflict, StoreError, StoreNotFound
+from .gclock import GC_LEASE_S, GcLock
 from .log import AppendLog
 from .objectstore import ObjectStore, encode_json, local_files
 
@@ -74,10 +76,11 @@ def _now() -> str:
 
 
 class VersionStore:
-    def __init__(self, store: ObjectStore, prefix: str = "versions", gc_wait_s: float = 600.0):
+    def __init__(self, store: ObjectStore, prefix: str = "versions", gc_wait_s: float = 600.0,
+                 gc_lease_s: float = GC_LEASE_S):  # fmt: skip
         self.store = store
         self.prefix = prefix.rstrip("/")
-        self.gc_wait_s = gc_wait_s
+        self.gc_wait_s, self.gc_lease_s = gc_wait_s, gc_lease_s
 
     def _key(self, vid: str, name: str) -> str:
         parse_version(vid)
@@ -271,6 +274,9 @@ class VersionStore:
     def _wait_for_gc(self) -> None:
         deadline = time.monotonic() + self.gc_wait_s
         while self.store.exists(f"{self.prefix}/gc.lock"):
+            with contextlib.suppress(StoreConflict):  # another publisher took it over first
+                if self.resume_collection() is not None:  # its holder was dead: finished
+                    continue
             if time.monotonic() > deadline:
                 raise StoreError(
                     f"{self.store.url}: a garbage collection holds {self.prefix}/gc.lock for "
@@ -339,39 +345,42 @@ class VersionStore:
                 refs.update(c["sha256"] for c in chunks or [])
         return refs
 
+    def _gc_lock(self) -> GcLock:
+        return GcLock(self.store, f"{self.prefix}/gc.lock", self.gc_lease_s)
+
     def collect_garbage(self) -> dict:
         """Delete the chunks nobody references; returns what was kept and deleted. Raises
         StoreConflict while another collection runs."""
-        lock = f"{self.prefix}/gc.lock"
-        self.store.create_json(lock, self._lock_record())
+        lock = self._gc_lock()
+        lock.take(create=True)
         return self._collect(lock)
 
     def resume_collection(self) -> dict | None:
         """Finish a collection whose collector died holding ``gc.lock`` (publishes wait on it):
         take the lock over, read the references again and delete what nobody references. What
-        a restarted coordinator runs first; None when no lock is held. The references are read
-        after the takeover, and no publish passed the lock since it was taken, so the module's
-        ordering argument still holds."""
-        lock = f"{self.prefix}/gc.lock"
-        if not self.store.exists(lock):
+        a restarted coordinator runs first, and a publish that finds a dead holder's lock.
+        None when no lock is held or its holder is alive (``store.gclock``: the lease). The
+        references are read after the takeover, and no publish passed the lock since it was
+        taken, so the module's ordering argument still holds."""
+        lock = self._gc_lock()
+        if not lock.holder_dead():
             return None
-        self.store.write_json(lock, self._lock_record())
+        lock.take(create=False)
         return self._collect(lock)
 
-    @staticmethod
-    def _lock_record() -> dict:
-        return {"since": _now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
-
-    def _collect(self, lock: str) -> dict:
+    def _collect(self, lock: GcLock) -> dict:
         try:
             objects = [k for k in self.store.list(f"{self.prefix}/objects")]
+            lock.beat()
             keep = self.referenced()  # read after the lock: see the module docstring
+            lock.beat(check=True)  # still ours: nobody took a slow collector's lock over
             deleted = [k for k in objects if k.rsplit("/", 1)[-1] not in keep]
             for key in deleted:
                 self.store.delete(key, missing_ok=True)
+                lock.beat()
             return {"kept": len(objects) - len(deleted), "deleted": len(deleted)}
         finally:
-            self.store.delete(lock, missing_ok=True)
+            lock.release()
 
     def migrate(self) -> list[str]:
         """Move every complete version stored whole (schema 1 without chunks) to chunks: upload
