@@ -640,6 +640,10 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     assert manifest["routing"]["selection"]["criterion"] == "heldout_loglik"
     assert manifest["routing"]["selection"] == single.manifest["routing"]["selection"]
     assert manifest["routing"]["solver"] == "nb"
+    # routing shares estimated from the statistics, in the manifest and `dume status`
+    assert manifest["routing"]["shares"] == single.manifest["routing"]["shares"]
+    assert flow.status()["shares"] == manifest["routing"]["shares"]
+    assert manifest["routing"]["shares"]["statistics"] == "held-out"
 
 
 @pytest.mark.parametrize(

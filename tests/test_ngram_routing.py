@@ -396,6 +396,31 @@ def test_hostile_heldout_curves_are_refused_with_one_line():
         spec.router_kind.validate(good, spec, BackboneShape(1, 4, VOCAB))
 
 
+def test_ngram_shares_flag_a_contributor_that_claims_others_data():
+    """Shares estimated on sequences simulated from each expert's held-out counts: an honest
+    build has no outlier; an expert whose counts add another class's (``mimic``, fit and
+    held-out alike) wins that class's simulated text and is flagged; ten times the counts
+    (claimed volume) buys nothing."""
+    spec = RoutingSpec(features="ngram", solver="nb", lam=AUTO, holdout_fraction=0.1,
+                       ngram_buckets=4099)  # fmt: skip
+    fit = {f"c{j}": (j, _counts(_synthetic_corpus(j, 30, j), buckets=4099)) for j in range(3)}
+    held = {n: (j, _held(_synthetic_corpus(j, 10, 50 + j), fit[n][1])) for n, (j, _) in fit.items()}
+    honest = solve_routing(spec, fit, 3, {0.0: held}).extras["shares"]
+    assert honest["outliers"] == [] and honest["statistics"] == "held-out"
+    assert min(honest["by_class"][j][j] for j in range(3)) > 0.8
+    assert sum(honest["overall"]) == pytest.approx(1.0)
+    assert solve_routing(spec, fit, 3, {0.0: held}).extras["shares"] == honest  # seeded
+    plus = lambda m: {**m, "c0": (0, m["c0"][1] + m["c1"][1])}  # noqa: E731
+    forged = solve_routing(spec, plus(fit), 3, {0.0: plus(held)}).extras["shares"]
+    assert forged["outliers"] == [0] and forged["by_class"][1][0] > 0.25
+    c0 = fit["c0"][1]
+    x10 = {**fit, "c0": (0, c0.with_meta(unigram_V=c0.unigram_V * 10, context_V=c0.context_V * 10,
+                                         bigram_H=c0.bigram_H * 10))}  # fmt: skip
+    fixed = spec.replace(lam=20.0, holdout_fraction=0.0)
+    assert solve_routing(fixed, x10, 3).extras["shares"]["outliers"] == []
+    assert solve_routing(fixed, fit, 3).extras["shares"]["statistics"] == "fit"
+
+
 # -- end to end: build, eval, save -> load without dume_dist ------------------------------------
 
 
@@ -423,6 +448,9 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     held = [stats_from_bytes(p.read_bytes()) for p in held]
     assert all(h.feature_map.endswith("+curve") and h.pairs_K3 is None for h in held)
     assert routing["selection"]["criterion"] == "heldout_loglik"
+    shares = routing["shares"]
+    assert shares["statistics"] == "held-out" and len(shares["by_class"]) == 3
+    assert shares["outliers"] == [] and sum(shares["overall"]) == pytest.approx(1.0)
     table = compare(
         result.out_dir, world["data"], experts=world["experts"], seq_len=24, batch_size=4,
         max_eval_tokens=400,

@@ -1,6 +1,7 @@
 """Routing shares estimated from statistics alone: how much of each contributor's traffic each
 expert would win, and which experts take an outlying share (a sign of inflated or forged
-statistics, docs/privacy.md).
+statistics, docs/privacy.md). This file: the linear routers' estimate and the record every kind
+writes (``shares_record``); the n-gram router's estimate is ``model.ngram_shares``.
 
 For a linear router (logits ``W f̃``) and a class ``j`` whose tokens have Gram ``G_j`` (count
 ``n``, feature mean ``μ``, covariance ``Σ``), the logits of its tokens have mean ``W μ̃`` and
@@ -46,7 +47,14 @@ def routing_shares(routers, class_grams_LEPP: torch.Tensor) -> dict:
         r = routers[layer]
         for j in range(num_e):
             share_EE[j] += class_shares(r.weight_EF, r.bias_E, class_grams_LEPP[layer, j]) / num_l
-    count_E = class_grams_LEPP[0, :, -1, -1].double()
+    return shares_record(share_EE, class_grams_LEPP[0, :, -1, -1].double())
+
+
+def shares_record(share_EE: torch.Tensor, count_E: torch.Tensor) -> dict:
+    """The manifest's ``routing.shares`` from ``share_EE[j, k]`` (the share of class ``j``'s
+    tokens expert ``k`` wins) and each class's token count: by class, overall (token-weighted)
+    and the outliers."""
+    num_e = share_EE.shape[0]
     overall_E = (count_E[:, None] * share_EE).sum(0) / count_E.sum()
     off = share_EE.clone().fill_diagonal_(0)
     flagged = [k for k in range(num_e) if float(off[:, k].max()) > OUTLIER_OTHERS_SHARE]

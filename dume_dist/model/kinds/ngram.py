@@ -242,6 +242,7 @@ class NgramKind(RouterKind):
 
     def solve(self, spec, fit: Mapping, num_experts: int, holdout: Mapping):
         from dume_dist.model.ngram_select import select_mu, select_mu_likelihood, select_switch
+        from dume_dist.model.ngram_shares import ngram_routing_shares
         from dume_dist.model.routing import SolvedRouting
 
         selection, mu = None, spec.mu
@@ -257,7 +258,8 @@ class NgramKind(RouterKind):
             switch_selection = select_switch(tables, holdout[0.0], num_experts)
             switch = switch_selection.lam
         chosen = {"mu": float(mu), "switch": float(switch)}
-        extras = {"switch": float(switch), "switch_selection": switch_selection}
+        shares = ngram_routing_shares(tables, fit, holdout.get(0.0), num_experts, float(switch))
+        extras = {"switch": float(switch), "switch_selection": switch_selection, "shares": shares}
         return SolvedRouting(tables, spec, float(mu), 0.0, selection, chosen, extras)
 
     def config_routing(self, solved) -> dict:
