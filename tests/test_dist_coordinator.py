@@ -399,6 +399,7 @@ def test_context_routing_equals_the_single_machine_build(experts, tmp_path):
     assert manifest["lam"] == single.routing.lam == manifest["routing"]["lam"]
     assert manifest["routing"]["selection"] == single.manifest["routing"]["selection"]
     assert manifest["routing"]["solver"] == "lda"
+    assert manifest["routing"]["priors"] == "equal" == _config_routing(pulled)["priors"]
     assert all("holdout" in s for c in manifest["contributors"] for s in c["stats"])
 
 

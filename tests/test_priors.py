@@ -233,3 +233,20 @@ def test_priors_flag_reaches_the_build_spec():
     assert routing_spec(args).priors == "equal"
     with pytest.raises(SystemExit):
         p.parse_args(["--priors", "volume"])
+
+
+def test_coordinator_settings_carry_the_priors():
+    from dume_dist.distributed.artifacts import routing_of
+    from dume_dist.distributed.validation import check_settings
+
+    stored = check_settings({"routing": "paper", "priors": "equal"})
+    assert stored["routing"]["priors"] == "equal" and stored["feature_map"] == "token"
+    assert routing_of(stored).priors == "equal"
+    # A registry founded before priors existed keeps the paper's (its stored routing has none).
+    older = check_settings({"routing": "context"})
+    older["routing"].pop("priors")
+    assert routing_of(older).priors == "tokens"
+    for bad in ({"routing": "paper", "priors": "many"}, {"routing": "ngram", "priors": "equal"}):
+        with pytest.raises(ValueError, match="priors") as err:
+            check_settings(bad)
+        assert "\n" not in str(err.value)

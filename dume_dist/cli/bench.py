@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         rb = kinds.add_parser(name, help=helptext)
         _common(rb, experts="an expert (repeat; default: the shipped founding ones)",
                 train=True, valid=True)  # fmt: skip
-        rb.add_argument("--kind", action="append", choices=("ngram", "paper", "context"))
+        rb.add_argument("--kind", action="append", help="default: all",
+                        choices=("ngram", "paper", "paper-equal", "context", "context-tokens"))  # fmt: skip
         rb.add_argument("--seq-len", type=int, default=512, help="statistics window length")
         rb.add_argument("--max-eval-tokens", type=int, default=8192, help="per domain")
         rb.add_argument("--threads", type=int, default=None)

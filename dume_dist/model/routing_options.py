@@ -210,13 +210,15 @@ DEFAULT_HOLDOUT_FRACTION = 0.1
 # `paper` is the paper's exact routing. `ngram` is the best measured (docs/routing.md) and THE
 # default (DEFAULT_PRESET) of `dume build`, `build_dume()`, `dume coordinator start` and
 # `dume demo`. Smoothing is not in `context`: on prefix-mean features the held-out choice was
-# always β = 0. `ngram`: k = 2 with weights below 0.05 dropped: the second expert runs only where
-# the sequence's domain is still uncertain (about 1% of tokens on the shipped experts).
+# always β = 0; its priors are equal (claimed volume buys no traffic; the same quality as tokens
+# priors on both expert sets, docs/routing.md). `ngram`: k = 2 with weights below 0.05 dropped:
+# the second expert runs only where the sequence's domain is still uncertain (about 1% of tokens
+# on the shipped experts).
 PRESETS: dict[str, dict] = {
     "paper": {"kind": "linear"},
     "context": {
         "kind": "linear", "features": "prefix_mean", "solver": "lda", "lda_shrinkage": AUTO,
-        "holdout_fraction": DEFAULT_HOLDOUT_FRACTION,
+        "priors": "equal", "holdout_fraction": DEFAULT_HOLDOUT_FRACTION,
     },
     "ngram": {
         "kind": "ngram", "mu": AUTO, "top_k": 2, "min_weight": 0.05,
