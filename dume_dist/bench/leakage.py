@@ -8,7 +8,9 @@ the tokenizer), never the text:
 * **n-gram counts** (``ngram``): the unigram distribution is the normalised ``unigram`` vector;
   frequent bigrams are recovered from the hashed bigram counts by scoring every ``(u, v)`` pair
   of the vocabulary with ``min(bigram[h(u, v)], context[u], unigram[v])`` and keeping the top;
-  with μ ``auto`` the held-out bigrams are sent verbatim.
+  with μ ``auto`` (the default criterion) the held-out part is the held-out slice's counts of
+  the same kind and a held-out curve of nine numbers; only ``mu_criterion: bigrams`` (or a switch
+  rate ``auto``) sends the held-out bigrams verbatim (counted in the row).
 * **Gram matrices** (``token``, and the ``x`` block of ``prefix_mean``): per-token templates
   ``φ(v)`` = each layer's mean MLP input for token ``v`` over auxiliary text the coordinator has
   (here: ``aux_tokens`` of the *other* domains' text; the probe ``[BOS, v]`` for tokens it never
@@ -289,7 +291,8 @@ def run_leakage_bench(
             row = {**base, "kind": kind, "bytes": size, "epsilon": None,
                    **_attack(kind, fit, truth, attack, dim, top)}  # fmt: skip
             if kind == "ngram" and held:
-                row["heldout_bigrams_sent_verbatim"] = int(len(held[0.0].pairs_K3))
+                pairs = held[0.0].pairs_K3
+                row["heldout_bigrams_sent_verbatim"] = 0 if pairs is None else int(len(pairs))
             rows.append(row)
             if dp_epsilons:
                 private = _private_rows(backbone, spec, tokenizer, texts[name], routing, kw,
