@@ -448,6 +448,10 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     held = [stats_from_bytes(p.read_bytes()) for p in held]
     assert all(h.feature_map.endswith("+curve") and h.pairs_K3 is None for h in held)
     assert routing["selection"]["criterion"] == "heldout_loglik"
+    sel = routing["selection"]
+    chosen = sel["curves"]["heldout_loglik"][0][sel["lam_grid"].index(sel["lam"])]
+    assert chosen == max(sel["curves"]["heldout_loglik"][0])  # the argmax, and the card says so
+    assert f"heldout_loglik = {chosen:.4g}" in (result.out_dir / "README.md").read_text()
     shares = routing["shares"]
     assert shares["statistics"] == "held-out" and len(shares["by_class"]) == 3
     assert shares["outliers"] == [] and sum(shares["overall"]) == pytest.approx(1.0)

@@ -45,7 +45,9 @@ def _routing_lines(manifest: dict) -> list[str]:
     selection = routing.get("selection")
     if selection:
         curve = selection["curves"][selection["criterion"]]
-        best = min(min(row) for row in curve)
+        # the chosen point's score (a criterion may be minimised or maximised)
+        row = selection["smoothing_grid"].index(selection["smoothing"])
+        best = curve[row][selection["lam_grid"].index(selection["lam"])]
         lines.append(
             f"* chosen on {selection['num_holdout_tokens']:,} held-out tokens: "
             f"{selection['criterion']} = {best:.4g} (lam {selection['lam']:g}, "

@@ -173,8 +173,8 @@ NGRAM_OPTIONS = (
            flag=False),
     Option(
         "mu_criterion", "choice", "likelihood",
-        "how μ 'auto' is chosen: 'likelihood' (each node sends its held-out log-likelihood per "
-        "μ, a dozen numbers) or 'bigrams' (nodes send their exact held-out bigrams)",
+        "how μ 'auto' is chosen: 'likelihood' (each node sends its held-out log-likelihood at "
+        "each μ of the grid, no text) or 'bigrams' (nodes send their exact held-out bigrams)",
         choices=("likelihood", "bigrams"),
     ),
     Option(
