@@ -712,6 +712,26 @@ def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):
     assert _snapshot(flow) == before
 
 
+def test_hostile_heldout_curves_are_refused_and_change_nothing(ngram_founded):
+    flow = ngram_founded
+    before = _snapshot(flow)
+    stats, held = flow.computed["stats"], stats_from_bytes(flow.computed["holdout"][0.0])
+    curve, grid = held.curve_M, held.curve_mu_M
+    assert held.pairs_K3 is None and curve.shape == (9,) and (curve < 0).all()
+    bad = {
+        "log-probabilities": held.with_meta(curve_M=-curve),  # above 0
+        "bigram log-probabilities": held.with_meta(curve_M=curve * 1e6),  # far below the floor
+        "finite": held.with_meta(curve_M=curve.clone().fill_(float("inf"))),
+        "grid": held.with_meta(curve_mu_M=grid * 2),  # not the coordinator's grid
+        "shape|layout|curve": held.with_meta(curve_M=curve[:4], curve_mu_M=grid[:4]),
+    }
+    for match, forged in bad.items():
+        with pytest.raises(ValueError, match=match) as err:
+            _submit(flow, stats, {0.0: stats_to_bytes(forged)})
+        assert "\n" not in str(err.value)
+    assert _snapshot(flow) == before
+
+
 def test_gram_and_ngram_statistics_do_not_cross(ngram_founded, context_founded):
     ngram, context = ngram_founded, context_founded
     fp = stats_from_bytes(ngram.computed["stats"])

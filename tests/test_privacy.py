@@ -305,6 +305,14 @@ def test_default_ngram_join_sends_no_heldout_bigrams_and_exact_ones_need_the_fla
     sent = exact.join("alpha", send_heldout_bigrams=True)
     assert any("exact held-out bigrams" in o["what"] for o in sent["outbound"])
 
+    # differential privacy: held-out summaries are not released privately (refused before any
+    # statistics are computed, nothing registered); a fixed mu joins
+    flow.add("beta")
+    private = {"dp": dp.DpSpec(8.0, 1e-5, unit="token").to_json()}
+    with pytest.raises(ValueError, match="fixed mu") as err:
+        flow.join("beta", **private)
+    assert "\n" not in str(err.value) and flow.status()["registry"]["nodes"]["beta"]["stats"] == []
+
 
 # -- poisoning: routing shares estimated from statistics -----------------------------------------
 

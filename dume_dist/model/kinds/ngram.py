@@ -219,6 +219,7 @@ class NgramKind(RouterKind):
             )
 
     def dp_bounds(self, spec, backbone, dp):
+        self.check_dp(spec, dp)
         return None, dp.count_cap if dp.unit == "sequence" else None
 
     def collectors(self, spec, backbone, expert, *, holdout, max_tokens_per_seq, device,
