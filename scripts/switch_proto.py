@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -25,35 +24,32 @@ from dume_dist.model.mixed import (
     mixed_batch,
     oracle_nll,
 )
-from dume_dist.model.modeling_dume import _real_mask, ngram_log_probs, previous_real_tokens
+from dume_dist.model.routing_dume import (
+    _real_mask,
+    ngram_log_probs,
+    previous_real_tokens,
+    switch_mixture_posterior,
+)
 from dume_dist.model.tokenizer import load_tokenizer
 
 
-def fixed_share(logp_BTE, real_BT, rho, state=None):
-    """Normalised log posterior [B, T, E] of the switching model, and the last one [B, E]."""
-    batch, length, num = logp_BTE.shape
-    if state is None:
-        state = torch.full((batch, num), -math.log(num), dtype=torch.float64)
-    a, b = 1.0 - rho, rho / (num - 1)
-    m_EE = torch.full((num, num), b, dtype=torch.float64)
-    m_EE.fill_diagonal_(a)
-    p_BTE = (logp_BTE - logp_BTE.amax(dim=-1, keepdim=True)).exp()
-    c = p_BTE[..., :, None] * m_EE  # alpha_t = A_t alpha_{t-1}
-    eye = torch.eye(num, dtype=torch.float64)
-    c = torch.where(real_BT[..., None, None], c, eye)
-    k = 1
-    while k < length:
-        nxt = c.clone()
-        nxt[:, k:] = c[:, k:] @ c[:, :-k]
-        c = nxt / nxt.amax(dim=(-2, -1), keepdim=True)
-        k *= 2
-    alpha = (c @ state.exp()[:, None, :, None]).squeeze(-1)
-    log_alpha = alpha.clamp_min(1e-300).log()
-    log_alpha = log_alpha - log_alpha.logsumexp(dim=-1, keepdim=True)
-    return log_alpha, log_alpha[:, -1]
+def parse_config(text: str) -> dict:
+    """``rho=R`` (one rate), ``mix=R1,R2,...`` (the mixture over rates), with ``:beta=B``
+    (evidence tempered by B) and ``:clip=C`` (per-token evidence against an expert clipped at C
+    nats) optionally appended."""
+    out = {"rates": (0.0,), "beta": 1.0, "clip": None, "name": text}
+    for part in text.split(":"):
+        key, value = part.split("=", 1)
+        if key in ("rho", "mix"):
+            out["rates"] = tuple(float(v) for v in value.split(","))
+        elif key in ("beta", "clip"):
+            out[key] = float(value)
+        else:
+            raise ValueError(f"unknown config key {key!r}")
+    return out
 
 
-def patch(model, rho):
+def patch(model, rates, beta=1.0, clip=None):
     router = model.ngram_router
 
     def scores(ids_BT, real_BT=None, state=None):
@@ -63,23 +59,33 @@ def patch(model, rho):
         logp = ngram_log_probs(
             uni, ctx, big, prev, ids_BT, has_prev, router.mu, router.alpha, denom
         )
-        logp_BTE = logp.permute(1, 2, 0)
-        post, last = fixed_share(logp_BTE, real_BT, rho, None if state is None else state["cum"])
+        logp_BTE = logp.permute(1, 2, 0) * beta
+        if clip is not None:  # no token says more than `clip` nats against an expert
+            logp_BTE = (logp_BTE - logp_BTE.amax(-1, keepdim=True)).clamp_min(-clip)
+        joint = switch_mixture_posterior(
+            logp_BTE, real_BT, rates, None if state is None else state["joint"]
+        )
         new_state = {
-            "cum": last,
+            "joint": joint[:, -1],
             "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev[:, -1]),
             "has_last": has_prev[:, -1] | real_BT[:, -1],
         }
-        return post, new_state
+        post_BTE = joint.logsumexp(dim=2)
+        top2 = post_BTE.topk(2, dim=-1).values
+        second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= model.config.routing["min_weight"]
+        router.two_experts[0] += int(second[real_BT].sum())
+        router.two_experts[1] += int(real_BT.sum())
+        return post_BTE, new_state
 
     router.scores = scores
+    router.two_experts = [0, 0]  # tokens whose second expert runs (k = 2), real tokens
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("data", nargs="+")
-    ap.add_argument("--rho", type=float, nargs="+", default=[0.0, 1e-3, 1e-2])
+    ap.add_argument("--config", nargs="+", default=["rho=0", "rho=1e-3", "mix=0,1e-4,1e-3,1e-2"])
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--out")
@@ -100,18 +106,21 @@ def main():
     mbatch = mixed_batch(domain_streams(tok, data), settings)
     onll = oracle_nll(model, mbatch, settings)
     rows = []
-    for rho in args.rho:
+    for config in map(parse_config, args.config):
         t0 = time.time()
-        patch(model, rho)
+        patch(model, config["rates"], config["beta"], config["clip"])
         ppl = {d: r.ppl for d, r in evaluate_model(model, batches).items()}
+        two = model.ngram_router.two_experts
+        two_single = two[0] / two[1]
         keep = {d: oracle[d] / ppl[d] for d in ppl}
         mixed = evaluate_mixed(model, mbatch, settings, oracle=onll)
         row = {
-            "rho": rho,
+            "config": config["name"],
             "single_keep": keep,
             "worst": min(keep.values()),
             "mixed_keep": mixed["keep"]["routing"],
             "delay4": mixed["keep"]["oracle, 4 tokens late"],
+            "two_experts": {"single": two_single, "all": two[0] / two[1]},
         }
         rows.append(row)
         print(json.dumps(row), f"{time.time() - t0:.0f}s", flush=True)

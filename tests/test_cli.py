@@ -43,14 +43,16 @@ def built(world):
     return out
 
 
-def test_default_build_is_ngram_routing_chosen_on_held_out_statistics(world, tmp_path, capsys):
-    out = tmp_path / "ngram"
+def test_default_build_is_follow_routing_chosen_on_held_out_statistics(world, tmp_path, capsys):
+    out = tmp_path / "follow"
     assert main(_build_args(world, out)) == 0
     config = json.loads((out / "config.json").read_text())
     manifest = json.loads((out / "dume_manifest.json").read_text())
     assert config["routing"]["features"] == "ngram" and config["routing"]["solver"] == "nb"
     assert config["routing"]["ngram"]["mu"] == manifest["routing"]["lam"]
-    assert manifest["routing"]["spec"]["preset"] == "ngram"
+    assert config["routing"]["ngram"]["switch_rates"] == [0.0, 1e-4, 1e-3, 1e-2]
+    assert config["routing"]["ngram"]["evidence_scale"] == 0.5
+    assert manifest["routing"]["spec"]["preset"] == "follow"
     assert manifest["routing"]["selection"]["lam"] == manifest["routing"]["lam"]
     assert "held-out tokens" in capsys.readouterr().out
     code = main(["build", *_build_args(world, tmp_path / "m", "--lam", "auto",

@@ -379,7 +379,8 @@ def test_module_imports_only_stdlib_torch_and_transformers():
         Path(f) for f in get_relative_import_files(modeling_dume.__file__)
     ]
     assert {p.name for p in shipped} == {
-        "modeling_dume.py", "configuration_dume.py", "routing_dume.py", "routing_options.py"
+        "modeling_dume.py", "configuration_dume.py", "routing_dume.py", "routing_options.py",
+        "routing_switch.py",
     }  # fmt: skip
     for path in shipped:
         tree = ast.parse(path.read_text())

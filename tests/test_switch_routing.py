@@ -1,12 +1,16 @@
-"""The n-gram router with a switch rate (``routing.ngram.switch``, preset ``switch``).
+"""The n-gram router with a switch rate (``routing.ngram.switch``, preset ``switch``) and with a
+mixture of switch rates (``routing.ngram.switch_rates``, preset ``follow``, the default).
 
 Pinned to references: the forward filter of the switching chain computed position by position
 (the scan must equal it, whole or in pieces, with padding), the cumulative naive Bayes (rate 0),
-a full forward without cache (cached generation must match it), and a solve that never had a
-contributor (removing one must give the same tables and the same chosen rate).
+Bayesian model averaging of separate filters by their predictive likelihoods (the mixture's joint
+scan must equal it), a full forward without cache (cached generation must match it), and a solve
+that never had a contributor (removing one must give the same tables and the same chosen rate).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from tiny_world import make_world
 
 from dume_dist.core.ngram import NgramStats
 from dume_dist.model.build import build_dume
-from dume_dist.model.modeling_dume import fixed_share_posterior
+from dume_dist.model.modeling_dume import fixed_share_posterior, switch_mixture_posterior
 from dume_dist.model.ngram_select import DEFAULT_SWITCH_GRID
 from dume_dist.model.routing import PRESETS, RoutingSpec, resolve_routing, solve_routing
 
@@ -53,16 +57,77 @@ def test_fixed_share_scan_equals_the_filter_whole_and_in_pieces(rate):
         torch.testing.assert_close(whole, cumulative, rtol=0, atol=1e-10)
 
 
-def _switch_model(rate=0.05, k=1, seed=0):
+def _averaged_filters_reference(logp_BTE, real_BT, rates):
+    """Each rate's filter on its own, with the log-likelihood of the tokens so far under it
+    (sum of log predictive probabilities); the posterior over experts is their average weighted
+    by prior x likelihood (uniform prior over rates)."""
+    batch, length, num = logp_BTE.shape
+    posts, loglik = [], []
+    for rate in rates:
+        move = torch.full((num, num), rate / (num - 1), dtype=torch.float64)
+        move.fill_diagonal_(1 - rate)
+        post = torch.full((batch, num), 1 / num, dtype=torch.float64)
+        ll = torch.zeros(batch, dtype=torch.float64)
+        row_post, row_ll = [], []
+        for t in range(length):
+            new = logp_BTE[:, t].exp() * (post @ move)
+            real = real_BT[:, t]
+            ll = torch.where(real, ll + new.sum(-1).log(), ll)
+            post = torch.where(real[:, None], new / new.sum(-1, keepdim=True), post)
+            row_post.append(post)
+            row_ll.append(ll)
+        posts.append(torch.stack(row_post, 1))
+        loglik.append(torch.stack(row_ll, 1))
+    weight_BTR = torch.stack(loglik, -1).softmax(-1)
+    return (weight_BTR[..., None] * torch.stack(posts, 2)).sum(2).log()
+
+
+@pytest.mark.parametrize("rates", [(0.0, 1e-4, 1e-3, 1e-2), (0.3,), (0.0, 0.2)])
+def test_switch_mixture_equals_averaged_filters_whole_and_in_pieces(rates):
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(3, 45, 4, generator=g, dtype=torch.float64) * 3 - 5
+    real = torch.ones(3, 45, dtype=torch.bool)
+    real[1, 30:] = False
+    real[2, 7] = False
+    real[0, :3] = False  # left padding
+    joint = switch_mixture_posterior(logp, real, rates)
+    assert joint.shape == (3, 45, len(rates), 4)
+    reference = _averaged_filters_reference(logp, real, rates)
+    torch.testing.assert_close(joint.logsumexp(2), reference, rtol=0, atol=1e-9)
+    pieces, state = [], None
+    for lo, hi in ((0, 17), (17, 18), (18, 19), (19, 45)):  # one-token steps: the decode path
+        part = switch_mixture_posterior(logp[:, lo:hi], real[:, lo:hi], rates, state)
+        pieces.append(part)
+        state = part[:, -1]
+    torch.testing.assert_close(torch.cat(pieces, 1), joint, rtol=0, atol=1e-9)
+    if len(rates) == 1:
+        torch.testing.assert_close(joint[:, :, 0], fixed_share_posterior(logp, real, rates[0]))
+
+
+def _switch_model(rate=0.05, k=1, seed=0, rates=None, scale=1.0):
     model = _ngram_model(k, seed=seed)
-    model.ngram_router.switch = rate
-    model.config.routing["ngram"]["switch"] = rate
+    ngram = model.config.routing["ngram"]
+    if rates is None:
+        model.ngram_router.switch = rate
+        ngram["switch"] = rate
+    else:
+        model.ngram_router.switch_rates = tuple(rates)
+        ngram["switch_rates"] = list(rates)
+    if scale != 1.0:
+        model.ngram_router.evidence_scale = scale
+        ngram["evidence_scale"] = scale
+    type(model.config)(**model.config.to_dict())  # the config is sound
     return model
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_switch_cached_generation_equals_full_forward(k):
-    model = _switch_model(k=k)
+@pytest.mark.parametrize(
+    "k, mixture", [(1, False), (2, False), (1, True), (2, True)], ids=["1", "2", "1-mix", "2-mix"]
+)
+def test_switch_cached_generation_equals_full_forward(k, mixture):
+    if mixture:
+        model = _switch_model(k=k, rates=(0.0, 1e-3, 0.05), scale=0.5)
+    else:
+        model = _switch_model(k=k)
     ids_BT, mask_BT = _left_padded()
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = model.generate(ids_BT, attention_mask=mask_BT, use_cache=True, **kw)
@@ -79,6 +144,39 @@ def test_switch_cached_generation_equals_full_forward(k):
             steps.append(out.logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], whole[real], rtol=1e-5, atol=1e-5)
+
+
+def test_evidence_scale_tempers_the_mixture_scores():
+    ids_BT, mask_BT = _left_padded()
+    plain = _switch_model(rates=(0.0, 0.01)).ngram_router.scores(ids_BT, mask_BT.bool())[0]
+    half = _switch_model(rates=(0.0, 0.01), scale=0.5).ngram_router.scores(ids_BT, mask_BT.bool())
+    router = _switch_model(rates=(0.0, 0.01)).ngram_router
+    router.evidence_scale = 0.5
+    torch.testing.assert_close(router.scores(ids_BT, mask_BT.bool())[0], half[0])
+    assert not torch.allclose(plain, half[0])
+    cumulative = _switch_model(rates=(0.0,), scale=0.5).ngram_router
+    scores = cumulative.scores(ids_BT, mask_BT.bool())[0]
+    base = _ngram_model(1).ngram_router.scores(ids_BT, mask_BT.bool())[0]
+    torch.testing.assert_close(scores, (0.5 * base).log_softmax(-1), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "ngram, match",
+    [({"switch_rates": [0.0, 0.6]}, r"routing.ngram.switch_rates must be in \[0.0, 0.5\)"),
+     ({"switch_rates": [0.0] * 9}, "at most 8"),
+     ({"switch_rates": []}, "must not be empty"),
+     ({"switch_rates": "0,1e-3"}, "must be a list of numbers"),
+     ({"switch_rates": [0.0, 1e-3], "switch": 0.01}, "give one of them, not both"),
+     ({"evidence_scale": 0.0}, r"routing.ngram.evidence_scale: evidence_scale must be in"),
+     ({"evidence_scale": 1.5}, "evidence_scale must be in"),
+     ({"evidence_scale": "auto"}, "must be a number, got 'auto'")],
+)  # fmt: skip
+def test_a_bad_mixture_in_a_checkpoint_config_is_refused_naming_the_key(ngram, match):
+    model = _ngram_model(1)
+    config = model.config.to_dict()
+    config["routing"]["ngram"].update(ngram)
+    with pytest.raises(ValueError, match=match):
+        type(model.config)(**config)
 
 
 def test_switch_rate_is_refused_out_of_range_or_without_ngram():
@@ -117,6 +215,22 @@ def test_switch_build_chooses_a_rate_and_records_it(world_stats):
     config = result.out_dir / "config.json"
     assert f'"switch": {result.routing.switch!r}' in config.read_text().replace("\n", "")
     assert result.manifest["routing"]["switch_selection"]["criterion"] == "switch_logloss"
+
+
+def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
+    from dume_dist.model.routing_options import FOLLOW_EVIDENCE_SCALE, FOLLOW_SWITCH_RATES
+
+    assert PRESETS["follow"] == resolve_routing(None)
+    world = make_world(tmp_path, num_docs=30)
+    result = build_dume(world["experts"], world["data"], tmp_path / "model", progress=False)
+    ngram = json.loads((result.out_dir / "config.json").read_text())["routing"]["ngram"]
+    assert ngram["switch_rates"] == list(FOLLOW_SWITCH_RATES) and "switch" not in ngram
+    assert ngram["evidence_scale"] == FOLLOW_EVIDENCE_SCALE
+    routing = result.manifest["routing"]
+    assert routing["switch_rates"] == list(FOLLOW_SWITCH_RATES)
+    assert routing["switch_selection"] is None  # nothing chosen: the rates are fixed
+    with pytest.raises(ValueError, match="give one of them, not both"):
+        resolve_routing("follow", switch="auto")
 
 
 def test_removing_a_contributor_gives_the_solve_that_never_had_it(world_stats):

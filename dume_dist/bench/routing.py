@@ -66,10 +66,12 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("priors equal: context", CONTEXT.replace(priors="equal", preset=None)),
     ("priors equal: paper (ridge λ=1e-2)", PRESETS["paper"].replace(priors="equal", preset=None)),
     ("priors equal: token, ridge, λ auto", RoutingSpec(priors="equal", lam=AUTO, **_H)),
-    ("ngram (bigram naive Bayes, μ auto, k=2, min weight 0.05) = default", PRESETS["ngram"]),
+    ("ngram (bigram naive Bayes, μ auto, k=2, min weight 0.05)", PRESETS["ngram"]),
     ("ngram, k=1", PRESETS["ngram"].replace(top_k=1, min_weight=0.0, preset=None)),
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
     ("switch (ngram + switch rate auto, k=2, min weight 0.05)", PRESETS["switch"]),
+    ("follow (ngram + mixture of switch rates 0, 1e-4, 1e-3, 1e-2, evidence x0.5, k=2, "
+     "min weight 0.05) = default", PRESETS["follow"]),
 ]  # fmt: skip
 
 

@@ -5,14 +5,15 @@ This file owns the inference-time model of a MoErged checkpoint: the dense famil
 layer's ``mlp`` replaced by a ``DumeMoeBlock`` whose expert *j* is an unchanged instance of the
 family's own MLP class, routed by the checkpoint's router kind (``routing_dume.py``).
 
-It is copied, with its siblings ``configuration_dume.py``, ``routing_dume.py`` and
-``routing_options.py`` (its relative imports), into every published model directory and loaded
-there with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, so the four
-import only the standard library, torch and transformers — never ``dume_dist``.
+It is copied, with its siblings ``configuration_dume.py``, ``routing_dume.py``,
+``routing_switch.py`` and ``routing_options.py`` (its relative imports), into every published
+model directory and loaded there with ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)``, so the five import only the standard library, torch and transformers —
+never ``dume_dist``.
 
 Checkpoint contract (a writer that streams tensors must produce exactly this)
 -----------------------------------------------------------------------------
-Files: ``config.json``, the four remote-code files (verbatim), safetensors weights
+Files: ``config.json``, the five remote-code files (verbatim), safetensors weights
 (``model.safetensors`` or shards + ``model.safetensors.index.json``).
 
 ``config.json`` is ``DumeConfig(...).to_diff_dict()`` — what ``DumeConfig.save_pretrained(dir)``
@@ -91,6 +92,7 @@ from .routing_dume import (  # noqa: F401  (re-exported: the one definition stat
     previous_real_tokens,
     routing_feature_dim,
     routing_is_stateful,
+    switch_mixture_posterior,
 )
 from .routing_options import ROUTING_FEATURES, ROUTING_SOLVERS  # noqa: F401
 

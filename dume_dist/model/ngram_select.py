@@ -171,6 +171,7 @@ def select_switch(
     heldout: Mapping[str, tuple[int, NgramStats]],
     num_experts: int,
     grid: Sequence[float] = DEFAULT_SWITCH_GRID,
+    evidence_scale: float = 1.0,
 ):
     """The switch rate of ``grid`` whose posterior (``fixed_share_posterior``) puts the least
     log-loss on the true expert along simulated sequences, and the curve (a ``Selection``).
@@ -180,11 +181,12 @@ def select_switch(
     domain, half switch domain every ``SWITCH_SIM["segment"]`` tokens (to one not used yet,
     while there is one), so the rate is paid for both by single-domain text and by switches.
     Drawn independently, simulated bigrams are less bursty than text: the choice errs to the
-    larger rates."""
+    larger rates. ``evidence_scale``: the router's weight on each token's log-likelihoods."""
     grid = [float(r) for r in grid]
     if not grid or any(not 0 <= r < 0.5 for r in grid):
         raise ValueError(f"switch grid must be values in [0, 0.5), got {list(grid)}")
     logp_KE, expert_K, weight_K = _heldout_bigrams(tables, heldout)
+    logp_KE = logp_KE * evidence_scale  # as the router weighs each token's evidence
     present = sorted(set(expert_K.tolist()))
     if len(present) < 2:
         raise ValueError("choosing a switch rate needs held-out bigrams of two experts or more")

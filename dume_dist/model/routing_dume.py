@@ -1,7 +1,8 @@
 """Routing at inference: the router kinds' own code in the remote-code model.
 
 Copied next to ``modeling_dume.py`` into every checkpoint (``modeling_dume`` imports it
-relatively), so it imports only the standard library, torch and its sibling ``routing_options``.
+relatively), so it imports only the standard library, torch and its siblings ``routing_options``
+and ``routing_switch`` (the switching posteriors of the n-gram router).
 
 A kind's inference code is a class with the `KindInference` methods: it checks its part of the
 config's ``routing`` dict, says whether routing keeps running state per sequence, and makes its
@@ -24,7 +25,6 @@ K experts per token, C channels of a smoothed quantity, V vocabulary, H hash buc
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 from torch import nn
@@ -32,15 +32,22 @@ from torch import nn
 from .routing_options import (
     COMMON_OPTIONS,
     LINEAR_OPTIONS,
+    MAX_SWITCH_RATES,
     NGRAM_LEGACY,
     NGRAM_OPTIONS,
     ROUTING_FEATURES,
     options_by_name,
 )
+from .routing_switch import (  # noqa: F401  (re-exported)
+    fixed_share_posterior,
+    switch_mixture_posterior,
+)
 
 _NGRAM_HASH = 1_000_003
 NGRAM_KEYS = ("buckets", "mu", "alpha")
-NGRAM_OPTIONAL_KEYS = ("switch",)  # switch rate of the fixed-share posterior (0: cumulative)
+# switch: the fixed-share posterior's rate (0: cumulative); switch_rates: rates whose posteriors
+# are averaged (switch_mixture_posterior); evidence_scale: weight on each token's log-likelihoods
+NGRAM_OPTIONAL_KEYS = ("switch", "switch_rates", "evidence_scale")
 
 
 # -- routing features and smoothing: the one definition statistics and inference share ----------
@@ -104,40 +111,6 @@ def ngram_log_probs(
     q = (unigram_EV[:, cur] + alpha) / denom
     c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])]
     return torch.where(has_prev, (c + mu * q) / (context_EV[:, prev] + mu), q).log()
-
-
-def fixed_share_posterior(
-    logp_BTE: torch.Tensor,
-    real_BT: torch.Tensor,
-    switch: float,
-    state_BE: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Log posterior [B, T, E] (fp64, normalised) of "which expert's domain is the text in at t",
-    when the domain may switch before any token with probability ``switch`` (to each other
-    expert alike) and token t has log-likelihoods ``logp_BTE`` under each expert: the forward
-    filter of that hidden Markov chain, ``a_t ∝ p_t ⊙ (M a_{t-1})``. ``switch`` 0 is the
-    cumulative naive Bayes posterior. ``state_BE``: the log posterior before the first position
-    (None: uniform). Padding neither updates nor switches. The products of the per-position
-    matrices ``diag(p_t) M`` are formed by a log-depth scan (each product rescaled: the
-    posterior is a direction), so a forward costs log2(T) batched E x E products."""
-    batch, length, num = logp_BTE.shape
-    if state_BE is None:
-        state_BE = logp_BTE.new_full((batch, num), -math.log(num))
-    stay = logp_BTE.new_full((num, num), switch / max(num - 1, 1))
-    stay.fill_diagonal_(1.0 - switch)
-    p_BTE = (logp_BTE - logp_BTE.amax(dim=-1, keepdim=True)).exp()
-    eye = torch.eye(num, dtype=p_BTE.dtype, device=p_BTE.device)
-    step_BTEE = torch.where(real_BT[..., None, None], p_BTE[..., :, None] * stay, eye)
-    shift = 1
-    while shift < length:  # Hillis-Steele prefix products: step_t <- step_t @ step_{t-shift}
-        prod = step_BTEE.clone()
-        prod[:, shift:] = step_BTEE[:, shift:] @ step_BTEE[:, :-shift]
-        step_BTEE = prod / prod.amax(dim=(-2, -1), keepdim=True)
-        shift *= 2
-    prior_BE = (state_BE - state_BE.amax(dim=-1, keepdim=True)).exp()
-    post_BTE = (step_BTEE @ prior_BE[:, None, :, None]).squeeze(-1)
-    log_BTE = post_BTE.clamp_min(torch.finfo(post_BTE.dtype).tiny).log()
-    return log_BTE - log_BTE.logsumexp(dim=-1, keepdim=True)
 
 
 def causal_features(
@@ -262,16 +235,21 @@ class DumeNgramRouter(nn.Module):
     with these scores (top-k, softmax over the k chosen), so a sequence keeps one expert as soon
     as its evidence is clear. With ``switch`` > 0 the scores are instead the log posterior of a
     chain whose domain may switch before any token (``fixed_share_posterior``): evidence older
-    than a switch stops counting, so routing follows text whose domain changes.
+    than a switch stops counting, so routing follows text whose domain changes. With
+    ``switch_rates`` the scores are the posterior averaged over chains of those rates, each
+    weighted by how well it predicted the sequence so far (``switch_mixture_posterior``).
+    ``evidence_scale`` multiplies every token's log-likelihoods first (1: naive Bayes).
     """
 
     def __init__(
         self, num_experts: int, vocab_size: int, buckets: int, mu: float, alpha: float,
-        switch: float = 0.0,
+        switch: float = 0.0, switch_rates=None, evidence_scale: float = 1.0,
     ):  # fmt: skip
         super().__init__()
         self.buckets, self.mu, self.alpha = int(buckets), float(mu), float(alpha)
         self.switch = float(switch)
+        self.switch_rates = tuple(float(r) for r in switch_rates) if switch_rates else ()
+        self.evidence_scale = float(evidence_scale)
         # Counts, fp32 (exact up to 2**24 per entry); parameters so that loading keeps them fp32.
         zeros = torch.zeros
         self.unigram_counts = nn.Parameter(zeros(num_experts, vocab_size), requires_grad=False)
@@ -297,7 +275,8 @@ class DumeNgramRouter(nn.Module):
     def scores(
         self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Cumulative log-likelihoods [B, T, E] (fp64) of every position, and the state after."""
+        """Scores [B, T, E] (fp64) of every position — cumulative log-likelihoods, or the log
+        posterior of a switching chain (or of a mixture of them) — and the state after."""
         real_BT = _real_mask(ids_BT[..., None], real_BT)
         vocab = self.unigram_counts.shape[1]
         if bool(((ids_BT < 0) | (ids_BT >= vocab)).any()):
@@ -308,14 +287,22 @@ class DumeNgramRouter(nn.Module):
             uni_EV, ctx_EV, big_EH, prev_BT, ids_BT, has_prev_BT, self.mu, self.alpha, denom_E1
         )
         logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
-        if self.switch > 0:  # the fixed-share posterior: evidence before a switch fades
+        if self.evidence_scale != 1.0:
+            logp_BTE = logp_BTE * self.evidence_scale
+        new_state = {}
+        if self.switch_rates:  # posteriors of several switch rates, weighted by their evidence
+            carried = None if state is None else state["joint"]
+            joint_BTRE = switch_mixture_posterior(logp_BTE, real_BT, self.switch_rates, carried)
+            new_state["joint"] = joint_BTRE[:, -1]
+            cum_BTE = joint_BTRE.logsumexp(dim=2)
+        elif self.switch > 0:  # the fixed-share posterior: evidence before a switch fades
             carried = None if state is None else state["cum"]
             cum_BTE = fixed_share_posterior(logp_BTE, real_BT, self.switch, carried)
         else:
             cum_BTE = logp_BTE.cumsum(dim=1)
             if state is not None:
                 cum_BTE = cum_BTE + state["cum"][:, None]
-        new_state = {  # the sequence's last real token so far (the previous one of the next)
+        new_state |= {  # the sequence's last real token so far (the previous one of the next)
             "cum": cum_BTE[:, -1],
             "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev_BT[:, -1]),
             "has_last": has_prev_BT[:, -1] | real_BT[:, -1],
@@ -344,6 +331,21 @@ class DumeLinearRouter(nn.Linear):
 
 
 # -- the kinds' inference code -------------------------------------------------------------------
+
+
+def check_switch_rates(rates, switch, where: str = "") -> tuple[float, ...]:
+    """The n-gram router's ``switch_rates`` as a tuple (one-line ValueError naming the key): a
+    list of 1 to MAX_SWITCH_RATES rates in [0, 0.5), and no single ``switch`` rate beside it."""
+    if isinstance(rates, (str, bytes)) or not isinstance(rates, (list, tuple)):
+        raise ValueError(f"{where}switch_rates must be a list of numbers, got {rates!r}")
+    rates = options_by_name(NGRAM_OPTIONS)["switch_rates"].check(rates, where=where)
+    if len(rates) > MAX_SWITCH_RATES:
+        raise ValueError(
+            f"{where}switch_rates holds {len(rates)} rates: at most {MAX_SWITCH_RATES}"
+        )
+    if switch not in (0, 0.0):
+        raise ValueError(f"{where}switch_rates replaces switch: give one of them, not both")
+    return rates
 
 
 def _check_options(routing: dict, options) -> None:
@@ -447,12 +449,14 @@ class NgramInference(KindInference):
             )
         options = options_by_name(NGRAM_OPTIONS)
         for key, name in (("buckets", "ngram_buckets"), ("mu", "mu"), ("alpha", "ngram_alpha"),
-                          ("switch", "switch")):  # fmt: skip
+                          ("switch", "switch"), ("evidence_scale", "evidence_scale")):  # fmt: skip
             if key not in ngram:
                 continue
             if ngram[key] == "auto":
                 raise ValueError(f"routing.ngram.{key} must be a number, got 'auto'")
             options[name].check(ngram[key], where=f"routing.ngram.{key}: ")
+        if "switch_rates" in ngram:
+            check_switch_rates(ngram["switch_rates"], ngram.get("switch", 0.0), "routing.ngram.")
         for key, legacy in NGRAM_LEGACY.items():
             if routing.get(key, legacy) != legacy:
                 raise ValueError(f"routing.{key} must be {legacy!r} with n-gram routing")
@@ -470,7 +474,7 @@ class NgramInference(KindInference):
         ngram = routing["ngram"]
         return DumeNgramRouter(
             num_experts, vocab_size, ngram["buckets"], ngram["mu"], ngram["alpha"],
-            ngram.get("switch", 0.0),
+            ngram.get("switch", 0.0), ngram.get("switch_rates"), ngram.get("evidence_scale", 1.0),
         )  # fmt: skip
 
 

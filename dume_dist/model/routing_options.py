@@ -162,6 +162,7 @@ LINEAR_OPTIONS = (
 )  # fmt: skip
 
 # Sequence-level naive Bayes on hashed token bigrams (core/ngram, model/ngram_select).
+MAX_SWITCH_RATES = 8  # the posterior keeps (rates x experts) numbers per sequence
 NGRAM_OPTIONS = (
     Option("ngram_buckets", "int", 1 << 18, "hash buckets of the n-gram router's bigram counts",
            low=1),
@@ -182,6 +183,19 @@ NGRAM_OPTIONS = (
         "n-gram router: rate in [0, 0.5) at which the posterior lets the domain switch before a "
         "token (0: cumulative), or 'auto': chosen on held-out bigrams",
         low=0.0, high=0.5, high_open=True, auto=True,
+    ),
+    Option(
+        "switch_rates", "grid", None,
+        "n-gram router: switch rates in [0, 0.5), one switching posterior each, averaged with "
+        "weights by how well each predicted the text so far (instead of one rate 'switch'; at "
+        f"most {MAX_SWITCH_RATES})",
+        low=0.0, high=0.5, high_open=True,
+    ),
+    Option(
+        "evidence_scale", "float", 1.0,
+        "n-gram router: weight in (0, 1] on each token's bigram log-likelihoods before the "
+        "posterior (1: naive Bayes; < 1 tempers its overconfidence)",
+        low=0.0, high=1.0, low_open=True,
     ),
 )  # fmt: skip
 
@@ -206,11 +220,13 @@ def routing_option_names(extra_kinds=()) -> tuple[str, ...]:
 # -- named settings ---------------------------------------------------------------------------
 
 DEFAULT_HOLDOUT_FRACTION = 0.1
+FOLLOW_SWITCH_RATES = (0.0, 1e-4, 1e-3, 1e-2)
+FOLLOW_EVIDENCE_SCALE = 0.5
 
-# `paper` is the paper's exact routing. `ngram` is the best measured (docs/routing.md) and THE
+# `paper` is the paper's exact routing. `follow` is the best measured (docs/routing.md) and THE
 # default (DEFAULT_PRESET) of `dume build`, `build_dume()`, `dume coordinator start` and
-# `dume demo`. Smoothing is not in `context`: on prefix-mean features the held-out choice was
-# always β = 0; its priors are equal (claimed volume buys no traffic; the same quality as tokens
+# `dume demo`; `ngram` is its cumulative posterior (the default of earlier versions). Smoothing
+# is not in `context`: on prefix-mean features the held-out choice was always β = 0; its priors are equal (claimed volume buys no traffic; the same quality as tokens
 # priors on both expert sets, docs/routing.md). `ngram`: k = 2 with weights below 0.05 dropped:
 # the second expert runs only where the sequence's domain is still uncertain (about 1% of tokens
 # on the shipped experts).
@@ -230,5 +246,14 @@ PRESETS: dict[str, dict] = {
         "kind": "ngram", "mu": AUTO, "switch": AUTO, "top_k": 2, "min_weight": 0.05,
         "holdout_fraction": DEFAULT_HOLDOUT_FRACTION,
     },
+    # THE default: `ngram` whose posterior averages switching chains of four fixed rates (0 among
+    # them), each weighted by how well it predicted the text so far, on evidence weighted by one
+    # half: single-domain text keeps the cumulative posterior, text that changes domain is
+    # followed; no rate to choose (docs/routing.md, mixed-domain text).
+    "follow": {
+        "kind": "ngram", "mu": AUTO, "switch_rates": FOLLOW_SWITCH_RATES,
+        "evidence_scale": FOLLOW_EVIDENCE_SCALE, "top_k": 2, "min_weight": 0.05,
+        "holdout_fraction": DEFAULT_HOLDOUT_FRACTION,
+    },
 }  # fmt: skip
-DEFAULT_PRESET = "ngram"
+DEFAULT_PRESET = "follow"

@@ -34,7 +34,13 @@ from dume_dist.core.ngram import (
 from dume_dist.core.stats import MAX_TOKENS
 from dume_dist.model.data import keep_mask
 from dume_dist.model.kinds import BackboneShape, Collector, RouterKind, register_kind
-from dume_dist.model.routing_dume import NgramInference, ngram_bucket, previous_real_tokens
+from dume_dist.model.routing_dume import (
+    NGRAM_OPTIONAL_KEYS,
+    NgramInference,
+    check_switch_rates,
+    ngram_bucket,
+    previous_real_tokens,
+)
 from dume_dist.model.routing_options import NGRAM_LEGACY, NGRAM_OPTIONS
 
 _PAIRS_BEFORE_COALESCING = 1 << 22  # rows of held-out bigrams kept before summing equal ones
@@ -171,6 +177,10 @@ class NgramKind(RouterKind):
     def selected_option(self, options: Mapping) -> str | None:
         return "mu"
 
+    def check(self, spec) -> None:
+        if spec.switch_rates is not None:
+            check_switch_rates(spec.switch_rates, spec.switch, "routing option ")
+
     def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
         return stats.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, feature_map="")
 
@@ -256,11 +266,14 @@ class NgramKind(RouterKind):
         tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
         switch, switch_selection = spec.switch, None
         if switch == "auto":
-            switch_selection = select_switch(tables, holdout[0.0], num_experts)
+            switch_selection = select_switch(
+                tables, holdout[0.0], num_experts, evidence_scale=spec.evidence_scale
+            )
             switch = switch_selection.lam
         chosen = {"mu": float(mu), "switch": float(switch)}
         shares = ngram_routing_shares(tables, fit, holdout.get(0.0), num_experts, float(switch))
-        extras = {"switch": float(switch), "switch_selection": switch_selection, "shares": shares}
+        extras = {"switch": float(switch), "switch_selection": switch_selection, "shares": shares,
+                  "switch_rates": spec.switch_rates, "evidence_scale": spec.evidence_scale}  # fmt: skip
         return SolvedRouting(tables, spec, float(mu), 0.0, selection, chosen, extras)
 
     def config_routing(self, solved) -> dict:
@@ -269,6 +282,10 @@ class NgramKind(RouterKind):
         switch = getattr(solved, "switch", 0.0)
         if switch > 0:
             ngram["switch"] = switch
+        if getattr(solved, "switch_rates", None):
+            ngram["switch_rates"] = list(solved.switch_rates)
+        if getattr(solved, "evidence_scale", 1.0) != 1.0:
+            ngram["evidence_scale"] = solved.evidence_scale
         out = {"kind": self.name, **NGRAM_LEGACY, "lam": solved.lam, "mu": solved.lam,
                "ngram": ngram}  # fmt: skip
         if spec.min_weight and spec.top_k > 1:
@@ -279,7 +296,10 @@ class NgramKind(RouterKind):
 
     def manifest_routing(self, solved) -> dict:
         selection = getattr(solved, "switch_selection", None)
+        rates = getattr(solved, "switch_rates", None)
         return {"mu": solved.lam, "switch": getattr(solved, "switch", 0.0),
+                "switch_rates": list(rates) if rates else None,
+                "evidence_scale": getattr(solved, "evidence_scale", 1.0),
                 "switch_selection": None if selection is None else selection.to_json()}  # fmt: skip
 
     def check_routers(self, routers, routing: Mapping, num_experts: int, backbone_config) -> None:
@@ -287,7 +307,9 @@ class NgramKind(RouterKind):
             raise ValueError(
                 "n-gram routing needs the n-gram router's tables, and only it uses them"
             )
-        ngram = {k: v for k, v in (routing.get("ngram") or {}).items() if k != "switch"}
+        ngram = {
+            k: v for k, v in (routing.get("ngram") or {}).items() if k not in NGRAM_OPTIONAL_KEYS
+        }
         if ngram != routers.config():
             raise ValueError(f"routing.ngram {routing.get('ngram')} does not match the tables")
         want = (num_experts, backbone_config.vocab_size)
