@@ -50,7 +50,9 @@ def heldout_curve(
 ) -> torch.Tensor:
     """``[M]`` (fp64): per ``mu`` of ``mu_grid``, the summed log-likelihood of the bigrams
     ``pairs_K3`` (sorted, distinct, with counts) under the bigram model of ``fit``'s counts. A
-    deterministic function of its inputs: any sharding of the same data gives the same bits."""
+    deterministic function of its inputs: any sharding of the same data gives the same bits.
+    Hashed bigram counts are not normalised: buckets shared by other bigrams raise ``p`` most at
+    small ``mu``, so with many more bigrams than buckets the maximum drifts to smaller ``mu``."""
     out = torch.zeros(len(mu_grid), dtype=torch.float64)
     if pairs_K3.numel() == 0:
         return out
