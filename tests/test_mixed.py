@@ -123,7 +123,11 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     from dume_dist.bench.routing import DEFAULT_OPTIONS, markdown_table, run_routing_bench
 
     _, world = model_dir
-    options = [DEFAULT_OPTIONS[0], next(o for o in DEFAULT_OPTIONS if o[0].startswith("switch"))]
+    # ngram, switch and follow share fit statistics; their held-out parts differ (switch auto
+    # needs the exact bigrams): each option gets what a contributor computes for it
+    starts = ("switch", "ngram (", "follow")
+    options = [DEFAULT_OPTIONS[0]] + [o for o in DEFAULT_OPTIONS if o[0].startswith(starts)]
+    assert len(options) == 4
     settings = MixedSettings(segment=8, segments=3, sequences=4, batch_size=4)
     result = run_routing_bench(
         world["experts"], world["data"], world["data"], options=options, seq_len=16,

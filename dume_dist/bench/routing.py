@@ -132,8 +132,10 @@ def _solve(option: RoutingSpec, stats, names):
     index = {n: j for j, n in enumerate(names)}
     if option.needs_holdout:
         fit = {n: (index[n], stats[n][0]) for n in names}
+        narrow = option.router_kind.heldout_for  # collected for the widest spec of the identity
         held = {
-            b: {n: (index[n], stats[n][1][b]) for n in names} for b in option.holdout_smoothings()
+            b: {n: (index[n], narrow(option, stats[n][1][b], b)) for n in names}
+            for b in option.holdout_smoothings()
         }
     else:  # all the data: fit + held-out (plain Grams add; n-gram counts without their pairs)
         kind = option.router_kind

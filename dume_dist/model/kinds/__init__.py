@@ -129,6 +129,11 @@ class RouterKind:
         """Held-out statistics of part 0.0 as fit statistics (they add to them)."""
         return stats
 
+    def heldout_for(self, spec, stats, part: float):
+        """Held-out statistics of part ``part`` collected for a wider spec (``widest``), as a
+        contributor computes them for ``spec`` (benchmarks)."""
+        return stats
+
     def statistics_settings(self, spec) -> dict | None:
         """What a contributor's statistics depend on besides data, expert and backbone (part of
         a node's submission id; None: nothing, as for the paper's statistics)."""

@@ -184,6 +184,12 @@ class NgramKind(RouterKind):
     def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
         return stats.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, feature_map="")
 
+    def heldout_for(self, spec, stats, part: float):  # what spec does not use dropped
+        drop = {} if _sends_pairs(spec) else {"pairs_K3": None}
+        if not _sends_curve(spec):
+            drop |= {"curve_M": None, "curve_mu_M": None}
+        return stats.with_meta(**drop, feature_map=self.identity(spec, part))
+
     def identity(self, spec, part: float | None = None) -> str:
         if part is None:
             return ngram_feature_map(spec.ngram_buckets)
