@@ -421,6 +421,27 @@ def test_ngram_shares_flag_a_contributor_that_claims_others_data():
     assert solve_routing(fixed, fit, 3).extras["shares"]["statistics"] == "fit"
 
 
+@pytest.mark.parametrize(
+    "routing", [{}, {"switch": 0.01}, {"switch_rates": (0.0, 1e-3, 1e-2), "evidence_scale": 0.5}]
+)
+def test_shares_route_simulated_text_as_the_router_does(routing):
+    """The shares' top-1 expert of every simulated position is the router module's own."""
+    from dume_dist.model.modeling_dume import DumeNgramRouter
+    from dume_dist.model.ngram_shares import simulate, top1_shares
+
+    fit = {f"c{j}": (j, _counts(_synthetic_corpus(j, 8, j), buckets=4099)) for j in range(3)}
+    tables = ngram_tables(fit, 3, 20.0, alpha=0.5)
+    router = DumeNgramRouter(3, VOCAB, 4099, 20.0, 0.5, **routing)
+    for name, t in (("unigram", tables.unigram_EV), ("context", tables.context_EV),
+                    ("bigram", tables.bigram_EH)):  # fmt: skip
+        getattr(router, f"{name}_counts").data = t.float()
+    ids_BT = simulate(fit["c1"][1], 20.0, 0.5, torch.Generator().manual_seed(1))
+    scores, _ = router.scores(ids_BT, torch.ones_like(ids_BT, dtype=torch.bool))
+    want = torch.bincount(scores.argmax(-1).flatten(), minlength=3).double() / ids_BT.numel()
+    assert torch.equal(top1_shares(tables, ids_BT, **routing), want)
+    assert float(want[1]) > 0.8  # text drawn from c1's counts goes to c1
+
+
 # -- end to end: build, eval, save -> load without dume_dist ------------------------------------
 
 

@@ -6,8 +6,8 @@ sequences of ``SHARES_SIM["length"]`` tokens drawn from the bigram model of ``j`
 router's own formula, ``routing_dume.ngram_log_probs``, with the routing's ``mu``; the first token
 from its unigram model). The held-out counts are used when there are (an honest estimate: that
 text is not in the tables), the fit counts otherwise (optimistic: the tables saw it). Each
-sequence is routed by the router's posterior (``fixed_share_posterior`` with the routing's switch
-rate; 0 is the cumulative naive Bayes) and every position's top-1 expert is counted. Seeded: the
+sequence is routed by the router's posterior (``posterior``: the routing's evidence scale and
+switch rates, as ``DumeNgramRouter.scores``) and every position's top-1 expert is counted. Seeded: the
 same statistics give the same shares on every machine.
 
 A draw covers the tokens the generating counts saw (their unigram support); the rest of the
@@ -23,7 +23,8 @@ import torch
 
 from dume_dist.core.ngram import NgramStats, NgramTables, per_expert_counts
 from dume_dist.core.shares import shares_record
-from dume_dist.model.routing_dume import fixed_share_posterior, ngram_log_probs
+from dume_dist.model.routing_dume import ngram_log_probs
+from dume_dist.model.routing_switch import fixed_share_posterior, switch_mixture_posterior
 
 SHARES_SIM = {"sequences": 32, "length": 128, "seed": 0}
 
@@ -47,15 +48,28 @@ def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator) 
     return ids_BT
 
 
-def top1_shares(tables: NgramTables, ids_BT: torch.Tensor, switch: float) -> torch.Tensor:
-    """``[E]``: the share of the positions of ``ids_BT`` whose top-1 expert is each expert."""
+def posterior(logp_BTE, real_BT, switch: float = 0.0, switch_rates=None, evidence_scale=1.0):
+    """The router's sequence posterior (unnormalised log) [B, T, E], as ``DumeNgramRouter.scores``
+    forms it: evidence scaled, then the mixture over switch rates, the fixed-share posterior or
+    the cumulative sum."""
+    logp_BTE = logp_BTE * evidence_scale
+    if switch_rates:
+        return switch_mixture_posterior(logp_BTE, real_BT, tuple(switch_rates)).logsumexp(dim=2)
+    if switch > 0:
+        return fixed_share_posterior(logp_BTE, real_BT, switch)
+    return logp_BTE.cumsum(dim=1)
+
+
+def top1_shares(tables: NgramTables, ids_BT: torch.Tensor, **routing) -> torch.Tensor:
+    """``[E]``: the share of the positions of ``ids_BT`` whose top-1 expert is each expert
+    (``routing``: the keyword options of ``posterior``)."""
     prev_BT = torch.cat([ids_BT[:, :1], ids_BT[:, :-1]], dim=1)
     has_prev = torch.ones_like(ids_BT, dtype=torch.bool)
     has_prev[:, 0] = False
     logp_EBT = ngram_log_probs(tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_BT,
                                ids_BT, has_prev, tables.mu, tables.alpha)  # fmt: skip
     real_BT = torch.ones_like(ids_BT, dtype=torch.bool)
-    post_BTE = fixed_share_posterior(logp_EBT.permute(1, 2, 0), real_BT, switch)
+    post_BTE = posterior(logp_EBT.permute(1, 2, 0), real_BT, **routing)
     winners = post_BTE.argmax(dim=-1).flatten()
     return torch.bincount(winners, minlength=tables.unigram_EV.shape[0]).double() / winners.numel()
 
@@ -65,11 +79,12 @@ def ngram_routing_shares(
     fit: Mapping[str, tuple[int, NgramStats]],
     heldout: Mapping[str, tuple[int, NgramStats]] | None,
     num_experts: int,
-    switch: float = 0.0,
+    **routing,
 ) -> dict | None:
     """The manifest's ``routing.shares`` (``core.shares.shares_record``) for the n-gram router
-    ``tables``, on sequences simulated from each expert's held-out counts (fit counts when there
-    are none); None with one expert."""
+    ``tables`` with ``routing`` (``switch``, ``switch_rates``, ``evidence_scale``), on sequences
+    simulated from each expert's held-out counts (fit counts when there are none); None with one
+    expert."""
     if num_experts < 2:
         return None
     source = heldout or fit
@@ -78,7 +93,7 @@ def ngram_routing_shares(
     counts = per_expert_counts(plain, num_experts)
     gen = torch.Generator().manual_seed(SHARES_SIM["seed"])
     share_EE = torch.stack(
-        [top1_shares(tables, simulate(c, tables.mu, tables.alpha, gen), switch) for c in counts]
+        [top1_shares(tables, simulate(c, tables.mu, tables.alpha, gen), **routing) for c in counts]
     )
     out = shares_record(share_EE, torch.tensor([float(c.num_tokens) for c in counts]))
     out["statistics"] = "held-out" if heldout else "fit"

@@ -277,7 +277,10 @@ class NgramKind(RouterKind):
             )
             switch = switch_selection.lam
         chosen = {"mu": float(mu), "switch": float(switch)}
-        shares = ngram_routing_shares(tables, fit, holdout.get(0.0), num_experts, float(switch))
+        shares = ngram_routing_shares(
+            tables, fit, holdout.get(0.0), num_experts, switch=float(switch),
+            switch_rates=spec.switch_rates, evidence_scale=spec.evidence_scale,
+        )  # fmt: skip
         extras = {"switch": float(switch), "switch_selection": switch_selection, "shares": shares,
                   "switch_rates": spec.switch_rates, "evidence_scale": spec.evidence_scale}  # fmt: skip
         return SolvedRouting(tables, spec, float(mu), 0.0, selection, chosen, extras)
