@@ -13,7 +13,10 @@ tokens routed top-1 to each expert (mean over layers).
   entry times 10: ten times the tokens, self-consistent), ``features ×3`` (Grams of its features
   scaled by 3; n-gram counts: not applicable) or ``mimic`` (it adds the other contributors'
   statistics to its own: claims their data too); reported: the target's share of every other
-  domain's tokens and the other domains' keep, against the honest build.
+  domain's tokens and the other domains' keep, against the honest build, and what the version's
+  manifest would say: the target's estimated shares (``routing.shares``) and the flagged experts.
+  The linear kinds run under both priors (``paper`` / ``paper-equal``, ``context`` (equal) /
+  ``context-tokens``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ FIXED = {
     "context-tokens": _CONTEXT.replace(priors="tokens"),
     "ngram": PRESETS["ngram"].replace(lam=100.0, holdout_fraction=0.0, preset=None),
 }
+# With held-out statistics (poisoning only): the parameter is chosen on them and the manifest's
+# estimated shares read them, as the presets do. The target forges its held-out part alike.
+HELDOUT = {
+    "context-auto": PRESETS["context"].replace(preset=None),
+    "paper-equal-auto": PRESETS["paper"].replace(
+        priors="equal", lam="auto", holdout_fraction=0.1, preset=None
+    ),
+}
+SETTINGS = {**FIXED, **HELDOUT}
 ATTACKS = ("x10", "features x3", "mimic")
 
 
@@ -74,29 +86,42 @@ class _World:
         self._plain: dict = {}  # non-private statistics by (identity, max_tokens)
 
     def stats(self, kind: str, max_tokens=None, dp: DpSpec | None = None, seed: int = 0) -> dict:
-        key = (FIXED[kind].feature_map, max_tokens)
+        """``{name: fit statistics}``; the held-out ones, if the kind has them: ``heldout``."""
+        spec = SETTINGS[kind]
+        key = (spec.feature_map, spec.holdout_smoothings(), max_tokens)
         if dp is None and key in self._plain:
-            return self._plain[key]
-        out = {
+            return self._plain[key][0]
+        both = {
             s.name: expert_statistics(
-                self.backbone, s, self.tokenizer, self.texts[s.name], FIXED[kind],
+                self.backbone, s, self.tokenizer, self.texts[s.name], spec,
                 max_tokens=max_tokens, progress=False, dp=dp, dp_seed=seed + j, **self.kw,
-            )[0]
+            )
             for j, s in enumerate(self.specs)
         }  # fmt: skip
         if dp is None:
-            self._plain[key] = out
-        return out
+            self._plain[key] = ({n: b[0] for n, b in both.items()},
+                                {n: b[1] for n, b in both.items()})  # fmt: skip
+        return {n: b[0] for n, b in both.items()}
 
-    def evaluate(self, kind: str, fit: Mapping) -> dict:
-        """Held-out ppl, keep vs oracle and top-1 shares of the model solved from ``fit``."""
+    def heldout(self, kind: str, max_tokens=None) -> dict:
+        """``{name: {part: held-out statistics}}`` of ``stats(kind, max_tokens)`` (non-private)."""
+        spec = SETTINGS[kind]
+        self.stats(kind, max_tokens)
+        return self._plain[(spec.feature_map, spec.holdout_smoothings(), max_tokens)][1]
+
+    def evaluate(self, kind: str, fit: Mapping, held: Mapping | None = None) -> dict:
+        """Held-out ppl, keep vs oracle and top-1 shares of the model solved from ``fit`` (and
+        ``held``, ``{name: {part: stats}}``, for a kind whose settings are chosen on them)."""
         index = {n: j for j, n in enumerate(self.names)}
-        solved = solve_routing(FIXED[kind], {n: (index[n], fit[n]) for n in self.names},
-                               len(self.names))  # fmt: skip
+        spec = SETTINGS[kind]
+        holdout = {p: {n: (index[n], held[n][p]) for n in self.names}
+                   for p in spec.holdout_smoothings()} if held else None  # fmt: skip
+        solved = solve_routing(spec, {n: (index[n], fit[n]) for n in self.names},
+                               len(self.names), holdout)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="dume-bench-robust-") as tmp:
             inp = CheckpointInput(
                 backbone=self.backbone, experts=self.specs, routing=solved,
-                top_k=FIXED[kind].top_k, stats=BuildStats(fit=dict(fit), save=False),
+                top_k=spec.top_k, stats=BuildStats(fit=dict(fit), save=False),
             )  # fmt: skip
             write_dume_checkpoint(Path(tmp) / "m", inp, WriteOptions(model_card=False))
             model = load_causal_lm(Path(tmp) / "m", "cpu")
@@ -109,8 +134,9 @@ class _World:
         ppl = {d: r.ppl for d, r in evals.items()}
         keep = {d: self.oracle[d] / ppl[d] for d in ppl}
         mean_share = {d: torch.tensor(s).mean(0).tolist() for d, s in share.items()}
+        estimated = (solved.extras or {}).get("shares")  # what the manifest and status report
         return {"lam": solved.lam, "ppl": ppl, "keep": keep, "share": mean_share,
-                "mean_keep": sum(keep.values()) / len(keep)}  # fmt: skip
+                "mean_keep": sum(keep.values()) / len(keep), "estimated_shares": estimated}  # fmt: skip
 
 
 def run_privacy_bench(
@@ -161,7 +187,7 @@ def attacked(stats, others: Sequence, attack: str):
 
 
 def run_poisoning_bench(
-    experts, train, valid, *, target: str, kinds: Sequence[str] = tuple(FIXED),
+    experts, train, valid, *, target: str, kinds: Sequence[str] = tuple(SETTINGS),
     max_tokens: int | None = None, seq_len: int = 512, eval_seq_len: int = 256,
     max_eval_tokens: int = 8192, batch_size: int = 8,
 ) -> dict:  # fmt: skip
@@ -172,20 +198,26 @@ def run_poisoning_bench(
     rows, t0 = [], time.perf_counter()
     for kind in kinds:
         honest = world.stats(kind, max_tokens)
-        base = world.evaluate(kind, honest)
-        rows.append({"kind": kind, "attack": "honest", **_poison_row(base, base, target, j)})
+        held = world.heldout(kind, max_tokens) if SETTINGS[kind].needs_holdout else None
+        base = world.evaluate(kind, honest, held)
+        rows.append({"kind": kind, "attack": "honest", **_poison_row(base, base, world.names, j)})
+        others = [n for n in world.names if n != target]
         for attack in ATTACKS:
-            forged = attacked(honest[target], [honest[n] for n in world.names if n != target],
-                              attack)  # fmt: skip
+            forged = attacked(honest[target], [honest[n] for n in others], attack)
             if forged is None:
                 continue
-            got = world.evaluate(kind, {**honest, target: forged})
-            rows.append({"kind": kind, "attack": attack, **_poison_row(got, base, target, j)})
+            forged_held = held and {
+                **held, target: {p: attacked(h, [held[n][p] for n in others], attack)
+                                 for p, h in held[target].items()},
+            }  # fmt: skip
+            got = world.evaluate(kind, {**honest, target: forged}, forged_held)
+            rows.append({"kind": kind, "attack": attack, **_poison_row(got, base, world.names, j)})
     return {"bench": "poisoning", "target": target, "oracle_ppl": world.oracle, "rows": rows,
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
-def _poison_row(got: dict, base: dict, target: str, j: int) -> dict:
+def _poison_row(got: dict, base: dict, names: list[str], j: int) -> dict:
+    target = names[j]
     others = [d for d in got["keep"] if d != target]
     return {
         "target_share": {d: got["share"][d][j] for d in got["share"]},
@@ -193,7 +225,17 @@ def _poison_row(got: dict, base: dict, target: str, j: int) -> dict:
         "worst_other_keep_vs_honest": min(got["keep"][d] / base["keep"][d] for d in others),
         "keep": got["keep"],
         "lam": got["lam"],
+        **_estimated(got.get("estimated_shares"), names, j),
     }
+
+
+def _estimated(shares: dict | None, names: list[str], j: int) -> dict:
+    """The target's estimated share of each class (``routing.shares``) and the flagged experts."""
+    if not shares:
+        return {}
+    return {"estimated_target_share": {d: row[j] for d, row in zip(names, shares["by_class"])},
+            "flagged": [names[k] for k in shares["outliers"]],
+            "estimated_by_class": dict(zip(names, shares["by_class"]))}  # fmt: skip
 
 
 def privacy_table(results: dict) -> str:
@@ -210,9 +252,14 @@ def privacy_table(results: dict) -> str:
 def poisoning_table(results: dict) -> str:
     t = results["target"]
     lines = [f"| kind | attack by {t} | {t}'s share of other domains' tokens | worst other keep "
-             "vs honest | own keep |", "|---|---|---|---|---|"]  # fmt: skip
+             "vs honest | own keep | estimated share (manifest) | flagged |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["rows"]:
         shares = ", ".join(f"{d} {s:.1%}" for d, s in r["target_share"].items() if d != t)
+        est = ", ".join(f"{d} {s:.1%}" for d, s in (r.get("estimated_target_share") or {}).items()
+                        if d != t) or "—"  # fmt: skip
+        flagged = ", ".join(r.get("flagged") or []) or "none"
         lines.append(f"| {r['kind']} | {r['attack']} | {shares} | "
-                     f"{r['worst_other_keep_vs_honest']:.2%} | {r['keep'][t]:.2%} |")  # fmt: skip
+                     f"{r['worst_other_keep_vs_honest']:.2%} | {r['keep'][t]:.2%} | {est} | "
+                     f"{flagged} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -96,8 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         rb = kinds.add_parser(name, help=helptext)
         _common(rb, experts="an expert (repeat; default: the shipped founding ones)",
                 train=True, valid=True)  # fmt: skip
-        rb.add_argument("--kind", action="append", help="default: all",
-                        choices=("ngram", "paper", "paper-equal", "context", "context-tokens"))  # fmt: skip
+        linear = ("paper", "paper-equal", "context", "context-tokens")
+        held = ("context-auto", "paper-equal-auto") if name == "poisoning" else ()
+        rb.add_argument("--kind", action="append", choices=("ngram", *linear, *held),
+                        help="settings (bench/robustness.py FIXED, HELDOUT); default: all")  # fmt: skip
         rb.add_argument("--seq-len", type=int, default=512, help="statistics window length")
         rb.add_argument("--max-eval-tokens", type=int, default=8192, help="per domain")
         rb.add_argument("--threads", type=int, default=None)
@@ -234,7 +236,8 @@ def run_robustness(args) -> int:
         valid = parse_named_valid(args)
     else:
         experts, train, valid = _founders()
-    common = dict(kinds=args.kind or tuple(rb.FIXED), seq_len=args.seq_len,
+    default = rb.FIXED if args.command2 == "privacy" else rb.SETTINGS
+    common = dict(kinds=args.kind or tuple(default), seq_len=args.seq_len,
                   max_eval_tokens=args.max_eval_tokens)  # fmt: skip
     if args.command2 == "privacy":
         sizes = [int(x) for x in args.sizes.split(",") if x.strip()] or [None]
