@@ -370,3 +370,23 @@ def test_failure_while_writing_leaves_nothing(llama_dume, tmp_path, monkeypatch)
             llama_dume, tmp_path / "out", max_shard_bytes=1000, stats_dir=stats_of(llama_dume)
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_follows_the_recorded_priors(llama_dume, tmp_path):
+    """A checkpoint whose routing records equal priors gets the equal-priors bias-free gate."""
+    copy = tmp_path / "dume"
+    shutil.copytree(llama_dume, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["routing"]["priors"] = "equal"
+    (copy / "config.json").write_text(json.dumps(config))
+    contributions = {
+        name: (j, load_stats(stats_of(llama_dume) / name / "fit.safetensors"))
+        for j, name in enumerate(NAMES)
+    }
+    lam = json.loads((llama_dume / "dume_manifest.json").read_text())["lam"]
+    equal = solve_routers(contributions, len(NAMES), lam=lam, bias=False, priors="equal")
+    got = em.bias_free_routers(copy, stats_dir=stats_of(llama_dume))
+    tokens = em.bias_free_routers(llama_dume, stats_dir=stats_of(llama_dume))
+    for g, e, t in zip(got, equal, tokens):
+        assert torch.equal(g.weight_EF, e.weight_EF)
+        assert not torch.allclose(g.weight_EF, t.weight_EF, atol=1e-6)
