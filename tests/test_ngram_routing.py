@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -487,6 +488,35 @@ def test_ngram_build_records_routing_and_routes_well(ngram_build, tmp_path):
     assert worst < 1.02  # within 2% of oracle routing on every domain
     write_heatmap(table, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_saved_statistics_follow_the_mu_criterion(ngram_build, tmp_path):
+    """A saved statistics directory reuses held-out statistics only for the criterion (and grid)
+    they were computed for: the exact bigrams' criterion recomputes them, then reuses its own."""
+    from dume_dist.model.build import build_dume
+
+    world, result = ngram_build
+    kept = shutil.copytree(result.out_dir.parent / "kept", tmp_path / "kept")
+    kw = dict(max_tokens_per_seq=48, batch_size=4, progress=False, save_stats=kept)
+    exact = PRESETS["ngram"].replace(mu_criterion="bigrams")
+    first = build_dume(world["experts"], world["data"], tmp_path / "a", routing=exact, **kw)
+    assert first.reused_stats == [] and first.routing.selection.criterion == "nb_logloss"
+    again = build_dume(world["experts"], world["data"], tmp_path / "b", routing=exact, **kw)
+    assert sorted(again.reused_stats) == sorted(world["experts"])
+    grid = PRESETS["ngram"].replace(mu_grid=(3.0, 30.0, 300.0))
+    other = build_dume(world["experts"], world["data"], tmp_path / "c", routing=grid, **kw)
+    assert other.reused_stats == [] and other.routing.lam in (3.0, 30.0, 300.0)
+
+
+def test_a_registry_founded_when_mu_auto_meant_exact_bigrams_keeps_that_criterion():
+    from dume_dist.distributed.artifacts import routing_of
+
+    stored = PRESETS["ngram"].to_json()
+    assert routing_of({"routing": stored}).mu_criterion == "likelihood"
+    older = {k: v for k, v in stored.items() if k != "mu_criterion"}
+    assert routing_of({"routing": older}).mu_criterion == "bigrams"
+    fixed = {**older, "mu": 100.0, "lam": 100.0, "holdout_fraction": 0.0}
+    assert routing_of({"routing": fixed}).mu_criterion == "likelihood"  # nothing held out
 
 
 def test_ngram_model_loads_and_generates_without_dume_dist(ngram_build, tmp_path):

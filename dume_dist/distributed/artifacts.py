@@ -56,7 +56,12 @@ def routing_of(settings: dict):
             )
         return resolve_routing("paper", lam=float(settings.get("lam", 1e-2)),
                                top_k=int(settings.get("top_k", 1)))  # fmt: skip
-    return resolve_routing(dict(stored))
+    spec = resolve_routing(dict(stored))
+    if "mu_criterion" in spec.options and "mu_criterion" not in stored and spec.mu == "auto":
+        # founded when n-gram mu 'auto' meant the exact held-out bigrams: its held-out
+        # statistics carry them, so it keeps that criterion
+        spec = spec.replace(mu_criterion="bigrams")
+    return spec
 
 
 def _jsonable(obj):

@@ -324,6 +324,9 @@ def build_dume(
         key = stats_key(fingerprints[spec.name], bb.fingerprint, list(data[spec.name]), {
             "routing": [spec_routing.feature_map, spec_routing.holdout_fraction,
                         list(spec_routing.holdout_smoothings())],
+            "heldout": [[spec_routing.holdout_feature_map(b) for b in
+                         spec_routing.holdout_smoothings()],
+                        spec_routing.router_kind.heldout_settings(spec_routing)],
             "windows": [seq_len, max_tokens_per_seq, max_tokens],
             "dp": None if dp is None else dp.to_json(),
         })  # fmt: skip

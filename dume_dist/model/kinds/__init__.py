@@ -171,6 +171,11 @@ class RouterKind:
 
     # -- differential privacy -----------------------------------------------------------------
 
+    def heldout_settings(self, spec) -> dict | None:
+        """Options of ``spec`` its held-out statistics depend on beyond their identity (a saved
+        statistics directory recomputes them when these change); None: none."""
+        return None
+
     def heldout_release(self, spec) -> str | None:
         """What its held-out statistics of ``spec`` release beyond sums and summaries (None:
         nothing; else a node sends them only when its contributor says so, and never with

@@ -222,6 +222,11 @@ class NgramKind(RouterKind):
     def check_values(self, stats, spec, backbone: BackboneShape) -> None:
         check_count_values(stats, MAX_TOKENS, spec.ngram_alpha)
 
+    def heldout_settings(self, spec) -> dict | None:
+        if not _sends_curve(spec):
+            return None
+        return {"mu_grid": list(_mu_grid(spec)), "ngram_alpha": spec.ngram_alpha}
+
     def heldout_release(self, spec) -> str | None:
         if not (spec.needs_holdout and _sends_pairs(spec)):
             return None
