@@ -704,7 +704,7 @@ def test_ngram_submission_without_held_out_counts_is_refused(ngram_founded):
     # Held-out counts without their curve, or fit counts in the held-out slot, are refused.
     fit = stats_from_bytes(stats)
     no_curve = stats_from_bytes(held[0.0]).with_meta(curve_M=None, curve_mu_M=None,
-                                                     feature_map="ngram:64")  # fmt: skip
+                                                     curve_count_1=None, feature_map="ngram:64")  # fmt: skip
     for stats_, holdout in ((stats, {0.0: no_curve}), (stats, {0.0: fit}), (held[0.0], held)):
         with pytest.raises(ValueError, match="feature map") as err:
             _submit(flow, stats_, holdout)
@@ -724,6 +724,7 @@ def test_hostile_heldout_curves_are_refused_and_change_nothing(ngram_founded):
         "finite": held.with_meta(curve_M=curve.clone().fill_(float("inf"))),
         "grid": held.with_meta(curve_mu_M=grid * 2),  # not the coordinator's grid
         "shape|layout|curve": held.with_meta(curve_M=curve[:4], curve_mu_M=grid[:4]),
+        "scores": held.with_meta(curve_count_1=held.curve_count_1 + 1),  # not its bigram count
     }
     for match, forged in bad.items():
         with pytest.raises(ValueError, match=match) as err:

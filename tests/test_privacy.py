@@ -81,7 +81,7 @@ def test_private_ngram_counts_are_valid_counts():
     with pytest.raises(ValueError, match="held-out bigrams"):
         held = stats.with_meta(pairs_K3=torch.tensor([[1, 2, 3]]), feature_map="")
         privatize(stats, {0.0: held}, dp.DpSpec(2.0, 1e-6), tokens_per_unit=16)
-    with pytest.raises(ValueError, match="held-out curves"):
+    with pytest.raises(ValueError, match="held-out curve needs the held-out bigrams"):
         curve = torch.tensor([-5.0, -4.0], dtype=torch.float64)
         held = stats.with_meta(curve_M=curve, curve_mu_M=torch.tensor([1.0, 10.0]).double(),
                                feature_map="")  # fmt: skip
@@ -224,11 +224,63 @@ def test_private_build_records_the_guarantee_and_floors_lambda(experts, tmp_path
     assert result.routing.lam >= dp.min_ridge_lam([sigma, sigma], p) > 1e-2
     with pytest.raises(ValueError, match="--dp-unit token"):
         _build(experts, tmp_path / "t", dp=dp.DpSpec(8.0, 1e-5, unit="token"))
-    with pytest.raises(ValueError, match="fixed mu"):
-        _build(experts, tmp_path / "n", routing="ngram", dp=spec)
+    with pytest.raises(ValueError, match="exact held-out bigrams"):
+        _build(experts, tmp_path / "n", routing="switch", dp=spec)  # switch auto: bigrams
+    auto = _build(experts, tmp_path / "n1", routing="ngram", dp=dp.DpSpec(8.0, 1e-5, unit="token"),
+                  dp_seed=2)  # fmt: skip
+    g = auto.privacy["alpha"]
+    assert g["num_releases"] == 3  # fit counts, held-out counts, held-out curve
+    # 2 bigrams a token, 20 nats a bigram, √9 values, √2 with the count
+    assert g["sensitivity"]["curve"] == pytest.approx(2 * 20.0 * 3.0 * math.sqrt(2))
+    assert auto.routing.selection.criterion == "heldout_loglik"
     ngram = _build(experts, tmp_path / "n2", routing="ngram", lam=100.0,
                    dp=dp.DpSpec(8.0, 1e-5, unit="token"), dp_seed=1)  # fmt: skip
     assert ngram.privacy["alpha"]["sensitivity"]["counts"] == pytest.approx(math.sqrt(5))
+
+
+def test_private_heldout_curve_is_the_clipped_curve_of_the_noisy_counts_plus_stated_noise():
+    """The private curve is the held-out curve of the node's bigrams under the released (noisy)
+    fit counts, each bigram clipped at -20 nats, plus Gaussian noise of the stated sigma
+    (seeded: 100 draws of 9 values, std within 10%, mean within 4 standard errors); the bigrams
+    are dropped and the result passes the coordinator's checks."""
+    from dume_dist.core.ngram import CURVE_CLIP_NATS, check_count_values
+    from dume_dist.model.kinds.ngram import collect_ngram_stats
+    from dume_dist.model.ngram_select import DEFAULT_MU_GRID, heldout_curve, with_heldout_curve
+
+    g = torch.Generator().manual_seed(0)
+    fit_ids, held_ids = (
+        torch.randint(0, 60, (40, 30), generator=g),
+        torch.randint(0, 60, (20, 30), generator=g),
+    )
+    kw = dict(vocab_size=64, buckets=4099, max_tokens_per_seq=10**6, progress=False)
+    fit = collect_ngram_stats([(fit_ids, torch.ones_like(fit_ids))], **kw)
+    pairs = collect_ngram_stats([(held_ids, torch.ones_like(held_ids))], pairs=True, **kw)
+    held = with_heldout_curve(pairs, fit, DEFAULT_MU_GRID, 0.1, keep_pairs=True)
+    curve_fn = lambda f, p, grid, clip: heldout_curve(f, p, grid, 0.1, clip=clip)  # noqa: E731
+    spec = dp.DpSpec(8.0, 1e-6, unit="token")
+    residuals = []
+    for seed in range(100):
+        noisy_fit, noisy_held, guarantee = privatize(
+            fit, {0.0: held}, spec, tokens_per_unit=30, seed=seed, heldout_curve=curve_fn
+        )  # fmt: skip
+        out = noisy_held[0.0]
+        assert out.pairs_K3 is None and out.feature_map == "ngram:4099+curve"
+        check_count_values(out, 10**9)
+        clean = heldout_curve(
+            noisy_fit, pairs.pairs_K3, list(DEFAULT_MU_GRID), 0.1, clip=CURVE_CLIP_NATS
+        )
+        residuals.append(out.curve_M - clean)
+    sigma = guarantee.sigma["curve"]
+    assert sigma == pytest.approx(
+        guarantee.noise_multiplier * 2 * CURVE_CLIP_NATS * 3 * math.sqrt(2)
+    )
+    assert abs(float(out.curve_count_1) - pairs.num_bigrams) < 6 * sigma / (CURVE_CLIP_NATS * 3)
+    r = torch.cat(residuals)
+    assert float(r.std()) == pytest.approx(sigma, rel=0.1)
+    assert abs(float(r.mean())) < 4 * sigma / math.sqrt(r.numel())
+    assert guarantee.num_releases == 3
+    with pytest.raises(ValueError, match="formula"):
+        privatize(fit, {0.0: held}, spec, tokens_per_unit=30, seed=0)
 
 
 # -- the distributed path ----------------------------------------------------------------------
@@ -305,13 +357,20 @@ def test_default_ngram_join_sends_no_heldout_bigrams_and_exact_ones_need_the_fla
     sent = exact.join("alpha", send_heldout_bigrams=True)
     assert any("exact held-out bigrams" in o["what"] for o in sent["outbound"])
 
-    # differential privacy: held-out summaries are not released privately (refused before any
-    # statistics are computed, nothing registered); a fixed mu joins
+    # differential privacy: the curve is released privately (one more Gaussian release), the
+    # exact bigrams never (refused before any statistics are computed, nothing registered)
     flow.add("beta")
     private = {"dp": dp.DpSpec(8.0, 1e-5, unit="token").to_json()}
-    with pytest.raises(ValueError, match="fixed mu") as err:
-        flow.join("beta", **private)
-    assert "\n" not in str(err.value) and flow.status()["registry"]["nodes"]["beta"]["stats"] == []
+    sent = flow.join("beta", send_heldout_bigrams=False, **private)
+    assert sent["status"] == "accepted"
+    (entry,) = flow.status()["registry"]["nodes"]["beta"]["stats"]
+    assert entry["dp"]["num_releases"] == 3 and "curve" in entry["dp"]["sigma"]
+    blob = BlobStore(flow.store, CURRENT.blobs).get_blob(entry["holdout"][0]["blob"])
+    assert stats_from_bytes(blob).pairs_K3 is None
+    exact.add("beta")
+    with pytest.raises(ValueError, match="exact held-out bigrams") as err:
+        exact.join("beta", send_heldout_bigrams=True, **private)
+    assert "\n" not in str(err.value) and exact.status()["registry"]["nodes"]["beta"]["stats"] == []
 
 
 # -- poisoning: routing shares estimated from statistics -----------------------------------------

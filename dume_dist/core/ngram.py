@@ -15,8 +15,9 @@ unlearning work as for the Gram statistics. The statistics identity ``feature_ma
 Held-out statistics (to choose the smoothing strength ``mu`` without moving data) are the same
 counts of the held-out slice plus its **held-out curve**: for every ``mu`` of the grid
 (``curve_mu_M``), the log-likelihood (``curve_M``, nats, summed) of the slice's bigrams under the
-contributor's own fit counts (``model.ngram_select.heldout_curve``); the number of bigrams it
-scores is the held-out bigram total. The curve is computed on the node, adds across contributors
+contributor's own fit counts (``model.ngram_select.heldout_curve``), and the number of bigrams it
+scores (``curve_count_1``: the held-out bigram total; under differential privacy released with
+the curve, noisy). The curve is computed on the node, adds across contributors
 and releases a dozen numbers, not text. Only the exact criterion (``mu_criterion: bigrams``) or a
 switch rate ``auto`` needs ``pairs_K3``, the exact ``(previous id, id, count)`` bigrams of the
 held-out slice, sorted: text fragments, sent only when the contributor says so. Identities:
@@ -65,6 +66,7 @@ class NgramStats:
     pairs_K3: torch.Tensor | None = None
     curve_M: torch.Tensor | None = None
     curve_mu_M: torch.Tensor | None = None
+    curve_count_1: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.feature_map:
@@ -113,6 +115,7 @@ class NgramStats:
             if not torch.equal(self.curve_mu_M, other.curve_mu_M):
                 raise ValueError("cannot combine held-out curves over different mu grids")
             curve = self.curve_M + sign * other.curve_M
+            count = self.curve_count_1 + sign * other.curve_count_1
         return NgramStats(
             self.unigram_V + sign * other.unigram_V,
             self.context_V + sign * other.context_V,
@@ -123,6 +126,7 @@ class NgramStats:
             pairs_K3=pairs,
             curve_M=curve,
             curve_mu_M=None if curve is None else self.curve_mu_M,
+            curve_count_1=None if curve is None else count,
         )
 
     def __add__(self, other: NgramStats) -> NgramStats:
@@ -160,34 +164,80 @@ class NgramStats:
             raise ValueError("n-gram statistics: bigram and context counts differ in total")
         if self.pairs_K3 is not None:
             _validate_pairs(self.pairs_K3, self.vocab_size)
-        if self.curve_M is not None or self.curve_mu_M is not None:
-            _validate_curve(self.curve_M, self.curve_mu_M)
+        if any(t is not None for t in (self.curve_M, self.curve_mu_M, self.curve_count_1)):
+            _validate_curve(self.curve_M, self.curve_mu_M, self.curve_count_1)
 
     def with_meta(self, **kwargs) -> NgramStats:
         return replace(self, **kwargs)
 
-    def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip=None, gen):
+    def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip=None, gen,
+                   heldout_curve=None):  # fmt: skip
         """Differential privacy of n-gram counts (``core.private.privatize``): the fit and each
-        held-out part are one Gaussian release each, with the sensitivity of ``spec.unit``."""
-        if any(h.pairs_K3 is not None or h.curve_M is not None for h in held.values()):
+        held-out part are one Gaussian release each, with the sensitivity of ``spec.unit``; a
+        held-out curve is one more (``private_curve``), computed from the noisy fit counts by
+        ``heldout_curve(fit, pairs_K3, mu_grid, clip_nats)`` (the model layer's formula) on the
+        held-out bigrams the node kept for it, which are then dropped."""
+        curves = sorted(b for b, h in held.items() if h.curve_M is not None)
+        if any(h.pairs_K3 is None for b, h in held.items() if b in curves):
+            raise ValueError("a private held-out curve needs the held-out bigrams on the node")
+        if any(h.pairs_K3 is not None for b, h in held.items() if b not in curves):
             raise ValueError(
-                "held-out bigrams and held-out curves are not released with differential privacy: "
-                "use a fixed mu (--mu) for ngram routing"
+                "exact held-out bigrams are not released with differential privacy: use mu "
+                "'auto' with mu_criterion likelihood, or a fixed mu"
             )
-        releases = 1 + len(held)
+        if curves and heldout_curve is None:
+            raise ValueError("a private held-out curve needs the router's formula")
+        releases = 1 + len(held) + len(curves)
         z = dp.calibrate(spec.epsilon, spec.delta, releases)
-        sens = dp.ngram_sensitivity(spec.unit, tokens_per_unit, spec.count_cap)
+        sens = {"counts": dp.ngram_sensitivity(spec.unit, tokens_per_unit, spec.count_cap)}
+        if curves:
+            sens["curve"] = curve_sensitivity(
+                spec.unit, tokens_per_unit, len(held[curves[0]].curve_M)
+            )
         guarantee = dp.Guarantee(
             epsilon=spec.epsilon, delta=spec.delta, unit=spec.unit, noise_multiplier=z,
-            num_releases=releases, sensitivity={"counts": sens}, sigma={"counts": z * sens},
+            num_releases=releases, sensitivity=sens, sigma={k: z * v for k, v in sens.items()},
             clip=None, count_cap=spec.count_cap if spec.unit == "sequence" else None,
         )  # fmt: skip
-        noisy = {b: noisy_ngram(h, z * sens, gen) for b, h in sorted(held.items())}
-        return (
-            dp.with_guarantee(noisy_ngram(self, z * sens, gen), guarantee),
-            {b: dp.with_guarantee(h, guarantee) for b, h in noisy.items()},
-            guarantee,
-        )
+        fit = noisy_ngram(self, z * sens["counts"], gen)
+        noisy = {}
+        for b, h in sorted(held.items()):
+            counts = noisy_ngram(h.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None,
+                                             curve_count_1=None, feature_map=""),
+                                 z * sens["counts"], gen)  # fmt: skip
+            if b in curves:
+                counts = private_curve(counts, fit, h, heldout_curve, z * sens["curve"], gen)
+            noisy[b] = dp.with_guarantee(counts, guarantee)
+        return dp.with_guarantee(fit, guarantee), noisy, guarantee
+
+
+CURVE_CLIP_NATS = 20.0  # a private held-out curve counts each bigram's log-probability >= -this
+
+
+def curve_sensitivity(unit: str, tokens_per_unit: int, points: int) -> float:
+    """L2 sensitivity of a held-out curve of ``points`` values, each a sum of bigram
+    log-probabilities clipped to [-CURVE_CLIP_NATS, 0], released with its bigram count scaled by
+    ``CURVE_CLIP_NATS * sqrt(points)`` (the same sensitivity as the curve): one token is in at
+    most two bigrams, a sequence of T tokens in at most T."""
+    bigrams = 2 if unit == "token" else tokens_per_unit
+    return bigrams * CURVE_CLIP_NATS * math.sqrt(points) * math.sqrt(2)
+
+
+def private_curve(counts: NgramStats, fit: NgramStats, held: NgramStats, heldout_curve, sigma,
+                  gen) -> NgramStats:  # fmt: skip
+    """``counts`` (the noisy held-out counts) with the held-out curve of ``held``'s bigrams under
+    the noisy ``fit`` counts (post-processing), clipped per bigram, and their number (scaled to
+    the curve's sensitivity), one vector plus Gaussian noise of ``sigma``; post-processed into a
+    valid curve: a count >= 0, each value within [-CURVE_CLIP_NATS, 0] per counted bigram."""
+    grid = held.curve_mu_M
+    raw = heldout_curve(fit, held.pairs_K3, grid.tolist(), CURVE_CLIP_NATS)
+    scale = CURVE_CLIP_NATS * math.sqrt(len(grid))
+    vec = torch.cat([raw, held.curve_count_1 * scale])
+    noisy = vec + dp.gaussian(vec.shape, sigma, gen)
+    count = (noisy[-1:] / scale).clamp_min(0.0)
+    curve = torch.maximum(noisy[:-1].clamp_max(0.0), -CURVE_CLIP_NATS * count)
+    return counts.with_meta(curve_M=curve, curve_mu_M=grid.clone(), curve_count_1=count,
+                            feature_map="")  # fmt: skip
 
 
 def ngram_layout(
@@ -202,6 +252,7 @@ def ngram_layout(
     if curve_points is not None:
         out["curve"] = ("F64", (curve_points,))
         out["curve_mu"] = ("F64", (curve_points,))
+        out["curve_count"] = ("F64", (1,))
     return out
 
 
@@ -223,7 +274,14 @@ def check_count_values(stats: NgramStats, max_tokens: int, alpha: float = DEFAUL
                 "n-gram statistics: held-out bigrams and bigram counts differ in total"
             )
     if stats.curve_M is not None:
-        check_curve_bounds(stats.curve_M, stats.curve_mu_M, stats.num_bigrams, max_tokens, alpha,
+        count = float(stats.curve_count_1)
+        if "dp" not in stats.extra and count != stats.num_bigrams:
+            raise ValueError(
+                f"held-out curve scores {count:.6g} bigrams, its counts hold {stats.num_bigrams}"
+            )
+        if not count <= max_tokens:
+            raise ValueError(f"held-out curve scores {count:.3g} bigrams, more than one submission may")  # fmt: skip
+        check_curve_bounds(stats.curve_M, stats.curve_mu_M, count, max_tokens, alpha,
                            stats.vocab_size)  # fmt: skip
 
 
@@ -234,13 +292,13 @@ def curve_floor(mu: torch.Tensor, max_tokens: int, alpha: float, vocab_size: int
     return mu.log() + math.log(alpha) - (n + mu).log() - math.log(n + alpha * vocab_size)
 
 
-def check_curve_bounds(curve_M, mu_M, num_bigrams: int, max_tokens: int, alpha: float,
+def check_curve_bounds(curve_M, mu_M, num_bigrams: float, max_tokens: int, alpha: float,
                        vocab_size: int) -> None:  # fmt: skip
     """A held-out curve is a sum of ``num_bigrams`` log-probabilities: each in [floor, 0]."""
     low_M = num_bigrams * curve_floor(mu_M, max_tokens, alpha, vocab_size)
     if (curve_M > 0).any() or (curve_M < low_M).any():
         raise ValueError(
-            f"held-out curve is not a sum of {num_bigrams} bigram log-probabilities (each in "
+            f"held-out curve is not a sum of {num_bigrams:.6g} bigram log-probabilities (each in "
             f"[{float(low_M[0]) / max(num_bigrams, 1):.3g}, 0] nats)"
         )
 
@@ -260,8 +318,8 @@ def _validate_pairs(pairs_K3: torch.Tensor, vocab_size: int) -> None:
         raise ValueError("held-out bigrams must be sorted and distinct")
 
 
-def _validate_curve(curve_M, mu_M) -> None:
-    for name, t in (("curve", curve_M), ("curve_mu", mu_M)):
+def _validate_curve(curve_M, mu_M, count_1) -> None:
+    for name, t in (("curve", curve_M), ("curve_mu", mu_M), ("curve_count", count_1)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.float64:
             raise ValueError(f"held-out {name} must be a 1-D float64 tensor")
         if not torch.isfinite(t).all():
@@ -272,6 +330,8 @@ def _validate_curve(curve_M, mu_M) -> None:
         )
     if (mu_M <= 0).any() or not (mu_M[1:] > mu_M[:-1]).all():
         raise ValueError("held-out curve's mu grid must be positive and increasing")
+    if count_1.shape != (1,) or float(count_1) < 0:
+        raise ValueError("held-out curve_count must be one non-negative number")
 
 
 def merge_pairs(a_K3: torch.Tensor | None, b_K3: torch.Tensor | None, sign: int = 1):
@@ -305,6 +365,7 @@ def ngram_to_bytes(stats: NgramStats) -> bytes:
         tensors["pairs"] = stats.pairs_K3.contiguous()
     if stats.curve_M is not None:
         tensors["curve"], tensors["curve_mu"] = stats.curve_M, stats.curve_mu_M
+        tensors["curve_count"] = stats.curve_count_1
     meta = {
         "schema": NGRAM_SCHEMA,
         "feature_map": stats.feature_map,
@@ -330,6 +391,7 @@ def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         pairs_K3=tensors.get("pairs"),
         curve_M=tensors.get("curve"),
         curve_mu_M=tensors.get("curve_mu"),
+        curve_count_1=tensors.get("curve_count"),
     )
     stats.validate()
     return stats

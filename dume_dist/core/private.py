@@ -26,17 +26,24 @@ def privatize(
     tokens_per_unit: int,
     clip: float | None = None,
     seed: int | None = None,
+    **options,
 ) -> tuple[object, dict, dp.Guarantee]:
     """``(noisy fit, {β: noisy held-out}, guarantee)`` for one contributor's statistics. Each
     statistics type owns its mechanism (``privatized``: its releases, sensitivity and
-    post-processing); this calibrates nothing itself and never asks which type it holds."""
+    post-processing); this calibrates nothing itself and never asks which type it holds.
+    ``options``: what the mechanism needs from the model layer (``RouterKind.dp_mechanism_options``)."""
     if tokens_per_unit < 1:
         raise ValueError("tokens_per_unit must be positive")
     mechanism = getattr(fit, "privatized", None)
     if mechanism is None:
         raise ValueError(f"no differential privacy for statistics of type {type(fit).__name__}")
     return mechanism(
-        dict(held), spec, tokens_per_unit=tokens_per_unit, clip=clip, gen=dp.generator(seed)
+        dict(held),
+        spec,
+        tokens_per_unit=tokens_per_unit,
+        clip=clip,
+        gen=dp.generator(seed),
+        **options,
     )
 
 

@@ -322,6 +322,7 @@ class NodeAgent:
             holdout_smoothings=routing["holdout_smoothings"],
             dp_clip=routing.get("dp_clip"),
             dp_count_cap=routing.get("dp_count_cap"),
+            private=dp is not None,
             routing=spec.to_json(),
             statistics=own or {},
         )
@@ -457,12 +458,15 @@ class NodeAgent:
         from dume_dist.core.dp import DpSpec
         from dume_dist.core.private import privatize
         from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
+        from dume_dist.model.routing import resolve_routing
 
         fit = stats_from_bytes(computed["stats"])
         held = {float(b): stats_from_bytes(x) for b, x in (computed.get("holdout") or {}).items()}
+        spec = resolve_routing(job.routing)
         fit, held, _ = privatize(
             fit, held, DpSpec(**dp), clip=job.dp_clip,
             tokens_per_unit=min(job.seq_len, job.max_tokens_per_seq),
+            **spec.router_kind.dp_mechanism_options(spec),
         )  # fmt: skip
         return {"stats": stats_to_bytes(fit),
                 "holdout": {b: stats_to_bytes(h) for b, h in held.items()}}  # fmt: skip

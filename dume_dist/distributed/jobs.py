@@ -24,6 +24,7 @@ class StatsJob:
     holdout_smoothings: list[float] = field(default_factory=list)  # one held-out part per key
     dp_clip: float | None = None  # differential privacy: each token's feature norm bound (Grams)
     dp_count_cap: int | None = None  # differential privacy: most a sequence adds to one count
+    private: bool = False  # differential privacy: collect what the node's mechanism needs
     routing: dict = field(default_factory=dict)  # the coordinator's RoutingSpec (JSON)
     # What the statistics of the routing's kind depend on (`RouterKind.statistics_settings`,
     # e.g. features, ngram_buckets); readable as attributes.

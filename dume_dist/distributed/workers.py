@@ -110,9 +110,10 @@ class StatsWorker:
 
         held_out = bool(job.holdout_smoothings)
         expert = load_expert_spec(job.name, job.expert_dir)
+        private = {"private": True} if job.private else {}  # kinds without DP never see it
         collectors = spec.router_kind.collectors(
             spec, backbone, expert, holdout=held_out, max_tokens_per_seq=job.max_tokens_per_seq,
-            device=self.device(), clip=job.dp_clip, count_cap=job.dp_count_cap,
+            device=self.device(), clip=job.dp_clip, count_cap=job.dp_count_cap, **private,
         )  # fmt: skip
         parts = self._my_batches(job, held_out)
         with self._lock:

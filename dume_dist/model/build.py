@@ -177,7 +177,8 @@ def expert_statistics(
         return fit, held
     clip, _ = routing.router_kind.dp_bounds(routing, backbone, dp)
     fit, held, _ = privatize(
-        fit, held, dp, tokens_per_unit=min(seq_len, max_tokens_per_seq), clip=clip, seed=dp_seed
+        fit, held, dp, tokens_per_unit=min(seq_len, max_tokens_per_seq), clip=clip, seed=dp_seed,
+        **routing.router_kind.dp_mechanism_options(routing),
     )  # fmt: skip
     return fit, held
 
@@ -196,7 +197,7 @@ def raw_statistics(
     collectors = routing.router_kind.collectors(
         routing, backbone, spec, holdout=routing.needs_holdout,
         max_tokens_per_seq=max_tokens_per_seq, device=device, dtype=dtype, clip=clip,
-        count_cap=cap,
+        count_cap=cap, **({"private": True} if dp else {}),
     )  # fmt: skip
     results = []
     for collector, part in zip(collectors, (fit_texts, held_texts)):

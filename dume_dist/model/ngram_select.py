@@ -46,13 +46,15 @@ def bigram_log_probs(
 
 
 def heldout_curve(
-    fit: NgramStats, pairs_K3: torch.Tensor, mu_grid: Sequence[float], alpha: float
-) -> torch.Tensor:
+    fit: NgramStats, pairs_K3: torch.Tensor, mu_grid: Sequence[float], alpha: float,
+    clip: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``[M]`` (fp64): per ``mu`` of ``mu_grid``, the summed log-likelihood of the bigrams
     ``pairs_K3`` (sorted, distinct, with counts) under the bigram model of ``fit``'s counts. A
     deterministic function of its inputs: any sharding of the same data gives the same bits.
     Hashed bigram counts are not normalised: buckets shared by other bigrams raise ``p`` most at
-    small ``mu``, so with many more bigrams than buckets the maximum drifts to smaller ``mu``."""
+    small ``mu``, so with many more bigrams than buckets the maximum drifts to smaller ``mu``.
+    ``clip``: each bigram's log-probability counts at least ``-clip`` (differential privacy)."""
     out = torch.zeros(len(mu_grid), dtype=torch.float64)
     if pairs_K3.numel() == 0:
         return out
@@ -63,6 +65,8 @@ def heldout_curve(
         logp_K = ngram_log_probs(
             *counts, pairs_K3[:, 0], pairs_K3[:, 1], has_prev, float(mu), alpha
         )
+        if clip is not None:
+            logp_K = logp_K.clamp_min(-clip)
         out[m] = (logp_K[0] * weight_K).sum()
     return out
 
@@ -79,7 +83,9 @@ def with_heldout_curve(
     grid = torch.tensor([float(m) for m in mu_grid], dtype=torch.float64)
     curve = heldout_curve(fit, held.pairs_K3, grid.tolist(), alpha)
     pairs = held.pairs_K3 if keep_pairs else None
-    return held.with_meta(pairs_K3=pairs, curve_M=curve, curve_mu_M=grid, feature_map="")
+    count = torch.tensor([float(held.num_bigrams)], dtype=torch.float64)
+    return held.with_meta(pairs_K3=pairs, curve_M=curve, curve_mu_M=grid, curve_count_1=count,
+                          feature_map="")  # fmt: skip
 
 
 def select_mu_likelihood(heldout: Mapping[str, tuple[int, NgramStats]], num_experts: int,
@@ -97,8 +103,8 @@ def select_mu_likelihood(heldout: Mapping[str, tuple[int, NgramStats]], num_expe
             raise ValueError(f"held-out curve of {name!r} is over another mu grid")
         if not 0 <= expert < num_experts:
             raise ValueError(f"contribution {name!r} names expert {expert}, have {num_experts}")
-        total, count = sums.get(expert, (torch.zeros_like(grid), 0))
-        sums[expert] = (total + stats.curve_M, count + stats.num_bigrams)
+        total, count = sums.get(expert, (torch.zeros_like(grid), 0.0))
+        sums[expert] = (total + stats.curve_M, count + float(stats.curve_count_1))
     per_expert = [total / count for total, count in (sums[j] for j in sorted(sums)) if count > 0]
     if not per_expert:
         raise ValueError("held-out statistics hold no bigrams")
@@ -107,7 +113,7 @@ def select_mu_likelihood(heldout: Mapping[str, tuple[int, NgramStats]], num_expe
     return Selection(
         lam=float(grid[best]), smoothing=0.0, criterion="heldout_loglik", lam_grid=grid.tolist(),
         smoothing_grid=[0.0], curves={"heldout_loglik": [mean_M.tolist()]},
-        num_holdout_tokens=sum(count for _, count in sums.values()),
+        num_holdout_tokens=int(round(sum(count for _, count in sums.values()))),
     )  # fmt: skip
 
 

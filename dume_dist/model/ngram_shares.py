@@ -88,7 +88,8 @@ def ngram_routing_shares(
     if num_experts < 2:
         return None
     source = heldout or fit
-    plain = {n: (j, s.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, feature_map=""))
+    plain = {n: (j, s.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None,
+                              feature_map=""))
              for n, (j, s) in source.items()}  # fmt: skip
     counts = per_expert_counts(plain, num_experts)
     gen = torch.Generator().manual_seed(SHARES_SIM["seed"])

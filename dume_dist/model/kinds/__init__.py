@@ -163,10 +163,12 @@ class RouterKind:
     def collectors(
         self, spec, backbone, expert, *, holdout: bool, max_tokens_per_seq: int, device,
         dtype=None, clip: float | None = None, count_cap: int | None = None,
+        private: bool = False,
     ) -> list[Collector]:  # fmt: skip
         """The fit collector and, with ``holdout``, the held-out one (``backbone`` a
         ``model.backbone.Backbone``, ``expert`` an ``ExpertSpec``; ``dtype`` of a model run;
-        ``clip`` / ``count_cap``: the bounds of ``dp_bounds``)."""
+        ``clip`` / ``count_cap``: the bounds of ``dp_bounds``; ``private``: the statistics will
+        be made differentially private on the node, keep what ``privatized`` needs)."""
         raise NotImplementedError
 
     # -- differential privacy -----------------------------------------------------------------
@@ -186,6 +188,11 @@ class RouterKind:
         """A one-line ValueError when this routing cannot be made differentially private by
         ``dp`` (a ``core.dp.DpSpec``)."""
         raise ValueError(f"router kind {self.name!r} has no differentially private statistics")
+
+    def dp_mechanism_options(self, spec) -> dict:
+        """Keyword options the statistics' ``privatized`` needs from the model layer (passed
+        through ``core.private.privatize``); empty for most kinds."""
+        return {}
 
     def dp_bounds(self, spec, backbone, dp) -> tuple[float | None, int | None]:
         """``(feature clip, count cap)`` that collection applies under ``dp``."""

@@ -111,7 +111,7 @@ class LinearKind(RouterKind):
         return (dp.clip if dp.clip is not None else default_clip(backbone, spec.features)), None
 
     def collectors(self, spec, backbone, expert, *, holdout, max_tokens_per_seq, device,
-                   dtype=None, clip=None, count_cap=None):  # fmt: skip
+                   dtype=None, clip=None, count_cap=None, private=False):  # fmt: skip
         from dume_dist.model.collect import GramCollector, dense_model_for, stats_compute_dtype
 
         made = []

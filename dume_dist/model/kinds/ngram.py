@@ -115,7 +115,7 @@ class NgramCollector(Collector):
             stats = with_heldout_curve(stats, fit, self.curve_grid, self.alpha, self.send_pairs)
         elif not self.send_pairs:
             stats = stats.with_meta(pairs_K3=None, feature_map="")
-        return {0.0: stats.with_meta(feature_map=self.identity or stats._own_feature_map())}
+        return {0.0: stats}  # its identity from what it carries (checked by the coordinator)
 
 
 def collect_ngram_stats(
@@ -182,7 +182,9 @@ class NgramKind(RouterKind):
             check_switch_rates(spec.switch_rates, spec.switch, "routing option ")
 
     def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
-        return stats.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, feature_map="")
+        return stats.with_meta(
+            pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None, feature_map=""
+        )
 
     def heldout_for(self, spec, stats, part: float):  # what spec does not use dropped
         drop = {} if _sends_pairs(spec) else {"pairs_K3": None}
@@ -210,7 +212,7 @@ class NgramKind(RouterKind):
         # held-out parts or not: the identity tells (checked after decoding)
         points = len(_mu_grid(spec)) if _sends_curve(spec) else None
         layout = ngram_layout(backbone.vocab_size, spec.ngram_buckets, True, points)
-        return layout, ("pairs", "curve", "curve_mu")
+        return layout, ("pairs", "curve", "curve_mu", "curve_count")
 
     def validate(self, stats, spec, backbone: BackboneShape) -> None:
         stats.validate(vocab_size=backbone.vocab_size, buckets=spec.ngram_buckets)
@@ -233,18 +235,28 @@ class NgramKind(RouterKind):
         return "exact held-out bigrams (previous token, token, count of your held-out documents)"
 
     def check_dp(self, spec, dp) -> None:
-        if spec.needs_holdout:
+        if spec.needs_holdout and _sends_pairs(spec):
             raise ValueError(
-                "differential privacy with ngram routing needs a fixed mu and switch (--mu, "
-                "--switch): held-out curves and bigrams are not released privately"
+                "differential privacy with ngram routing needs mu 'auto' by held-out likelihood "
+                "(--mu-criterion likelihood) or a fixed mu, and a fixed switch: exact held-out "
+                "bigrams are not released privately"
             )
+
+    def dp_mechanism_options(self, spec) -> dict:
+        if not _sends_curve(spec):
+            return {}
+        from functools import partial
+
+        from dume_dist.model.ngram_select import heldout_curve
+
+        return {"heldout_curve": partial(_clipped_curve, heldout_curve, spec.ngram_alpha)}
 
     def dp_bounds(self, spec, backbone, dp):
         self.check_dp(spec, dp)
         return None, dp.count_cap if dp.unit == "sequence" else None
 
     def collectors(self, spec, backbone, expert, *, holdout, max_tokens_per_seq, device,
-                   dtype=None, clip=None, count_cap=None):  # fmt: skip
+                   dtype=None, clip=None, count_cap=None, private=False):  # fmt: skip
         fit = NgramCollector(
             vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
             max_tokens_per_seq=max_tokens_per_seq, pairs=False, identity=self.identity(spec),
@@ -254,7 +266,9 @@ class NgramKind(RouterKind):
             return [fit]
         held = NgramCollector(
             vocab_size=backbone.config.vocab_size, buckets=spec.ngram_buckets,
-            max_tokens_per_seq=max_tokens_per_seq, pairs=True, send_pairs=_sends_pairs(spec),
+            max_tokens_per_seq=max_tokens_per_seq, pairs=True,
+            # private: the node's mechanism recomputes the curve from them, then drops them
+            send_pairs=_sends_pairs(spec) or (private and _sends_curve(spec)),
             identity=self.identity(spec, 0.0), count_cap=count_cap, fit=fit,
             curve_grid=_mu_grid(spec) if _sends_curve(spec) else None, alpha=spec.ngram_alpha,
         )  # fmt: skip
@@ -345,6 +359,10 @@ class NgramKind(RouterKind):
 
     def config_identity(self, routing: Mapping) -> str:
         return ngram_feature_map(routing["ngram"]["buckets"])
+
+
+def _clipped_curve(curve_fn, alpha, fit, pairs_K3, mu_grid, clip):
+    return curve_fn(fit, pairs_K3, mu_grid, alpha, clip=clip)
 
 
 def _mu_grid(spec) -> tuple[float, ...]:
