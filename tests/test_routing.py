@@ -33,6 +33,7 @@ from dume_dist.model.modeling_dume import (
 )
 from dume_dist.model.routing import (
     AUTO,
+    DEFAULT_PRESET,
     PRESETS,
     RoutingSpec,
     feature_map_name,
@@ -450,7 +451,7 @@ def test_lda_solver_equals_the_explicit_discriminant():
 
 
 def test_routing_spec_presets_and_overrides():
-    assert resolve_routing() == PRESETS["ngram"]  # the default: best on the shipped experts
+    assert resolve_routing() == PRESETS[DEFAULT_PRESET]  # the one default (docs/routing.md)
     spec = resolve_routing("paper", lam=AUTO)
     assert spec.lam == AUTO and spec.holdout_fraction == 0.1 and spec.preset is None
     assert resolve_routing("paper", lam=1e-2, top_k=1).preset == "paper"

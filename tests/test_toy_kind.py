@@ -182,9 +182,11 @@ def test_routing_settings_of_earlier_versions_read_as_before():
         "ngram": {"features": "ngram", "solver": "nb", "lam": "auto", "top_k": 2,
                   "holdout_fraction": 0.1, "min_weight": 0.05},
     }  # fmt: skip
+    # what each preset was then: `context` solved with the token counts as priors
+    then = {**PRESETS, "context": PRESETS["context"].replace(priors="tokens")}
     for name, fields in older.items():
         spec = resolve_routing({**common, **fields, "preset": name})
-        assert spec == PRESETS[name] and resolve_routing(spec.to_json()) == spec
+        assert spec == then[name] and resolve_routing(spec.to_json()) == spec
         assert (spec.lam, spec.features, spec.solver) == (fields["lam"], fields["features"],
                                                           fields["solver"])  # fmt: skip
     assert resolve_routing({**common, **older["context"], "lam": 0.3}).lda_shrinkage == 0.3
