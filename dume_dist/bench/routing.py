@@ -70,7 +70,7 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("ngram, k=1", PRESETS["ngram"].replace(top_k=1, min_weight=0.0, preset=None)),
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
     ("switch (ngram + switch rate auto, k=2, min weight 0.05)", PRESETS["switch"]),
-    ("follow (ngram + mixture of switch rates 0, 1e-4, 1e-3, 1e-2, evidence x0.5, k=2, "
+    ("follow (ngram + mixture of switch rates 0, 1e-4, 1e-3, 1e-2, evidence x0.2, k=2, "
      "min weight 0.05) = default", PRESETS["follow"]),
 ]  # fmt: skip
 

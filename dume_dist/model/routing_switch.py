@@ -10,6 +10,7 @@ Shape legend: B batch, T positions, R switch rates, E experts; N = B * blocks, C
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -97,16 +98,23 @@ def _prefix_products(step_TNREE: torch.Tensor) -> torch.Tensor:
     rescaled by its largest entry over (R, E, E)."""
     length, shift = step_TNREE.shape[0], 1
     while shift < length:
-        prod = step_TNREE.clone()
+        prod = torch.empty_like(step_TNREE)
+        prod[:shift] = step_TNREE[:shift]
         torch.matmul(step_TNREE[shift:], step_TNREE[:-shift], out=prod[shift:])
-        step_TNREE = prod / prod.flatten(2).amax(-1)[..., None, None, None]
+        step_TNREE = prod.div_(prod.flatten(2).amax(-1)[..., None, None, None])
         shift *= 2
     return step_TNREE
 
 
 def _switch_matrices(rates, num: int, like: torch.Tensor) -> torch.Tensor:
-    """[R, E, E]: 1 - rate on the diagonal, rate / (E - 1) elsewhere, for each rate."""
-    rate_R = torch.tensor([float(r) for r in rates], dtype=like.dtype, device=like.device)
+    """[R, E, E]: 1 - rate on the diagonal, rate / (E - 1) elsewhere, for each rate (cached:
+    a decoding step would otherwise spend more on building them than on the filter)."""
+    return _cached_switch_matrices(tuple(float(r) for r in rates), num, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_switch_matrices(rates, num, dtype, device) -> torch.Tensor:
+    rate_R = torch.tensor(rates, dtype=dtype, device=device)
     off_R = rate_R / max(num - 1, 1)
-    eye = torch.eye(num, dtype=like.dtype, device=like.device)
+    eye = torch.eye(num, dtype=dtype, device=device)
     return off_R[:, None, None] * (1 - eye) + (1 - rate_R)[:, None, None] * eye
