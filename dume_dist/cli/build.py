@@ -349,8 +349,9 @@ def _print_build_summary(result) -> None:
         spec = solved.spec
         chosen = solved.chosen or {}
         options = " ".join(
-            f"{k}={v}" for k, v in spec.options.items()
-            if k not in chosen and v is not None and not isinstance(v, tuple)
+            f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, tuple) else v}"
+            for k, v in spec.options.items()
+            if k not in chosen and v is not None and not k.endswith("_grid")
         )  # fmt: skip
         values = " ".join(f"{k}={v:g}" for k, v in chosen.items())
         line = f"routing: kind={spec.kind} {options} {values} k={spec.top_k}"
