@@ -1,10 +1,12 @@
-"""Prototype: fixed-share (switching) posterior over the n-gram router's per-token evidence.
+"""Prototype: switching posteriors over the n-gram router's per-token evidence.
 
-Loads an ``ngram`` DUME build, replaces its sequence scores by the fixed-share filter with switch
-rate rho (rho = 0: today's cumulative naive Bayes), and measures single-domain ppl against the
-oracle and mixed-domain keep against the segment oracle.
+Loads an ``ngram`` DUME build, replaces its sequence scores by the posterior of a config —
+``rho=R`` (the fixed-share filter with switch rate R; 0: the cumulative naive Bayes), ``mix=R1,..``
+(the posterior averaged over those rates, ``switch_mixture_posterior``), with ``:beta=B`` (evidence
+weighted by B) and ``:clip=C`` appended as wanted — and measures single-domain ppl against the
+oracle, mixed-domain keep against the segment oracle, and how many tokens run a second expert.
 
-Run: python scripts/switch_proto.py MODEL_DIR NAME=VALID ... --rho 0 1e-3 1e-2
+Run: python scripts/switch_proto.py MODEL_DIR NAME=VALID ... --config rho=0 mix=0,1e-3:beta=0.2
 """
 
 from __future__ import annotations
