@@ -144,3 +144,6 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     assert result["settings"]["mixed"]["sequences"] == 4
     assert result["mixed_delayed_oracle_keep"]["oracle, 4 tokens late"]["first_segment"] == 1.0
     assert "mixed keep" in markdown_table(result)
+    held = {r["label"].split(" ")[0]: r["stats_bytes_per_contributor"]["holdout"]
+            for r in result["options"]}  # fmt: skip
+    assert 0 < held["follow"] == held["ngram"] < held["switch"]  # no exact bigrams but switch's

@@ -147,11 +147,12 @@ def _solve(option: RoutingSpec, stats, names):
 
 
 def _stats_bytes(option: RoutingSpec, stats, name) -> dict:
+    """What a contributor sends for ``option``: its fit statistics, and the held-out part it
+    would compute for this option (``heldout_for``), not the widest collection's."""
     fit, held = stats[name]
-    return {
-        "fit": len(stats_to_bytes(fit)),
-        "holdout": sum(len(stats_to_bytes(held[b])) for b in option.holdout_smoothings()),
-    }
+    narrow = option.router_kind.heldout_for
+    parts = [narrow(option, held[b], b) for b in option.holdout_smoothings()]
+    return {"fit": len(stats_to_bytes(fit)), "holdout": sum(len(stats_to_bytes(p)) for p in parts)}
 
 
 def _timing_inputs(batches: Mapping, batch_size: int, prompt: int):
