@@ -398,6 +398,25 @@ def test_routing_shares_flag_a_contributor_that_claims_others_data():
     mimic = {"a": (0, a + b), "b": (1, b)}  # a also submits b's statistics as its own
     forged = routing_shares(solve_routers(mimic, 2), class_grams(honest, 2))
     assert forged["by_class"][1][0] > 0.25 and forged["outliers"] == [0]
+    assert shares["unrouted"] == [] and forged["unrouted"] == [1]  # b's tokens go to a
+
+
+def test_routing_shares_flag_a_class_its_own_expert_rarely_wins():
+    """Under equal priors a mimic takes no outlying share of the others' tokens, but its own
+    claimed tokens are half the others': its own expert wins about half of them."""
+    from dume_dist.core.select import class_grams
+    from dume_dist.core.shares import routing_shares
+    from dume_dist.core.solve import solve_routers
+
+    a, b, c = (_class_gram(m, seed=s) for s, m in ((1, [2, 0, 0, 0]), (2, [0, 2, 0, 0]),
+                                                    (3, [0, 0, 2, 0])))  # fmt: skip
+    honest = {"a": (0, a), "b": (1, b), "c": (2, c)}
+    shares = routing_shares(solve_routers(honest, 3, priors="equal"), class_grams(honest, 3))
+    assert shares["unrouted"] == [] and "own expert" in shares["unrouted_rule"]
+    mimic = {"a": (0, a + b + c), "b": (1, b), "c": (2, c)}  # a claims b's and c's text too
+    routers = solve_routers(mimic, 3, priors="equal")
+    forged = routing_shares(routers, class_grams(mimic, 3))
+    assert forged["by_class"][0][0] < 0.6 and forged["unrouted"] == [0]
 
 
 def test_build_manifest_records_routing_shares(experts, tmp_path):

@@ -235,6 +235,7 @@ def _estimated(shares: dict | None, names: list[str], j: int) -> dict:
         return {}
     return {"estimated_target_share": {d: row[j] for d, row in zip(names, shares["by_class"])},
             "flagged": [names[k] for k in shares["outliers"]],
+            "unrouted": [names[j] for j in shares.get("unrouted", [])],
             "estimated_by_class": dict(zip(names, shares["by_class"]))}  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Routing shares estimated from statistics alone: how much of each contributor's traffic each
-expert would win, and which experts take an outlying share (a sign of inflated or forged
-statistics, docs/privacy.md). This file: the linear routers' estimate and the record every kind
+expert would win, which experts take an outlying share of other classes' tokens, and which
+classes their own expert rarely wins (signs of inflated or forged statistics, docs/privacy.md). This file: the linear routers' estimate and the record every kind
 writes (``shares_record``); the n-gram router's estimate is ``model.ngram_shares``.
 
 For a linear router (logits ``W f̃``) and a class ``j`` whose tokens have Gram ``G_j`` (count
@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 OUTLIER_OTHERS_SHARE = 0.25  # an expert winning this much of another class's tokens is flagged
+# a class whose own expert wins less than this of its tokens is flagged: a contributor that
+# claims others' text as its own (mimicry: 45-49% in the poisoning bench under equal priors, where
+# the others-share rule misses it), or a domain the routers cannot tell apart (honest founders:
+# 88-100%)
+MIN_OWN_SHARE = 0.6
 
 
 def class_shares(
@@ -58,9 +63,13 @@ def shares_record(share_EE: torch.Tensor, count_E: torch.Tensor) -> dict:
     overall_E = (count_E[:, None] * share_EE).sum(0) / count_E.sum()
     off = share_EE.clone().fill_diagonal_(0)
     flagged = [k for k in range(num_e) if float(off[:, k].max()) > OUTLIER_OTHERS_SHARE]
+    unrouted = [j for j in range(num_e) if float(share_EE[j, j]) < MIN_OWN_SHARE]
     return {
         "by_class": share_EE.tolist(),
         "overall": overall_E.tolist(),
         "outliers": flagged,
         "rule": f"an expert winning over {OUTLIER_OTHERS_SHARE:.0%} of another class's tokens",
+        "unrouted": unrouted,
+        "unrouted_rule": f"a class whose own expert wins under {MIN_OWN_SHARE:.0%} of its tokens "
+        "(its statistics claim another domain's text, or the routers cannot tell it apart)",
     }

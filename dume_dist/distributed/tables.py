@@ -109,14 +109,15 @@ def print_status(status: dict) -> None:
 
 def shares_table(shares: dict, names: list[str]) -> Table:
     """Estimated top-1 routing shares of the latest version (rows: whose tokens; columns: which
-    expert wins them), outliers flagged."""
+    expert wins them), outliers and classes their own expert rarely wins flagged."""
     table = Table(title=f"routing shares (estimated on {shares.get('statistics', '?')} statistics)")
     table.add_column("tokens of")
     for j, name in enumerate(names):
         flag = " (outlier)" if j in shares.get("outliers", []) else ""
         table.add_column(name + flag, justify="right")
-    for name, row in zip(names, shares["by_class"]):
-        table.add_row(name, *(f"{v:.1%}" for v in row))
+    unrouted = shares.get("unrouted", [])
+    for j, (name, row) in enumerate(zip(names, shares["by_class"])):
+        table.add_row(name + (" (unrouted)" if j in unrouted else ""), *(f"{v:.1%}" for v in row))
     table.add_row("all", *(f"{v:.1%}" for v in shares["overall"]))
     return table
 
