@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.private import privatize
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.collect import release_memory, resolve_device
-from dume_dist.model.data import keep_mask, load_domain_texts, token_batches
+from dume_dist.model.data import load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
 from dume_dist.model.formats import (
     BuildStats,
@@ -47,6 +46,7 @@ from dume_dist.model.formats import (
     write_checkpoint,
 )
 from dume_dist.model.formats.base import DEFAULT_SHARD_BYTES
+from dume_dist.model.kinds import feed
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
 from dume_dist.model.stats_dir import StatsDir, check_outside, stats_key
 from dume_dist.model.stats_files import StatsFiles, contributions
@@ -204,15 +204,8 @@ def raw_statistics(
         batches = token_batches(
             tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
         )
-        seen = 0
-        with tqdm(disable=not progress, unit="tok", desc=f"statistics {spec.name}") as bar:
-            for ids_BT, mask_BT in batches:
-                collector.add(ids_BT, mask_BT)
-                kept = int(keep_mask(mask_BT, max_tokens_per_seq).sum())
-                seen += kept
-                bar.update(kept)
-        if seen == 0:
-            raise ValueError("no tokens to collect statistics from")
+        feed(collector, batches, max_tokens_per_seq, progress=progress,
+             desc=f"statistics {spec.name}")  # fmt: skip
         results.append(collector.result())
     del collectors
     release_memory(device)

@@ -26,7 +26,6 @@ import copy
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -34,7 +33,7 @@ from dume_dist.core.dp import clip_rows
 from dume_dist.core.stats import GramAccumulator, RouterStats
 from dume_dist.model.data import keep_mask
 from dume_dist.model.experts import ExpertSpec
-from dume_dist.model.kinds import Collector
+from dume_dist.model.kinds import Collector, feed
 from dume_dist.model.routing_dume import causal_ema, causal_features, routing_feature_dim
 
 
@@ -154,15 +153,7 @@ def collect_smoothed_stats(
         model, features=features, smoothings=smoothings, max_tokens_per_seq=max_tokens_per_seq,
         device=device, names=names, clip=clip,
     )  # fmt: skip
-    bar = tqdm(disable=not progress, unit="tok", desc="statistics")
-    try:
-        for ids_BT, mask_BT in batches:
-            collector.add(ids_BT, mask_BT)
-            bar.update(int(keep_mask(mask_BT, max_tokens_per_seq).sum()))
-    finally:
-        bar.close()
-    if collector.num_tokens == 0:
-        raise ValueError("no tokens to collect statistics from")
+    feed(collector, batches, max_tokens_per_seq, progress=progress)
     return collector.result()
 
 

@@ -123,24 +123,13 @@ def heldout_logloss(
     """Mean over experts of the per-bigram log-loss of the expert posterior (equal priors) on
     the held-out bigrams of that expert's contributors: how well single bigrams tell the
     domains apart under ``mu``."""
-    losses: dict[int, list[float]] = {}
-    for name in sorted(heldout):
-        expert, stats = heldout[name]
-        pairs = stats.pairs_K3
-        if pairs is None:
-            raise ValueError(f"held-out statistics of {name!r} carry no bigrams")
-        if pairs.numel() == 0:
-            continue
-        logp_KE = bigram_log_probs(tables, pairs[:, 0], pairs[:, 1], mu)
-        nll_K = -torch.log_softmax(logp_KE, dim=1)[:, expert]
-        total, count = losses.setdefault(expert, [0.0, 0.0])
-        losses[expert] = [
-            total + float((nll_K * pairs[:, 2]).sum()),
-            count + float(pairs[:, 2].sum()),
-        ]
-    if not losses:
-        raise ValueError("held-out statistics hold no bigrams")
-    return sum(t / c for t, c in losses.values()) / len(losses)
+    logp_KE, expert_K, weight_K = _heldout_bigrams(tables, heldout, mu)
+    nll_K = -torch.log_softmax(logp_KE, dim=1).gather(1, expert_K[:, None]).squeeze(1)
+    means = []
+    for j in sorted(set(expert_K.tolist())):
+        mine = expert_K == j
+        means.append(float((nll_K[mine] * weight_K[mine]).sum()) / float(weight_K[mine].sum()))
+    return sum(means) / len(means)
 
 
 def select_mu(
@@ -219,8 +208,9 @@ def select_switch(
     )  # fmt: skip
 
 
-def _heldout_bigrams(tables, heldout):
-    """Every held-out bigram's log-probabilities [K, E] under ``tables``, its expert and count."""
+def _heldout_bigrams(tables, heldout, mu: float | None = None):
+    """Every held-out bigram's log-probabilities [K, E] under ``tables`` (``mu``: the tables'
+    own unless given), its expert and count."""
     logps, experts, weights = [], [], []
     for name in sorted(heldout):
         expert, stats = heldout[name]
@@ -229,7 +219,7 @@ def _heldout_bigrams(tables, heldout):
             raise ValueError(f"held-out statistics of {name!r} carry no bigrams")
         if pairs.numel() == 0:
             continue
-        logps.append(bigram_log_probs(tables, pairs[:, 0], pairs[:, 1]))
+        logps.append(bigram_log_probs(tables, pairs[:, 0], pairs[:, 1], mu))
         experts.append(torch.full((pairs.shape[0],), expert, dtype=torch.long))
         weights.append(pairs[:, 2].double())
     if not logps:

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
+from tqdm.auto import tqdm
 
+from dume_dist.model.data import keep_mask
 from dume_dist.model.routing_dume import kind_name_of_config
 from dume_dist.model.routing_options import AUTO, Option
 
@@ -75,6 +77,23 @@ class Collector:
 
     def result(self) -> dict:
         raise NotImplementedError
+
+
+def feed(collector: Collector, batches, max_tokens_per_seq: int, *, progress: bool = True,
+         desc: str = "statistics") -> int:  # fmt: skip
+    """Give ``collector`` every ``(ids, mask)`` batch, with a progress bar of the tokens it keeps
+    (the first ``max_tokens_per_seq`` real ones of each sequence); returns their number.
+    ValueError when there are none."""
+    seen = 0
+    with tqdm(disable=not progress, unit="tok", desc=desc) as bar:
+        for ids_BT, mask_BT in batches:
+            collector.add(ids_BT, mask_BT)
+            kept = int(keep_mask(mask_BT, max_tokens_per_seq).sum())
+            seen += kept
+            bar.update(kept)
+    if seen == 0:
+        raise ValueError("no tokens to collect statistics from")
+    return seen
 
 
 class RouterKind:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from dume_dist.core.dp import capped_bincount
 from dume_dist.core.ngram import (
@@ -33,7 +32,7 @@ from dume_dist.core.ngram import (
 )
 from dume_dist.core.stats import MAX_TOKENS
 from dume_dist.model.data import keep_mask
-from dume_dist.model.kinds import BackboneShape, Collector, RouterKind, register_kind
+from dume_dist.model.kinds import BackboneShape, Collector, RouterKind, feed, register_kind
 from dume_dist.model.routing_dume import (
     NGRAM_OPTIONAL_KEYS,
     NgramInference,
@@ -133,15 +132,7 @@ def collect_ngram_stats(
     no sequence adds more than this to any one count (differential privacy by sequence)."""
     collector = NgramCollector(vocab_size=vocab_size, buckets=buckets, count_cap=count_cap,
                                max_tokens_per_seq=max_tokens_per_seq, pairs=pairs)  # fmt: skip
-    bar = tqdm(disable=not progress, unit="tok", desc="n-gram counts")
-    try:
-        for ids_BT, mask_BT in batches:
-            collector.add(ids_BT, mask_BT)
-            bar.update(int(keep_mask(mask_BT, max_tokens_per_seq).sum()))
-    finally:
-        bar.close()
-    if not collector.counts[:vocab_size].sum() > 0:
-        raise ValueError("no tokens to collect statistics from")
+    feed(collector, batches, max_tokens_per_seq, progress=progress, desc="n-gram counts")
     return collector.result()[0.0]
 
 
