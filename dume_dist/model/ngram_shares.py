@@ -6,8 +6,8 @@ sequences of ``SHARES_SIM["length"]`` tokens drawn from the bigram model of ``j`
 router's own formula, ``routing_dume.ngram_log_probs``, with the routing's ``mu``; the first token
 from its unigram model). The held-out counts are used when there are (an honest estimate: that
 text is not in the tables), the fit counts otherwise (optimistic: the tables saw it). Each
-sequence is routed by the router's posterior (``posterior``: the routing's evidence scale and
-switch rates, as ``DumeNgramRouter.scores``) and every position's top-1 expert is counted. Seeded: the
+sequence is routed by the router's posterior (``routing_switch.sequence_scores``, which
+``DumeNgramRouter.scores`` uses too) and every position's top-1 expert is counted. Seeded: the
 same statistics give the same shares on every machine.
 
 A draw covers the tokens the generating counts saw (their unigram support); the rest of the
@@ -24,7 +24,7 @@ import torch
 from dume_dist.core.ngram import NgramStats, NgramTables, per_expert_counts
 from dume_dist.core.shares import shares_record
 from dume_dist.model.routing_dume import ngram_log_probs
-from dume_dist.model.routing_switch import fixed_share_posterior, switch_mixture_posterior
+from dume_dist.model.routing_switch import sequence_scores
 
 SHARES_SIM = {"sequences": 32, "length": 128, "seed": 0}
 
@@ -48,28 +48,16 @@ def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator) 
     return ids_BT
 
 
-def posterior(logp_BTE, real_BT, switch: float = 0.0, switch_rates=None, evidence_scale=1.0):
-    """The router's sequence posterior (unnormalised log) [B, T, E], as ``DumeNgramRouter.scores``
-    forms it: evidence scaled, then the mixture over switch rates, the fixed-share posterior or
-    the cumulative sum."""
-    logp_BTE = logp_BTE * evidence_scale
-    if switch_rates:
-        return switch_mixture_posterior(logp_BTE, real_BT, tuple(switch_rates)).logsumexp(dim=2)
-    if switch > 0:
-        return fixed_share_posterior(logp_BTE, real_BT, switch)
-    return logp_BTE.cumsum(dim=1)
-
-
 def top1_shares(tables: NgramTables, ids_BT: torch.Tensor, **routing) -> torch.Tensor:
     """``[E]``: the share of the positions of ``ids_BT`` whose top-1 expert is each expert
-    (``routing``: the keyword options of ``posterior``)."""
+    (``routing``: the keyword options of ``routing_switch.sequence_scores``)."""
     prev_BT = torch.cat([ids_BT[:, :1], ids_BT[:, :-1]], dim=1)
     has_prev = torch.ones_like(ids_BT, dtype=torch.bool)
     has_prev[:, 0] = False
     logp_EBT = ngram_log_probs(tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_BT,
                                ids_BT, has_prev, tables.mu, tables.alpha)  # fmt: skip
     real_BT = torch.ones_like(ids_BT, dtype=torch.bool)
-    post_BTE = posterior(logp_EBT.permute(1, 2, 0), real_BT, **routing)
+    post_BTE, _ = sequence_scores(logp_EBT.permute(1, 2, 0), real_BT, **routing)
     winners = post_BTE.argmax(dim=-1).flatten()
     return torch.bincount(winners, minlength=tables.unigram_EV.shape[0]).double() / winners.numel()
 

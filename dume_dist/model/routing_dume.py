@@ -40,6 +40,7 @@ from .routing_options import (
 )
 from .routing_switch import (  # noqa: F401  (re-exported)
     fixed_share_posterior,
+    sequence_scores,
     switch_mixture_posterior,
 )
 
@@ -287,21 +288,10 @@ class DumeNgramRouter(nn.Module):
             uni_EV, ctx_EV, big_EH, prev_BT, ids_BT, has_prev_BT, self.mu, self.alpha, denom_E1
         )
         logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
-        if self.evidence_scale != 1.0:
-            logp_BTE = logp_BTE * self.evidence_scale
-        new_state = {}
-        if self.switch_rates:  # posteriors of several switch rates, weighted by their evidence
-            carried = None if state is None else state["joint"]
-            joint_BTRE = switch_mixture_posterior(logp_BTE, real_BT, self.switch_rates, carried)
-            new_state["joint"] = joint_BTRE[:, -1]
-            cum_BTE = joint_BTRE.logsumexp(dim=2)
-        elif self.switch > 0:  # the fixed-share posterior: evidence before a switch fades
-            carried = None if state is None else state["cum"]
-            cum_BTE = fixed_share_posterior(logp_BTE, real_BT, self.switch, carried)
-        else:
-            cum_BTE = logp_BTE.cumsum(dim=1)
-            if state is not None:
-                cum_BTE = cum_BTE + state["cum"][:, None]
+        cum_BTE, new_state = sequence_scores(
+            logp_BTE, real_BT, switch=self.switch, switch_rates=self.switch_rates,
+            evidence_scale=self.evidence_scale, state=state,
+        )  # fmt: skip
         new_state |= {  # the sequence's last real token so far (the previous one of the next)
             "cum": cum_BTE[:, -1],
             "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev_BT[:, -1]),

@@ -71,6 +71,25 @@ def switch_mixture_posterior(
 _SCAN_BLOCK = 4  # positions per block of the scan (measured fastest on CPU at T = 256)
 
 
+def sequence_scores(logp_BTE, real_BT, *, switch: float = 0.0, switch_rates=None,
+                    evidence_scale: float = 1.0, state: dict | None = None):  # fmt: skip
+    """The n-gram router's scores [B, T, E] from each position's log-likelihoods: evidence scaled,
+    then the mixture over ``switch_rates``, the fixed-share posterior of ``switch``, or the
+    cumulative sum; with the carried ``state`` of a previous call (``cum``, ``joint``). Returns
+    the scores and what of the state this function carries (``joint``, for a mixture)."""
+    if evidence_scale != 1.0:
+        logp_BTE = logp_BTE * evidence_scale
+    if switch_rates:  # posteriors of several switch rates, weighted by their evidence
+        carried = None if state is None else state["joint"]
+        joint_BTRE = switch_mixture_posterior(logp_BTE, real_BT, tuple(switch_rates), carried)
+        return joint_BTRE.logsumexp(dim=2), {"joint": joint_BTRE[:, -1]}
+    if switch > 0:  # the fixed-share posterior: evidence before a switch fades
+        carried = None if state is None else state["cum"]
+        return fixed_share_posterior(logp_BTE, real_BT, switch, carried), {}
+    cum_BTE = logp_BTE.cumsum(dim=1)
+    return (cum_BTE if state is None else cum_BTE + state["cum"][:, None]), {}
+
+
 def _blocked_scan(step_TBREE: torch.Tensor, prior_BRE: torch.Tensor) -> torch.Tensor:
     """``step_t @ ... @ step_1 @ prior`` [T, B, R, E] (each position rescaled): prefix products
     within blocks of _SCAN_BLOCK positions, then across the blocks' totals, then each position's
