@@ -119,18 +119,7 @@ class LocalBackend:
             shutil.rmtree(top)
 
     def upload(self, local_path: str, key: str) -> tuple[str, int]:
-        final = self.path(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tmp_path_beside(final)
-        try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                result = copy_stream(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, final)
-        finally:
-            _remove_if_exists(tmp)
-        return result
+        return self._write_atomic(key, lambda src: src, local_path, 0)
 
     def download(self, key: str, local_path: str) -> tuple[str, int]:
         with open(self.path(key), "rb") as src, open(local_path, "wb") as dst:
@@ -140,13 +129,18 @@ class LocalBackend:
         return open(self.path(key), "rb")
 
     def upload_range(self, local_path: str, offset: int, size: int, key: str) -> tuple[str, int]:
+        return self._write_atomic(key, lambda src: _Limited(src, size), local_path, offset)
+
+    def _write_atomic(self, key: str, view, local_path: str, offset: int) -> tuple[str, int]:
+        """Copy ``view(local file from offset)`` to ``key`` through a temporary file beside it,
+        synced, then renamed into place: a reader sees the whole object or none."""
         final = self.path(key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = tmp_path_beside(final)
         try:
             with open(local_path, "rb") as src, open(tmp, "wb") as dst:
                 src.seek(offset)
-                result = copy_stream(_Limited(src, size), dst)
+                result = copy_stream(view(src), dst)
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, final)
