@@ -104,6 +104,19 @@ def test_switch_mixture_equals_averaged_filters_whole_and_in_pieces(rates):
         torch.testing.assert_close(joint[:, :, 0], fixed_share_posterior(logp, real, rates[0]))
 
 
+@pytest.mark.parametrize("length", [1, 2, 63, 300, 1100])
+def test_switch_mixture_scan_blocks_at_every_length(length):
+    """The scan's block size grows with the length (4 to 16 positions): every size, with a last
+    block cut short and padding inside blocks, equals the filters run position by position."""
+    g = torch.Generator().manual_seed(length)
+    rates = (0.0, 1e-3, 1e-1)
+    logp = torch.randn(2, length, 3, generator=g, dtype=torch.float64) * 4
+    real = torch.rand(2, length, generator=g) > 0.15
+    joint = switch_mixture_posterior(logp, real, rates)
+    reference = _averaged_filters_reference(logp, real, rates)
+    torch.testing.assert_close(joint.logsumexp(2), reference, rtol=0, atol=1e-9)
+
+
 def _switch_model(rate=0.05, k=1, seed=0, rates=None, scale=1.0):
     model = _ngram_model(k, seed=seed)
     ngram = model.config.routing["ngram"]

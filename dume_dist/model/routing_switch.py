@@ -49,26 +49,24 @@ def switch_mixture_posterior(
     ``diag(p_t) M_r`` come from a blocked log-depth scan, rescaled by one factor per position
     for all rates alike (their relative weights stay); one position (decoding) is one step."""
     batch, length, num = logp_BTE.shape
-    move_REE = _switch_matrices(rates, num, logp_BTE)
+    stay_R, off_R = _switch_rates(rates, num, logp_BTE)
     if state_BRE is None:
         state_BRE = logp_BTE.new_full((batch, len(rates), num), -math.log(num * len(rates)))
     prior_BRE = (state_BRE - state_BRE.amax(dim=(-2, -1), keepdim=True)).exp()
     p_BTE = (logp_BTE - logp_BTE.amax(dim=-1, keepdim=True)).exp()
     if length == 1:  # one decoding step: a_t = p_t * (M a_{t-1}), no scan
-        new_BRE = p_BTE[:, 0, None, :] * (move_REE @ prior_BRE[..., None]).squeeze(-1)
+        new_BRE = p_BTE[:, 0, None, :] * _moved(prior_BRE, stay_R[:, None], off_R[:, None], -1)
         post_BTRE = torch.where(real_BT[:, 0, None, None], new_BRE, prior_BRE)[:, None]
     else:
-        eye = torch.eye(num, dtype=p_BTE.dtype, device=p_BTE.device)
-        step_TBREE = torch.where(
-            real_BT.T[..., None, None, None], p_BTE.transpose(0, 1)[..., None, :, None] * move_REE,
-            eye,
-        )  # fmt: skip
-        post_BTRE = _blocked_scan(step_TBREE, prior_BRE).transpose(0, 1)
+        post_BTRE = _blocked_scan(p_BTE, real_BT, stay_R, off_R, prior_BRE)
     log_BTRE = post_BTRE.clamp_min(torch.finfo(post_BTRE.dtype).tiny).log()
     return log_BTRE - log_BTRE.logsumexp(dim=(-2, -1), keepdim=True)
 
 
-_SCAN_BLOCK = 4  # positions per block of the scan (measured fastest on CPU at T = 256)
+def _scan_block(length: int) -> int:
+    """Positions per block of the scan: about sqrt(T) / 2, from 4 to 16 (measured fastest on CPU
+    at T = 64, 256 and 4096)."""
+    return min(16, max(4, 1 << round(math.log2(max(length, 1)) / 2 - 1)))
 
 
 def sequence_scores(logp_BTE, real_BT, *, switch: float = 0.0, switch_rates=None,
@@ -90,26 +88,50 @@ def sequence_scores(logp_BTE, real_BT, *, switch: float = 0.0, switch_rates=None
     return (cum_BTE if state is None else cum_BTE + state["cum"][:, None]), {}
 
 
-def _blocked_scan(step_TBREE: torch.Tensor, prior_BRE: torch.Tensor) -> torch.Tensor:
-    """``step_t @ ... @ step_1 @ prior`` [T, B, R, E] (each position rescaled): prefix products
-    within blocks of _SCAN_BLOCK positions, then across the blocks' totals, then each position's
-    in-block product applied to the state entering its block."""
-    length, batch, rates, num = step_TBREE.shape[:4]
-    blocks = -(-length // _SCAN_BLOCK)
-    pad = blocks * _SCAN_BLOCK - length
+def _blocked_scan(p_BTE, real_BT, stay_R, off_R, prior_BRE) -> torch.Tensor:
+    """The filter's states [B, T, R, E] (each rescaled) from the positions' likelihoods
+    ``p_BTE``: each block of ``_scan_block(T)`` positions' product of steps ``diag(p_t) M_r``, a
+    log-depth prefix product across the blocks, then each block's positions stepped from the
+    state entering it. ``M_r = stay_r I + off_r J`` (J all ones), so a step never needs a matrix
+    product; padding is the identity step."""
+    batch, length, num = p_BTE.shape
+    size = _scan_block(length)
+    blocks = -(-length // size)
+    pad = blocks * size - length
     if pad:  # identity steps at the end
-        eye = torch.eye(num, dtype=step_TBREE.dtype, device=step_TBREE.device)
-        step_TBREE = torch.cat([step_TBREE, eye.expand(pad, *step_TBREE.shape[1:])])
-    step_CNREE = step_TBREE.reshape(blocks, _SCAN_BLOCK, batch, rates, num, num).transpose(0, 1)
-    within_CNREE = _prefix_products(
-        step_CNREE.reshape(_SCAN_BLOCK, blocks * batch, rates, num, num)
-    )
-    totals_KBREE = _prefix_products(within_CNREE[-1].view(blocks, batch, rates, num, num))
-    enter_KBRE1 = torch.cat([prior_BRE[None, ..., None], totals_KBREE[:-1] @ prior_BRE[..., None]])
-    enter_KBRE1 = enter_KBRE1 / enter_KBRE1.flatten(2).amax(-1)[..., None, None, None]
-    out_CNRE = (within_CNREE @ enter_KBRE1.view(1, blocks * batch, rates, num, 1)).squeeze(-1)
-    out_TBRE = out_CNRE.view(_SCAN_BLOCK, blocks, batch, rates, num).transpose(0, 1)
-    return out_TBRE.reshape(blocks * _SCAN_BLOCK, batch, rates, num)[:length]
+        p_BTE = torch.cat([p_BTE, p_BTE.new_ones(batch, pad, num)], 1)
+        real_BT = torch.cat([real_BT, real_BT.new_zeros(batch, pad)], 1)
+    p_CKBE = p_BTE.view(batch, blocks, size, num).permute(2, 1, 0, 3)
+    real_CKB = real_BT.view(batch, blocks, size).permute(2, 1, 0)
+    stay_R11, off_R11 = stay_R[:, None, None], off_R[:, None, None]
+    eye = torch.eye(num, dtype=p_BTE.dtype, device=p_BTE.device)
+    total_KBREE = eye.expand(blocks, batch, len(stay_R), num, num)
+    for c in range(size):  # the block's product so far, step_c @ ... @ step_1
+        new = p_CKBE[c, :, :, None, :, None] * _moved(total_KBREE, stay_R11, off_R11, -2)
+        total_KBREE = _rescaled(torch.where(real_CKB[c, ..., None, None, None], new, total_KBREE))
+    totals_KBREE = _prefix_products(total_KBREE)
+    state_KBRE = torch.cat([prior_BRE[None], (totals_KBREE[:-1] @ prior_BRE[..., None])[..., 0]])
+    state_KBRE = _rescaled(state_KBRE)
+    out = []
+    for c in range(size):  # each position's state: its step applied to the one before
+        new = p_CKBE[c, :, :, None, :] * _moved(state_KBRE, stay_R[:, None], off_R[:, None], -1)
+        state_KBRE = _rescaled(torch.where(real_CKB[c, ..., None, None], new, state_KBRE))
+        out.append(state_KBRE)
+    out_BKCRE = torch.stack(out, 2).transpose(0, 1)
+    return out_BKCRE.reshape(batch, blocks * size, len(stay_R), num)[:, :length]
+
+
+def _moved(a: torch.Tensor, stay: torch.Tensor, off: torch.Tensor, dim: int) -> torch.Tensor:
+    """``M a`` along ``dim`` (the experts' axis of a state or of a product's rows), for
+    ``M = stay I + off J`` (stay and off broadcast over the rates' axis)."""
+    return stay * a + off * a.sum(dim, keepdim=True)
+
+
+def _rescaled(a: torch.Tensor) -> torch.Tensor:
+    """``a`` divided by its largest entry over the rates and experts (the last two axes of a
+    state, the last three of a product): one factor for all rates alike."""
+    dims = (-2, -1) if a.dim() == 4 else (-3, -2, -1)
+    return a / a.amax(dim=dims, keepdim=True)
 
 
 def _prefix_products(step_TNREE: torch.Tensor) -> torch.Tensor:
@@ -125,15 +147,15 @@ def _prefix_products(step_TNREE: torch.Tensor) -> torch.Tensor:
     return step_TNREE
 
 
-def _switch_matrices(rates, num: int, like: torch.Tensor) -> torch.Tensor:
-    """[R, E, E]: 1 - rate on the diagonal, rate / (E - 1) elsewhere, for each rate (cached:
-    a decoding step would otherwise spend more on building them than on the filter)."""
-    return _cached_switch_matrices(tuple(float(r) for r in rates), num, like.dtype, like.device)
+def _switch_rates(rates, num: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stay`` [R] and ``off`` [R] of each rate's switch matrix ``M = stay I + off J``: 1 - rate
+    on the diagonal, rate / (E - 1) elsewhere (cached: a decoding step would otherwise spend more
+    on building them than on the filter)."""
+    return _cached_switch_rates(tuple(float(r) for r in rates), num, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_switch_matrices(rates, num, dtype, device) -> torch.Tensor:
+def _cached_switch_rates(rates, num, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     rate_R = torch.tensor(rates, dtype=dtype, device=device)
-    off_R = rate_R / max(num - 1, 1)
-    eye = torch.eye(num, dtype=dtype, device=device)
-    return off_R[:, None, None] * (1 - eye) + (1 - rate_R)[:, None, None] * eye
+    off_R = rate_R / (num - 1) if num > 1 else torch.zeros_like(rate_R)
+    return 1 - rate_R - off_R, off_R
