@@ -17,17 +17,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dume_dist.model import modeling_dume
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, DumeMoeBlock
 
 VOCAB = 96
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# Families whose causal LM does something after the decoder stack get values that make it show:
+# soft-capping (gemma2), logit scaling (cohere, granite), an LM-head bias (phi).
+FAMILY_EXTRAS = {
+    "gemma2": {"final_logit_softcapping": 1.5, "attn_logit_softcapping": 5.0},
+    "cohere": {"logit_scale": 0.25},
+    "granite": {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
+    "phi": {"partial_rotary_factor": 0.5},
+}
 
 
 def tiny_base_config(family: str = "llama", tie: bool = False):
-    return FAMILIES[family](
+    return AutoConfig.for_model(
+        family,
+        **FAMILY_EXTRAS.get(family, {}),
+        head_dim=8,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -83,7 +93,10 @@ def logits_of(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-FAMILY_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True)]
+FAMILY_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True)] + [
+    (family, False)
+    for family in ("mistral", "gemma2", "gemma3_text", "phi", "phi3", "cohere", "granite", "olmo2")
+]
 
 
 @pytest.mark.parametrize("family,tie", FAMILY_CASES)

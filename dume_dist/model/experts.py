@@ -27,6 +27,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Decoder layer types whose cache is the KV cache the routing state rides on.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # MLP tensor keys per dense family (HF names). A key that matches is routed into the MoE block as
@@ -298,7 +300,26 @@ def load_expert_spec(
     tok_hash = tokenizer_fingerprint(path, required=require_tokenizer)
     spec = ExpertSpec(name, path, config, tuple(files), index, tok_hash)
     _check_layers_have_mlps(spec)
+    _check_family_head(spec)
     return spec
+
+
+def _check_family_head(spec: ExpertSpec) -> None:
+    """Refuse a family whose causal LM holds weights beyond the stack and a linear LM head (the
+    DUME model could not carry them): checked on the meta device, nothing allocated."""
+    from dume_dist.model.modeling_dume import _family_causal_lm
+
+    kinds = set(getattr(spec.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if kinds:
+        raise ValueError(
+            f"expert {spec.name}: layers of type {sorted(kinds)} (model_type "
+            f"{spec.model_type!r}): DUME carries decoder stacks of attention layers only"
+        )
+    try:
+        _family_causal_lm(spec.config)
+    except (KeyError, ValueError) as exc:
+        reason = exc.args[0] if isinstance(exc, ValueError) else f"no causal LM class for {exc}"
+        raise ValueError(f"expert {spec.name}: {reason}") from None
 
 
 def _check_layers_have_mlps(spec: ExpertSpec) -> None:

@@ -74,9 +74,14 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MODEL_MAPPING, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_MAPPING,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_dume import DumeConfig as _DumeConfig
 from .configuration_dume import _is_int
@@ -96,13 +101,8 @@ from .routing_dume import (  # noqa: F401  (re-exported: the one definition stat
 )
 from .routing_options import ROUTING_FEATURES, ROUTING_SOLVERS  # noqa: F401
 
-# transformers renamed the KV cache argument and output field `past_key_values` -> `cache` (5.24);
-# this model accepts both and speaks to the family's base model in the name it knows.
-_OUTPUT_CACHE_FIELD = (
-    "cache"
-    if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
-    else "past_key_values"
-)
+# transformers renamed the KV cache argument `past_key_values` -> `cache` (5.24): this model
+# accepts both and speaks to the family's causal LM in the name it knows.
 
 DISPATCH_MODES = ("sparse", "all")
 CACHE_ATTR = "dume_routing"
@@ -270,6 +270,32 @@ class DumeMoeBlock(nn.Module):
         return out_BTD
 
 
+def _family_attention(base_cls, requested: str | None) -> str | None:
+    """The attention backend for the family's stack: the one resolved for this model, or eager
+    where the family has no SDPA kernel (as the family's own model would default to)."""
+    if requested == "sdpa" and not getattr(base_cls, "_supports_sdpa", False):
+        return "eager"
+    return requested
+
+
+def _family_causal_lm(base_config):
+    """The dense family's own causal-LM class instantiated on the meta device (nothing is
+    allocated), refused unless it is a decoder stack ``model`` and a linear ``lm_head`` and
+    nothing else that holds weights."""
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+    with torch.device("meta"):
+        dense = cls(base_config)
+    parts = sorted(name for name, _ in dense.named_children())
+    own = [n for n, _ in dense.named_parameters(recurse=False)]
+    own += [n for n, _ in dense.named_buffers(recurse=False)]
+    if parts != ["lm_head", "model"] or own or type(dense.lm_head) is not nn.Linear:
+        raise ValueError(
+            f"base_config.model_type={base_config.model_type!r}: {cls.__name__} holds "
+            f"{parts + own} where DUME carries a decoder stack `model` and a linear `lm_head`"
+        )
+    return dense
+
+
 class DumeForCausalLM(PreTrainedModel, GenerationMixin):
     """The dense family's decoder stack with one ``DumeMoeBlock`` per layer, plus an LM head."""
 
@@ -289,11 +315,13 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: DumeConfig):
         super().__init__(config)
         base_config = config.build_base_config()
-        # The dense stack must use the attention backend resolved for this model.
-        base_config._attn_implementation = config._attn_implementation
         # The family's base model class itself, not AutoModel.from_config: that one would re-apply
         # base_config's dtype and so override the dtype from_pretrained asked for.
-        self.model = MODEL_MAPPING[type(base_config)](base_config)
+        base_cls = MODEL_MAPPING[type(base_config)]
+        # The dense stack uses the attention backend resolved for this model, if it has it.
+        base_config._attn_implementation = _family_attention(base_cls, config._attn_implementation)
+        dense = _family_causal_lm(base_config)
+        self.model = base_cls(base_config)
         layers = getattr(self.model, "layers", None)
         if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
             raise ValueError(
@@ -325,11 +353,18 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             setattr(self, self.sequence_router_name, router)
             # Closed-form routers are cheap and their logit gaps can be small: keep them fp32.
             self._keep_in_fp32_modules_strict = ["mlp.router", self.sequence_router_name]
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(dense.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = base_config.vocab_size
-        self.lm_head = nn.Linear(base_config.hidden_size, base_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(
+            base_config.hidden_size, base_config.vocab_size, bias=dense.lm_head.bias is not None
+        )
         self.post_init()
+        # The family's own causal LM over these modules, not registered (its keys are ours): its
+        # forward applies what the family does after the stack (logit scaling, soft-capping, the
+        # loss), so the logits are the dense model's wherever the experts agree.
+        dense.model, dense.lm_head = self.model, self.lm_head
+        self.__dict__["_dense_lm"] = dense
 
     def moe_blocks(self) -> list[DumeMoeBlock]:
         blocks = getattr(self, "_moe_block_list", None)
@@ -398,12 +433,14 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             for block in self.moe_blocks():
                 block.routing_context = ctx
         try:
-            outputs = self.model(
+            outputs = self._dense_lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
+                labels=labels,
                 use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
                 **{self._cache_kwarg: past_key_values},
                 **kwargs,
             )
@@ -415,20 +452,7 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             routing_state["seen"] += (input_ids if input_ids is not None else inputs_embeds).shape[
                 1
             ]
-        hidden_BTD = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_BTD)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
-        )
+        return outputs
 
     def _sequence_scores(self, input_ids, ctx) -> None:
         """The sequence-level router's scores of the new positions into ``ctx`` (its running
