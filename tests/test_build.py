@@ -356,6 +356,23 @@ def test_write_is_atomic_and_refuses_overwrite(world, built, tmp_path, monkeypat
 # -- data and keys -------------------------------------------------------------------------------
 
 
+def _check_data_directories_and_encodings(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second\n\nthird\n")
+    (folder / "a.jsonl").write_text('{"text": "first"}\n')
+    (folder / "notes.md").write_text("not read")
+    assert load_domain_texts("d", [folder]) == ["first", "second", "third"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="data directory .*none has no .txt or .jsonl file"):
+        load_domain_texts("d", [tmp_path / "none"])
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_domain_texts("d", [tmp_path / "latin.txt"])
+    with pytest.raises(ValueError, match=r"notes.md must be .txt or .jsonl"):
+        load_domain_texts("d", [folder / "notes.md"])
+
+
 def test_data_batches_windows_and_shards(world, tmp_path):
     tok = world["tokenizer"]
     (tmp_path / "d.jsonl").write_text('{"text": "w1 w2 w3"}\n\n{"text": "w4 w5"}\n')
@@ -365,6 +382,7 @@ def test_data_batches_windows_and_shards(world, tmp_path):
         load_domain_texts("d", [tmp_path / "bad.jsonl"])
     texts = [" ".join(f"w{i}" for i in range(n)) for n in (10, 3, 7)]
     batches = list(token_batches(tok, texts, 2, seq_len=4, max_tokens_per_seq=3))
+    _check_data_directories_and_encodings(tmp_path)
     # windows of 4 → [3 kept] per window: doc 10 → 3 windows, doc 3 → 1, doc 7 → 2.
     seqs = [ids[m.bool()].tolist() for ids_BT, m_BT in batches for ids, m in zip(ids_BT, m_BT)]
     w = tok.convert_tokens_to_ids

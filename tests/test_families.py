@@ -66,10 +66,14 @@ def _family_world(root, family: str) -> tuple[dict, dict]:
     return experts, data
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "phi"])
-def test_forced_expert_of_a_built_checkpoint_is_the_dense_expert(tmp_path, family):
+@pytest.mark.parametrize(
+    "family,routing", [("gemma2", None), ("gemma2", "paper"), ("granite", None), ("phi", "context")]
+)
+def test_forced_expert_of_a_built_checkpoint_is_the_dense_expert(tmp_path, family, routing):
+    """The default routing (token ids) and the linear kinds (hidden states at each MLP's input,
+    collected on the family's own dense model)."""
     experts, data = _family_world(tmp_path, family)
-    build_dume(experts, data, tmp_path / "dume", progress=False)
+    build_dume(experts, data, tmp_path / "dume", routing=routing, progress=False)
     dume = AutoModelForCausalLM.from_pretrained(tmp_path / "dume", trust_remote_code=True).eval()
     assert dume.config.base_config["model_type"] == family
     ids = torch.randint(4, 244, (2, 11), generator=torch.Generator().manual_seed(0))

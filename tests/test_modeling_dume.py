@@ -24,9 +24,11 @@ from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, DumeMoeBl
 
 VOCAB = 96
 # Families whose causal LM does something after the decoder stack get values that make it show:
-# soft-capping (gemma2), logit scaling (cohere, granite), an LM-head bias (phi).
+# soft-capping (gemma2), logit scaling (cohere, granite), an LM-head bias (phi); sliding windows
+# shorter than the test sequences (gemma2, gemma3).
 FAMILY_EXTRAS = {
-    "gemma2": {"final_logit_softcapping": 1.5, "attn_logit_softcapping": 5.0},
+    "gemma2": {"final_logit_softcapping": 1.5, "attn_logit_softcapping": 5.0, "sliding_window": 4},
+    "gemma3_text": {"sliding_window": 4},
     "cohere": {"logit_scale": 0.25},
     "granite": {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
     "phi": {"partial_rotary_factor": 0.5},
@@ -233,9 +235,13 @@ def test_loss_is_shifted_cross_entropy():
     torch.testing.assert_close(out.loss, expected)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_greedy_generation_with_and_without_cache(k):
-    dume = dume_from_dense(dense_experts(tiny_base_config(), 3), num_experts_per_tok=k)
+@pytest.mark.parametrize(
+    "k,family", [(1, "llama"), (2, "llama"), (2, "gemma2"), (2, "gemma3_text")]
+)
+def test_greedy_generation_with_and_without_cache(k, family):
+    """Sliding-window layers (gemma2, gemma3) included: the cache is the family's own."""
+    config = tiny_base_config(family)
+    dume = dume_from_dense(dense_experts(config, 3), num_experts_per_tok=k)
     ids = random_ids(length=5)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
     cached = dume.generate(ids, use_cache=True, **kwargs)

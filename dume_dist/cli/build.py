@@ -176,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="router-statistics text of expert NAME (.txt or .jsonl); repeatable",
+        help="router-statistics text of expert NAME (.txt, .jsonl, or a directory of them); repeatable",
     )
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)

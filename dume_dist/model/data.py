@@ -1,7 +1,8 @@
 """Domain text: loading documents, batching tokens for statistics, windows for perplexity.
 
-Documents come from ``.txt`` files (documents separated by blank lines) or ``.jsonl`` files (one
-JSON object with a ``text`` field per line). Everything here is deterministic: the same texts and
+Documents come from ``.txt`` files (documents separated by blank lines), ``.jsonl`` files (one
+JSON object with a ``text`` field per line), or a directory of such files (its ``.txt`` and
+``.jsonl`` files, sorted by name, not recursing). Everything here is deterministic: the same texts and
 settings give the same batches, and ``shard`` splits work between workers without overlap.
 
 Shape legend: B batch, T sequence length.
@@ -20,22 +21,36 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call (the fast tokenizer batches in Rust)
 
 
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
 def read_documents(path: str | Path) -> list[str]:
-    """Non-empty documents of one ``.txt`` or ``.jsonl`` file."""
+    """Non-empty documents of one ``.txt`` or ``.jsonl`` file, or of a directory's such files."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise ValueError(f"data directory {path} has no .txt or .jsonl file")
+        return [doc for file in files for doc in read_documents(file)]
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"data file {path} must be .txt or .jsonl (or a directory of them)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"data file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start})"
+        ) from None
     if path.suffix == ".txt":
         docs = _BLANK_LINES.split(text.replace("\r\n", "\n"))
-    elif path.suffix == ".jsonl":
+    else:
         docs = [
             _jsonl_text(path, i, line)
             for i, line in enumerate(text.splitlines(), 1)
             if line.strip()
         ]
-    else:
-        raise ValueError(f"data file {path} must be .txt or .jsonl")
     return [d.strip() for d in docs if d.strip()]
 
 
