@@ -3,7 +3,8 @@
 Loads an ``ngram`` DUME build, replaces its sequence scores by the posterior of a config —
 ``rho=R`` (the fixed-share filter with switch rate R; 0: the cumulative naive Bayes), ``mix=R1,..``
 (the posterior averaged over those rates, ``switch_mixture_posterior``), with ``:beta=B`` (evidence
-weighted by B) and ``:clip=C`` appended as wanted — and measures single-domain ppl against the
+weighted by B) and ``:clip=C`` appended as wanted; several such posteriors pooled with fixed
+weights, ``A:w=0.8|B:w=0.2`` (scores = log of the weighted sum of their posteriors) — and measures single-domain ppl against the
 oracle, mixed-domain keep against the segment oracle, and how many tokens run a second expert.
 
 Run: python scripts/switch_proto.py MODEL_DIR NAME=VALID ... --config rho=0 mix=0,1e-3:beta=0.2
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -37,21 +39,35 @@ from dume_dist.model.tokenizer import load_tokenizer
 
 def parse_config(text: str) -> dict:
     """``rho=R`` (one rate), ``mix=R1,R2,...`` (the mixture over rates), with ``:beta=B``
-    (evidence tempered by B) and ``:clip=C`` (per-token evidence against an expert clipped at C
-    nats) optionally appended."""
-    out = {"rates": (0.0,), "beta": 1.0, "clip": None, "name": text}
+    (evidence tempered by B), ``:clip=C`` (per-token evidence against an expert clipped at C
+    nats) and ``:w=W`` (its weight in a pool) optionally appended; ``|`` separates the pooled
+    posteriors."""
+    return {"name": text, "parts": [_parse_part(p) for p in text.split("|")]}
+
+
+def _parse_part(text: str) -> dict:
+    out = {"rates": (0.0,), "beta": 1.0, "clip": None, "w": 1.0}
     for part in text.split(":"):
         key, value = part.split("=", 1)
         if key in ("rho", "mix"):
             out["rates"] = tuple(float(v) for v in value.split(","))
-        elif key in ("beta", "clip"):
+        elif key in ("beta", "clip", "w"):
             out[key] = float(value)
         else:
             raise ValueError(f"unknown config key {key!r}")
     return out
 
 
-def patch(model, rates, beta=1.0, clip=None):
+def _posterior(logp_BTE, real_BT, part, state):
+    """One pooled part's log posterior [B, T, E] and its carried joint."""
+    logp_BTE = logp_BTE * part["beta"]
+    if part["clip"] is not None:  # no token says more than `clip` nats against an expert
+        logp_BTE = (logp_BTE - logp_BTE.amax(-1, keepdim=True)).clamp_min(-part["clip"])
+    joint = switch_mixture_posterior(logp_BTE, real_BT, part["rates"], state)
+    return joint.logsumexp(dim=2), joint[:, -1]
+
+
+def patch(model, parts):
     router = model.ngram_router
 
     def scores(ids_BT, real_BT=None, state=None):
@@ -61,18 +77,21 @@ def patch(model, rates, beta=1.0, clip=None):
         logp = ngram_log_probs(
             uni, ctx, big, prev, ids_BT, has_prev, router.mu, router.alpha, denom
         )
-        logp_BTE = logp.permute(1, 2, 0) * beta
-        if clip is not None:  # no token says more than `clip` nats against an expert
-            logp_BTE = (logp_BTE - logp_BTE.amax(-1, keepdim=True)).clamp_min(-clip)
-        joint = switch_mixture_posterior(
-            logp_BTE, real_BT, rates, None if state is None else state["joint"]
-        )
+        logp_BTE = logp.permute(1, 2, 0)
+        posts, joints = [], []
+        for i, part in enumerate(parts):
+            post, joint = _posterior(
+                logp_BTE, real_BT, part, None if state is None else state["joints"][i]
+            )
+            posts.append(post + math.log(part["w"]))
+            joints.append(joint)
         new_state = {
-            "joint": joint[:, -1],
+            "joints": joints,
             "last": torch.where(real_BT[:, -1], ids_BT[:, -1], prev[:, -1]),
             "has_last": has_prev[:, -1] | real_BT[:, -1],
         }
-        post_BTE = joint.logsumexp(dim=2)
+        post_BTE = torch.stack(posts).logsumexp(0)
+        post_BTE = post_BTE - post_BTE.logsumexp(-1, keepdim=True)
         top2 = post_BTE.topk(2, dim=-1).values
         second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= model.config.routing["min_weight"]
         router.two_experts[0] += int(second[real_BT].sum())
@@ -110,7 +129,7 @@ def main():
     rows = []
     for config in map(parse_config, args.config):
         t0 = time.time()
-        patch(model, config["rates"], config["beta"], config["clip"])
+        patch(model, config["parts"])
         ppl = {d: r.ppl for d, r in evaluate_model(model, batches).items()}
         two = model.ngram_router.two_experts
         two_single = two[0] / two[1]

@@ -54,7 +54,12 @@ def test_default_build_is_follow_routing_chosen_on_held_out_statistics(world, tm
     assert config["routing"]["ngram"]["evidence_scale"] == 0.2
     assert manifest["routing"]["spec"]["preset"] == "follow"
     assert manifest["routing"]["selection"]["lam"] == manifest["routing"]["lam"]
-    assert "held-out tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out tokens" in printed and "warning" not in printed
+    assert all(0 < f < 0.01 for f in manifest["routing"]["bucket_fill"])  # of 2^22 buckets
+    # a table too small for its text is named, with a bucket count that fits it
+    assert main(_build_args(world, tmp_path / "small", "--ngram-buckets", "2")) == 0
+    assert "warning: expert alpha fills" in capsys.readouterr().out
     code = main(["build", *_build_args(world, tmp_path / "m", "--lam", "auto",
                                        "--format", "mixtral")[1:]])  # fmt: skip
     assert code == 0  # mixtral defaults to the paper's routing, λ chosen on held-out data

@@ -229,7 +229,7 @@ def _ngram_blob(pairs: bool) -> bytes:
 def test_mutated_ngram_counts_decode_or_refuse_in_one_line(changes, pairs, header_only):
     """The n-gram decoder and every check a coordinator runs on counts: a mutated blob decodes
     to counts that pass them, or is refused in one line."""
-    from dume_dist.core.ngram import NgramStats, check_count_values, ngram_layout
+    from dume_dist.core.ngram import BIGRAM_FORMS, NgramStats, check_count_values, ngram_layout
     from dume_dist.core.stats import MAX_TOKENS
 
     blob = _ngram_blob(pairs)
@@ -239,7 +239,8 @@ def test_mutated_ngram_counts_decode_or_refuse_in_one_line(changes, pairs, heade
         _, entries = parse_header(data)
         from dume_dist.core.header import check_layout
 
-        check_layout("statistics blob", entries, ngram_layout(4, 8, True), optional=("pairs",))
+        optional = ("pairs", *BIGRAM_FORMS)
+        check_layout("statistics blob", entries, ngram_layout(4, 8, True), optional=optional)
         stats = stats_from_bytes(data)
         assert isinstance(stats, NgramStats)
         stats.validate(vocab_size=4, buckets=8)

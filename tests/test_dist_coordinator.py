@@ -613,7 +613,7 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     registry = flow.status()["registry"]
     settings = registry["settings"]
     assert settings["routing"]["features"] == "ngram" and settings["lam"] == "auto"
-    assert settings["feature_map"] == "ngram:262144" and settings["routing"]["preset"] == "ngram"
+    assert settings["feature_map"] == "ngram:4194304" and settings["routing"]["preset"] == "ngram"
     assert registry["backbone"]["vocab_size"] == registry["backbone"]["semantic_config"]["vocab_size"]  # fmt: skip
     names = ("alpha", "beta", "gamma")
     flow.add(*names)
@@ -624,7 +624,7 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     for name in names:
         (entry,) = nodes[name]["stats"]
         (held,) = entry["holdout"]
-        assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:262144+curve"
+        assert held["smoothing"] == 0.0 and held["feature_map"] == "ngram:4194304+curve"
         stats = stats_from_bytes(BlobStore(flow.store, CURRENT.blobs).get_blob(entry["blob"]))
         assert isinstance(stats, NgramStats) and stats.pairs_K3 is None
 

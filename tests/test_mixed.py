@@ -123,8 +123,8 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     from dume_dist.bench.routing import DEFAULT_OPTIONS, markdown_table, run_routing_bench
 
     _, world = model_dir
-    # ngram, switch and follow share fit statistics; their held-out parts differ (switch auto
-    # needs the exact bigrams): each option gets what a contributor computes for it
+    # ngram, switch and follow share fit and held-out statistics (counts and the mu curve; switch
+    # auto simulates its text from the held-out counts): each gets what a contributor computes
     starts = ("switch", "ngram (", "follow")
     options = [DEFAULT_OPTIONS[0]] + [o for o in DEFAULT_OPTIONS if o[0].startswith(starts)]
     assert len(options) == 4
@@ -146,4 +146,4 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     assert "mixed keep" in markdown_table(result)
     held = {r["label"].split(" ")[0]: r["stats_bytes_per_contributor"]["holdout"]
             for r in result["options"]}  # fmt: skip
-    assert 0 < held["follow"] == held["ngram"] < held["switch"]  # no exact bigrams but switch's
+    assert 0 < held["follow"] == held["ngram"] == held["switch"]  # no option sends exact bigrams

@@ -287,6 +287,69 @@ def test_corrupt_ngram_blob_is_refused_with_one_line():
         stats_from_bytes(blob[: len(blob) // 2])
 
 
+def _blob_with(stats: NgramStats, **tensors) -> bytes:
+    """The blob of ``stats`` with its bigram tensors replaced by ``tensors``."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from dume_dist.model.kinds import read_metadata
+
+    blob = stats_to_bytes(stats)
+    kept = {k: v for k, v in st_load(blob).items() if not k.startswith("bigram")}
+    return st_save({**kept, **tensors}, metadata=read_metadata(blob))
+
+
+def test_bigram_counts_travel_sparse_and_dense_blobs_still_read():
+    from dume_dist.core.ngram import DEFAULT_BUCKETS
+
+    stats = _counts(_synthetic_corpus(0, 2, 0), buckets=DEFAULT_BUCKETS)
+    blob = stats_to_bytes(stats)
+    filled = int((stats.bigram_H > 0).sum())
+    assert len(blob) < 16 * filled + 16 * stats.vocab_size + 2048  # not the 32 MiB dense table
+    back = stats_from_bytes(blob)
+    assert torch.equal(back.bigram_H, stats.bigram_H) and back.feature_map == stats.feature_map
+    dense = _blob_with(stats, bigram=stats.bigram_H)  # what earlier versions wrote
+    assert torch.equal(stats_from_bytes(dense).bigram_H, stats.bigram_H)
+
+
+def _f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"bigram_index": torch.tensor([5, 3]), "bigram_count": _f64(1, 1)}, "increasing"),
+    ({"bigram_index": torch.tensor([3, 64]), "bigram_count": _f64(1, 1)}, r"in \[0, 64\)"),
+    ({"bigram_index": torch.tensor([3]), "bigram_count": _f64(0)}, "count positive"),
+    ({"bigram_index": torch.tensor([3])}, "needs either"),
+    ({"bigram": torch.zeros(64, dtype=torch.float64), "bigram_index": torch.tensor([3]),
+      "bigram_count": _f64(1)}, "needs either"),
+    ({"bigram_index": torch.tensor([3]), "bigram_count": torch.tensor([1.0])}, "float64"),
+    ({"bigram_index": torch.arange(65), "bigram_count": torch.ones(65, dtype=torch.float64)},
+     "one length <= 64"),
+])  # fmt: skip
+def test_hostile_sparse_bigram_counts_are_refused_with_one_line(tensors, match):
+    stats = _counts(_synthetic_corpus(0, 2, 0), buckets=64)
+    with pytest.raises(ValueError, match=match) as err:
+        stats_from_bytes(_blob_with(stats, **tensors))
+    assert "\n" not in str(err.value)
+    huge = _blob_with(stats.with_meta(feature_map="ngram:99999999999"),
+                      bigram_index=torch.tensor([0]), bigram_count=_f64(1))  # fmt: skip
+    with pytest.raises(ValueError, match="buckets, at most"):
+        stats_from_bytes(huge)  # refused before allocating the table it claims
+
+
+def test_default_buckets_agree_and_full_tables_are_named_with_a_bucket_count():
+    from dume_dist.core.ngram import DEFAULT_BUCKETS, MAX_BUCKETS, fill_warnings
+    from dume_dist.model.routing_options import NGRAM_OPTIONS
+
+    (option,) = [o for o in NGRAM_OPTIONS if o.name == "ngram_buckets"]
+    assert option.default == DEFAULT_BUCKETS == 1 << 22 and option.high == MAX_BUCKETS
+    (line,) = fill_warnings([0.05, 0.5], ["ok", "full"], 1 << 16)
+    # fill 0.5 of 2^16: about 45,426 distinct bigrams; 4x that is 181,704 -> 2^18
+    assert line.startswith("expert full fills 50% of its 65536") and line.endswith("262144")
+    assert fill_warnings([0.99999], ["x"], MAX_BUCKETS)[0].endswith(str(MAX_BUCKETS))
+
+
 # -- mu from held-out statistics ------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from dume_dist.core import dp
 from dume_dist.core.ngram import NgramStats
 from dume_dist.core.private import privatize
 from dume_dist.core.stats import GramAccumulator
+from dume_dist.model.routing import resolve_routing
 
 BUILD = dict(max_tokens_per_seq=16, seq_len=16, max_tokens=240, batch_size=4, progress=False)
 
@@ -225,7 +226,13 @@ def test_private_build_records_the_guarantee_and_floors_lambda(experts, tmp_path
     with pytest.raises(ValueError, match="--dp-unit token"):
         _build(experts, tmp_path / "t", dp=dp.DpSpec(8.0, 1e-5, unit="token"))
     with pytest.raises(ValueError, match="exact held-out bigrams"):
-        _build(experts, tmp_path / "n", routing="switch", dp=spec)  # switch auto: bigrams
+        _build(experts, tmp_path / "n", routing=resolve_routing("ngram", mu_criterion="bigrams"),
+               dp=spec)  # fmt: skip
+    # the switch rate is chosen on text simulated from the (private) held-out counts
+    switched = _build(experts, tmp_path / "s", routing="switch",
+                      dp=dp.DpSpec(8.0, 1e-5, unit="token"), dp_seed=3)  # fmt: skip
+    assert switched.routing.switch_selection.criterion == "switch_logloss"
+    assert switched.holdout_stats[0.0]["alpha"].pairs_K3 is None
     auto = _build(experts, tmp_path / "n1", routing="ngram", dp=dp.DpSpec(8.0, 1e-5, unit="token"),
                   dp_seed=2)  # fmt: skip
     g = auto.privacy["alpha"]
@@ -356,6 +363,12 @@ def test_default_ngram_join_sends_no_heldout_bigrams_and_exact_ones_need_the_fla
     assert "\n" not in str(err.value)
     sent = exact.join("alpha", send_heldout_bigrams=True)
     assert any("exact held-out bigrams" in o["what"] for o in sent["outbound"])
+    switch = Flow(str(tmp_path / "switch"), experts, tmp_path / "c",
+                  settings={**settings, "routing": "switch"})  # fmt: skip
+    switch.add("alpha")  # switch auto: chosen on text simulated from held-out counts
+    sent = switch.join("alpha", send_heldout_bigrams=False)
+    assert sent["status"] == "accepted"
+    assert not any("bigrams" in o["what"] for o in sent["outbound"] if o["what"].startswith("held"))
 
     # differential privacy: the curve is released privately (one more Gaussian release), the
     # exact bigrams never (refused before any statistics are computed, nothing registered)

@@ -361,6 +361,10 @@ def _print_build_summary(result) -> None:
                 f"{solved.selection.criterion})"
             )
         print(line)
+        from dume_dist.model.routing import routing_warnings
+
+        for warning in routing_warnings(result.manifest):
+            print(f"warning: {warning}")
 
 
 def run_eval(args) -> int:

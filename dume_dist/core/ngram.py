@@ -10,7 +10,14 @@ count vectors over the tokens of its data (the same windows and masks as the Gra
 
 They add across contributors and subtract exactly (integer counts in fp64), so joining and exact
 unlearning work as for the Gram statistics. The statistics identity ``feature_map`` is
-``"ngram:<H>"``; statistics of different identities never mix.
+``"ngram:<H>"``; statistics of different identities never mix. A blob stores the bigram counts
+sparse (``bigram_index``: the non-empty buckets, increasing; ``bigram_count``: their counts), so
+its size follows the distinct bigrams, not ``H``; blobs with the dense ``bigram`` vector of
+earlier versions still read.
+
+``H`` defaults to 2^22: collisions cost routing accuracy once a table's distinct bigrams pass
+about a third of its buckets (measured with 0.5-20M tokens per domain, docs/routing.md), and
+real contributors' text fills 2^18 buckets many times over.
 
 Held-out statistics (to choose the smoothing strength ``mu`` without moving data) are the same
 counts of the held-out slice plus its **held-out curve**: for every ``mu`` of the grid
@@ -18,8 +25,8 @@ counts of the held-out slice plus its **held-out curve**: for every ``mu`` of th
 contributor's own fit counts (``model.ngram_select.heldout_curve``), and the number of bigrams it
 scores (``curve_count_1``: the held-out bigram total; under differential privacy released with
 the curve, noisy). The curve is computed on the node, adds across contributors
-and releases a dozen numbers, not text. Only the exact criterion (``mu_criterion: bigrams``) or a
-switch rate ``auto`` needs ``pairs_K3``, the exact ``(previous id, id, count)`` bigrams of the
+and releases a dozen numbers, not text. Only the exact criterion (``mu_criterion: bigrams``)
+needs ``pairs_K3``, the exact ``(previous id, id, count)`` bigrams of the
 held-out slice, sorted: text fragments, sent only when the contributor says so. Identities:
 ``"ngram:<H>"`` (fit), ``"ngram:<H>+curve"`` and ``"ngram:<H>+curve+pairs"`` (held-out).
 
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -41,8 +48,10 @@ from dume_dist.core import dp
 from dume_dist.core.stats import check_same_backbone, parse_extra
 
 NGRAM_SCHEMA = "dume-ngram-stats/1"
-DEFAULT_BUCKETS = 1 << 18
+DEFAULT_BUCKETS = 1 << 22
+MAX_BUCKETS = 1 << 24  # 128 MiB of fp64 counts: the most a blob may make a reader allocate
 DEFAULT_ALPHA = 0.1
+BIGRAM_FORMS = ("bigram", "bigram_index", "bigram_count")  # a blob holds the first or the others
 
 
 def ngram_feature_map(buckets: int, pairs: bool = False, curve: bool = False) -> str:
@@ -243,9 +252,12 @@ def private_curve(counts: NgramStats, fit: NgramStats, held: NgramStats, heldout
 def ngram_layout(
     vocab_size: int, buckets: int, pairs: bool, curve_points: int | None = None
 ) -> dict[str, tuple[str, tuple]]:
-    """The safetensors tensors of an n-gram statistics blob (`ngram_to_bytes`); the number of
-    held-out bigrams is free (bounded by `check_count_values`)."""
+    """The safetensors tensors of an n-gram statistics blob (`ngram_to_bytes`): the bigram counts
+    sparse (``bigram_index``, ``bigram_count``: as many as non-empty buckets, at most ``buckets``,
+    checked on decoding) or dense (``bigram``, earlier versions); the number of held-out bigrams
+    is free (bounded by `check_count_values`)."""
     out = {"unigram": ("F64", (vocab_size,)), "context": ("F64", (vocab_size,)),
+           "bigram_index": ("I64", (None,)), "bigram_count": ("F64", (None,)),
            "bigram": ("F64", (buckets,))}  # fmt: skip
     if pairs:
         out["pairs"] = ("I64", (None, 3))
@@ -360,7 +372,9 @@ def coalesce_pairs(pairs_K3: torch.Tensor) -> torch.Tensor:
 
 
 def ngram_to_bytes(stats: NgramStats) -> bytes:
-    tensors = {"unigram": stats.unigram_V, "context": stats.context_V, "bigram": stats.bigram_H}
+    index_K = stats.bigram_H.nonzero().squeeze(1)
+    tensors = {"unigram": stats.unigram_V, "context": stats.context_V, "bigram_index": index_K,
+               "bigram_count": stats.bigram_H[index_K]}  # fmt: skip
     if stats.pairs_K3 is not None:
         tensors["pairs"] = stats.pairs_K3.contiguous()
     if stats.curve_M is not None:
@@ -377,13 +391,13 @@ def ngram_to_bytes(stats: NgramStats) -> bytes:
 
 
 def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> NgramStats:
-    missing = [k for k in ("unigram", "context", "bigram") if k not in tensors]
+    missing = [k for k in ("unigram", "context") if k not in tensors]
     if missing:
         raise ValueError(f"n-gram statistics blob lacks tensor {missing[0]!r}")
     stats = NgramStats(
         tensors["unigram"],
         tensors["context"],
-        tensors["bigram"],
+        _dense_bigrams(tensors, meta.get("feature_map", "")),
         feature_map=meta.get("feature_map", ""),
         backbone_fingerprint=meta.get("backbone_fingerprint", ""),
         expert_fingerprint=meta.get("expert_fingerprint", ""),
@@ -395,6 +409,57 @@ def ngram_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
     )
     stats.validate()
     return stats
+
+
+def _dense_bigrams(tensors: Mapping[str, torch.Tensor], feature_map: str) -> torch.Tensor:
+    """The bigram counts [H] of a blob: its dense vector, or its sparse pairs scattered into the
+    ``H`` buckets its identity names (non-empty buckets, increasing, each once)."""
+    sparse = [k for k in ("bigram_index", "bigram_count") if k in tensors]
+    if "bigram" in tensors and not sparse:
+        return tensors["bigram"]
+    if "bigram" in tensors or len(sparse) != 2:
+        raise ValueError("n-gram statistics blob needs either 'bigram' or both 'bigram_index' "
+                         "and 'bigram_count'")  # fmt: skip
+    head = feature_map.split("+")[0].split(":")
+    if len(head) != 2 or head[0] != "ngram" or not (head[1].isascii() and head[1].isdigit()):
+        raise ValueError(f"n-gram statistics have feature map {feature_map!r}, not 'ngram:<H>'")
+    buckets = int(head[1])
+    index_K, count_K = tensors["bigram_index"], tensors["bigram_count"]
+    if not 1 <= buckets <= MAX_BUCKETS:
+        raise ValueError(f"n-gram statistics claim {buckets} buckets, at most {MAX_BUCKETS}")
+    if index_K.dtype != torch.int64 or count_K.dtype != torch.float64:
+        raise ValueError("n-gram bigram_index must be int64 and bigram_count float64")
+    if index_K.dim() != 1 or index_K.shape != count_K.shape or len(index_K) > buckets:
+        raise ValueError(f"n-gram bigram_index and bigram_count must be 1-D, of one length <= {buckets}")  # fmt: skip
+    if len(index_K) and (index_K[0] < 0 or index_K[-1] >= buckets):
+        raise ValueError(f"n-gram bigram_index must be in [0, {buckets})")
+    if not (index_K[1:] > index_K[:-1]).all() or not (count_K > 0).all():
+        raise ValueError("n-gram bigram_index must be increasing, each count positive")
+    return torch.zeros(buckets, dtype=torch.float64).index_copy_(0, index_K, count_K)
+
+
+FILL_WARN = 0.3  # bucket fill beyond which collisions measurably cost routing (docs/routing.md)
+
+
+def bucket_fill(bigram_EH: torch.Tensor) -> list[float]:
+    """Each expert's share of non-empty buckets in the summed bigram table."""
+    return (bigram_EH > 0).double().mean(dim=1).tolist()
+
+
+def fill_warnings(fill: Sequence[float], names: Sequence[str], buckets: int) -> list[str]:
+    """One line per expert whose table is fuller than ``FILL_WARN``, with a bucket count of at
+    least 4x its distinct bigrams (estimated from the fill, ``n ≈ -H ln(1-f)``)."""
+    out = []
+    for name, f in zip(names, fill):
+        if f > FILL_WARN:
+            distinct = max(1.0, -buckets * math.log(max(1.0 - f, 1.0 / buckets)))
+            want = min(MAX_BUCKETS, 1 << max(0, math.ceil(math.log2(4 * distinct))))
+            out.append(
+                f"expert {name} fills {f:.0%} of its {buckets} n-gram buckets (about "
+                f"{distinct:,.0f} distinct bigrams): collisions cost routing accuracy; "
+                f"rebuild with --ngram-buckets {want}"
+            )
+    return out
 
 
 # -- solving and choosing mu ----------------------------------------------------------------

@@ -124,8 +124,8 @@ def check_heldout_policy(job: StatsJob, send_heldout_bigrams: bool, dp: dict | N
     if not send_heldout_bigrams:
         raise ValueError(
             f"this coordinator chooses its routing on {release}: pass --send-heldout-bigrams to "
-            "send them, or ask the operator for routing that needs none (e.g. --mu-criterion "
-            "likelihood, a fixed --switch)"
+            "send them, or ask the operator for routing that needs none (--mu-criterion "
+            "likelihood, or a fixed --mu)"
         )
 
 

@@ -398,10 +398,14 @@ class Coordinator:
         versions = (state or {}).get("versions") or []
         latest = versions[-1].get("version") if versions else None
         if latest:  # routing shares the latest version's solve estimated (docs/privacy.md)
+            from dume_dist.model.routing import routing_warnings
+
             try:
-                out["shares"] = self.versions.get_manifest(latest)["routing"].get("shares")
+                manifest = self.versions.get_manifest(latest)
+                out["shares"] = manifest["routing"].get("shares")
+                out["warnings"] = routing_warnings(manifest)
             except (KeyError, ValueError, OSError, TypeError, AttributeError):
-                out["shares"] = None
+                out["shares"], out["warnings"] = None, []
         return out
 
     def ping(self) -> str:

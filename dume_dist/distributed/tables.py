@@ -94,6 +94,8 @@ def print_status(status: dict) -> None:
         f"publication {'HELD' if registry['hold'] else 'automatic'}"
     )
     out.print(nodes_table(registry))
+    for warning in status.get("warnings") or []:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
     shares = status.get("shares")
     if shares:
         active = sorted(n for n, r in registry.get("nodes", {}).items() if r["state"] == "active")

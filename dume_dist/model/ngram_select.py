@@ -13,8 +13,8 @@ Two criteria (the routing option ``mu_criterion``):
   over experts of the per-bigram log-loss of the expert posterior (equal priors), i.e. how well
   single bigrams tell the domains apart (``select_mu``).
 
-The switch rate of the fixed-share posterior (``select_switch``) is chosen on the same held-out
-bigrams, drawn into simulated single-domain and switching sequences.
+The switch rate of the fixed-share posterior (``select_switch``) is chosen on sequences simulated
+from each expert's held-out counts (what a node sends by default), single-domain and switching.
 
 It lives in ``model`` rather than ``core`` because the formula belongs to the model file.
 """
@@ -28,6 +28,7 @@ import torch
 
 from dume_dist.core.ngram import DEFAULT_ALPHA, NgramStats, NgramTables, ngram_tables
 from dume_dist.core.select import Selection
+from dume_dist.model.ngram_shares import plain_counts, sequence_log_probs, simulate
 from dume_dist.model.routing_dume import fixed_share_posterior, ngram_log_probs
 
 DEFAULT_MU_GRID = tuple(10.0 ** (k / 2) for k in range(0, 9))  # 1 .. 1e4
@@ -173,28 +174,31 @@ def select_switch(
     """The switch rate of ``grid`` whose posterior (``fixed_share_posterior``) puts the least
     log-loss on the true expert along simulated sequences, and the curve (a ``Selection``).
 
-    No text moves: a simulated token is a bigram drawn, by its count, from one expert's
-    contributors' held-out bigrams, scored by ``tables``. Half the sequences stay in one
-    domain, half switch domain every ``SWITCH_SIM["segment"]`` tokens (to one not used yet,
-    while there is one), so the rate is paid for both by single-domain text and by switches.
-    Drawn independently, simulated bigrams are less bursty than text: the choice errs to the
-    larger rates. ``evidence_scale``: the router's weight on each token's log-likelihoods."""
+    No text moves: each stretch of a simulated sequence is a chain of tokens drawn from the
+    bigram model of one expert's contributors' held-out counts (``ngram_shares.simulate``, the
+    counts a node sends by default), scored by ``tables`` across the stretches' joins as text
+    would be. Half the sequences stay in one domain, half switch domain every
+    ``SWITCH_SIM["segment"]`` tokens (to one not used yet, while there is one), so the rate is
+    paid for both by single-domain text and by switches. A bigram chain is less bursty than
+    text (no topic within a domain): the choice errs to the larger rates. ``evidence_scale``:
+    the router's weight on each token's log-likelihoods."""
     grid = [float(r) for r in grid]
     if not grid or any(not 0 <= r < 0.5 for r in grid):
         raise ValueError(f"switch grid must be values in [0, 0.5), got {list(grid)}")
-    logp_KE, expert_K, weight_K = _heldout_bigrams(tables, heldout)
-    logp_KE = logp_KE * evidence_scale  # as the router weighs each token's evidence
-    present = sorted(set(expert_K.tolist()))
-    if len(present) < 2:
-        raise ValueError("choosing a switch rate needs held-out bigrams of two experts or more")
+    if num_experts < 2:
+        raise ValueError("choosing a switch rate needs held-out counts of two experts or more")
+    counts = plain_counts(heldout, num_experts)
     g = torch.Generator().manual_seed(SWITCH_SIM["seed"])
-    truth_BT = _simulated_domains(present, g)
-    logp_BTE = torch.empty(*truth_BT.shape, logp_KE.shape[1], dtype=torch.float64)
-    for j in present:
-        rows = (expert_K == j).nonzero().squeeze(1)
-        where = truth_BT == j
-        pick = torch.multinomial(weight_K[rows], int(where.sum()), replacement=True, generator=g)
-        logp_BTE[where] = logp_KE[rows[pick]]
+    truth_BT = _simulated_domains(list(range(num_experts)), g)
+    ids_BT = torch.empty_like(truth_BT)
+    runs = _runs(truth_BT)
+    for j in range(num_experts):
+        for length in sorted({n for row, start, n, e in runs if e == j}):
+            mine = [(row, start) for row, start, n, e in runs if e == j and n == length]
+            drawn = simulate(counts[j], tables.mu, tables.alpha, g, len(mine), length)
+            for (row, start), seq in zip(mine, drawn):
+                ids_BT[row, start : start + length] = seq
+    logp_BTE = sequence_log_probs(tables, ids_BT) * evidence_scale
     real_BT = torch.ones(truth_BT.shape, dtype=torch.bool)
     curve = []
     for rate in grid:
@@ -204,8 +208,20 @@ def select_switch(
     return Selection(
         lam=grid[best], smoothing=0.0, criterion="switch_logloss", lam_grid=grid,
         smoothing_grid=[0.0], curves={"switch_logloss": [curve]},
-        num_holdout_tokens=int(weight_K.sum()),
+        num_holdout_tokens=int(sum(c.num_tokens for c in counts)),
     )  # fmt: skip
+
+
+def _runs(truth_BT: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(row, start, length, expert)`` of every maximal stretch of one expert in each row."""
+    runs = []
+    for row, labels in enumerate(truth_BT.tolist()):
+        start = 0
+        for t in range(1, len(labels) + 1):
+            if t == len(labels) or labels[t] != labels[start]:
+                runs.append((row, start, t - start, labels[start]))
+                start = t
+    return runs
 
 
 def _heldout_bigrams(tables, heldout, mu: float | None = None):

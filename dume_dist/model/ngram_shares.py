@@ -29,9 +29,12 @@ from dume_dist.model.routing_switch import sequence_scores
 SHARES_SIM = {"sequences": 32, "length": 128, "seed": 0}
 
 
-def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator) -> torch.Tensor:
-    """``[B, T]`` token ids drawn from the bigram model of ``counts``."""
-    num, length = SHARES_SIM["sequences"], SHARES_SIM["length"]
+def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator,
+             num: int | None = None, length: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``[B, T]`` token ids drawn from the bigram model of ``counts`` (``num`` sequences of
+    ``length`` tokens; ``SHARES_SIM``'s when not given)."""
+    num = SHARES_SIM["sequences"] if num is None else num
+    length = SHARES_SIM["length"] if length is None else length
     support_S = (counts.unigram_V > 0).nonzero().squeeze(1)
     tables = (counts.unigram_V[None], counts.context_V[None], counts.bigram_H[None])
     first_S = counts.unigram_V[support_S] + alpha
@@ -48,16 +51,30 @@ def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator) 
     return ids_BT
 
 
-def top1_shares(tables: NgramTables, ids_BT: torch.Tensor, **routing) -> torch.Tensor:
-    """``[E]``: the share of the positions of ``ids_BT`` whose top-1 expert is each expert
-    (``routing``: the keyword options of ``routing_switch.sequence_scores``)."""
+def plain_counts(stats: Mapping[str, tuple[int, NgramStats]], num_experts: int) -> list:
+    """Each expert's summed counts (its contributors' held-out curves and bigrams left out)."""
+    plain = {n: (j, s.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None,
+                              feature_map=""))
+             for n, (j, s) in stats.items()}  # fmt: skip
+    return per_expert_counts(plain, num_experts)
+
+
+def sequence_log_probs(tables: NgramTables, ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, E]: each position's log-probability under every expert's bigram model given the
+    position before it (the first: the unigram model), as the router computes it."""
     prev_BT = torch.cat([ids_BT[:, :1], ids_BT[:, :-1]], dim=1)
     has_prev = torch.ones_like(ids_BT, dtype=torch.bool)
     has_prev[:, 0] = False
     logp_EBT = ngram_log_probs(tables.unigram_EV, tables.context_EV, tables.bigram_EH, prev_BT,
                                ids_BT, has_prev, tables.mu, tables.alpha)  # fmt: skip
+    return logp_EBT.permute(1, 2, 0)
+
+
+def top1_shares(tables: NgramTables, ids_BT: torch.Tensor, **routing) -> torch.Tensor:
+    """``[E]``: the share of the positions of ``ids_BT`` whose top-1 expert is each expert
+    (``routing``: the keyword options of ``routing_switch.sequence_scores``)."""
     real_BT = torch.ones_like(ids_BT, dtype=torch.bool)
-    post_BTE, _ = sequence_scores(logp_EBT.permute(1, 2, 0), real_BT, **routing)
+    post_BTE, _ = sequence_scores(sequence_log_probs(tables, ids_BT), real_BT, **routing)
     winners = post_BTE.argmax(dim=-1).flatten()
     return torch.bincount(winners, minlength=tables.unigram_EV.shape[0]).double() / winners.numel()
 
@@ -75,11 +92,7 @@ def ngram_routing_shares(
     expert."""
     if num_experts < 2:
         return None
-    source = heldout or fit
-    plain = {n: (j, s.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None,
-                              feature_map=""))
-             for n, (j, s) in source.items()}  # fmt: skip
-    counts = per_expert_counts(plain, num_experts)
+    counts = plain_counts(heldout or fit, num_experts)
     gen = torch.Generator().manual_seed(SHARES_SIM["seed"])
     share_EE = torch.stack(
         [top1_shares(tables, simulate(c, tables.mu, tables.alpha, gen), **routing) for c in counts]

@@ -307,3 +307,17 @@ def solve_routing(
     for part in parts:
         check_contributions(holdout[part], spec.holdout_feature_map(part), "held-out")
     return spec.router_kind.solve(spec, fit, num_experts, {p: holdout[p] for p in parts})
+
+
+def routing_warnings(manifest: Mapping) -> list[str]:
+    """What a checkpoint's manifest says its routing loses (one line each): n-gram tables whose
+    buckets are too full for their text (``core.ngram.fill_warnings``)."""
+    from dume_dist.core.ngram import fill_warnings
+
+    routing = manifest.get("routing") or {}
+    fill = routing.get("bucket_fill")
+    head = str(routing.get("feature_map", "")).split("+")[0].split(":")
+    if not fill or len(head) != 2 or not (head[1].isascii() and head[1].isdigit()):
+        return []
+    names = [e.get("name", str(j)) for j, e in enumerate(manifest.get("experts") or [])]
+    return fill_warnings(fill, names, int(head[1]))

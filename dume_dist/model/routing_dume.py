@@ -110,7 +110,7 @@ def ngram_log_probs(
         denom_E1 = unigram_EV.sum(dim=1, keepdim=True) + alpha * vocab
     denom = denom_E1.reshape(-1, *([1] * cur.dim()))
     q = (unigram_EV[:, cur] + alpha) / denom
-    c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])]
+    c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])].double()
     return torch.where(has_prev, (c + mu * q) / (context_EV[:, prev] + mu), q).log()
 
 
@@ -258,7 +258,9 @@ class DumeNgramRouter(nn.Module):
         self.bigram_counts = nn.Parameter(zeros(num_experts, self.buckets), requires_grad=False)
 
     def _tables(self):
-        """fp64 counts and the unigram denominators, cached until the counts change."""
+        """fp64 unigram and context counts, the bigram counts as stored (fp32 holds them exactly;
+        a gathered count meets fp64 in ``ngram_log_probs``, so no fp64 copy of the [E, buckets]
+        table is kept) and the unigram denominators, cached until the counts change."""
         key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
         if getattr(self, "_cache_key", None) != key:
             uni_EV = self.unigram_counts.double()
@@ -267,7 +269,7 @@ class DumeNgramRouter(nn.Module):
             self._cached = (
                 uni_EV,
                 self.context_counts.double(),
-                self.bigram_counts.double(),
+                self.bigram_counts.data,
                 denom_E1,
             )
             self._cache_key = key

@@ -164,8 +164,9 @@ LINEAR_OPTIONS = (
 # Sequence-level naive Bayes on hashed token bigrams (core/ngram, model/ngram_select).
 MAX_SWITCH_RATES = 8  # the posterior keeps (rates x experts) numbers per sequence
 NGRAM_OPTIONS = (
-    Option("ngram_buckets", "int", 1 << 18, "hash buckets of the n-gram router's bigram counts",
-           low=1),
+    Option("ngram_buckets", "int", 1 << 22, "hash buckets of the n-gram router's bigram counts "
+           "(about 3x the distinct bigrams of the largest expert's text or more)", low=1,
+           high=1 << 24),
     Option("ngram_alpha", "float", 0.1, "n-gram router's unigram smoothing α (> 0)",
            low=0.0, low_open=True, flag=False),
     Option("mu", "float", 100.0, "n-gram router's bigram smoothing μ (> 0), or 'auto'",

@@ -18,10 +18,12 @@ import torch
 
 from dume_dist.core.dp import capped_bincount
 from dume_dist.core.ngram import (
+    BIGRAM_FORMS,
     DEFAULT_ALPHA,
     NGRAM_SCHEMA,
     NgramStats,
     NgramTables,
+    bucket_fill,
     check_count_values,
     coalesce_pairs,
     ngram_feature_map,
@@ -203,7 +205,8 @@ class NgramKind(RouterKind):
         # held-out parts or not: the identity tells (checked after decoding)
         points = len(_mu_grid(spec)) if _sends_curve(spec) else None
         layout = ngram_layout(backbone.vocab_size, spec.ngram_buckets, True, points)
-        return layout, ("pairs", "curve", "curve_mu", "curve_count")
+        # the bigram counts sparse or dense (earlier versions): decoding wants one form
+        return layout, ("pairs", "curve", "curve_mu", "curve_count", *BIGRAM_FORMS)
 
     def validate(self, stats, spec, backbone: BackboneShape) -> None:
         stats.validate(vocab_size=backbone.vocab_size, buckets=spec.ngram_buckets)
@@ -229,8 +232,8 @@ class NgramKind(RouterKind):
         if spec.needs_holdout and _sends_pairs(spec):
             raise ValueError(
                 "differential privacy with ngram routing needs mu 'auto' by held-out likelihood "
-                "(--mu-criterion likelihood) or a fixed mu, and a fixed switch: exact held-out "
-                "bigrams are not released privately"
+                "(--mu-criterion likelihood) or a fixed mu: exact held-out bigrams are not "
+                "released privately"
             )
 
     def dp_mechanism_options(self, spec) -> dict:
@@ -281,7 +284,9 @@ class NgramKind(RouterKind):
             mu = selection.lam
         tables = ngram_tables(fit, num_experts, float(mu), spec.ngram_alpha)
         switch, switch_selection = spec.switch, None
-        if switch == "auto":
+        if switch == "auto" and num_experts < 2:  # one expert: every rate routes alike
+            switch = 0.0
+        elif switch == "auto":
             switch_selection = select_switch(
                 tables, holdout[0.0], num_experts, evidence_scale=spec.evidence_scale
             )
@@ -317,6 +322,7 @@ class NgramKind(RouterKind):
         selection = getattr(solved, "switch_selection", None)
         rates = getattr(solved, "switch_rates", None)
         return {"mu": solved.lam, "switch": getattr(solved, "switch", 0.0),
+                "bucket_fill": bucket_fill(solved.routers.bigram_EH),
                 "switch_rates": list(rates) if rates else None,
                 "evidence_scale": getattr(solved, "evidence_scale", 1.0),
                 "switch_selection": None if selection is None else selection.to_json()}  # fmt: skip
@@ -368,9 +374,9 @@ def _sends_curve(spec) -> bool:
 
 
 def _sends_pairs(spec) -> bool:
-    """Held-out statistics carry the exact held-out bigrams: μ chosen on them, or the switch
-    rate (``select_switch`` draws simulated text from them)."""
-    return (spec.mu == "auto" and spec.mu_criterion == "bigrams") or spec.switch == "auto"
+    """Held-out statistics carry the exact held-out bigrams: μ chosen on them (the switch rate
+    is chosen on text simulated from the held-out counts)."""
+    return spec.mu == "auto" and spec.mu_criterion == "bigrams"
 
 
 register_kind(NgramKind())
