@@ -97,7 +97,11 @@ def test_clipping_bounds_hold():
     assert torch.equal(clipped[small], x[small])
     ids = torch.tensor([5, 5, 5, 5, 5, 5, 1, 5, 5])
     unit = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1])
-    assert dp.capped_bincount(ids, unit, 8, 4).tolist() == [0, 1, 0, 0, 0, 6, 0, 0]
+    counts = torch.ones(8, dtype=torch.float64)
+    dp.add_capped_counts(counts, ids, unit, 4)
+    assert counts.tolist() == [1, 2, 1, 1, 1, 7, 1, 1]
+    dp.add_capped_counts(counts, ids, unit, None)  # uncapped: every entry counts
+    assert counts.tolist() == [1, 3, 1, 1, 1, 15, 1, 1]
     # a unit of T tokens with norms <= C moves a layer's Gram by at most the stated sensitivity
     feats = dp.clip_rows(torch.randn(4, 7, dtype=torch.float64) * 9, 2.0)
     acc = GramAccumulator(1, 7)

@@ -78,17 +78,20 @@ def clip_rows(feats_NF: torch.Tensor, clip: float) -> torch.Tensor:
     return (feats_NF.double() * scale_N1).to(feats_NF.dtype)
 
 
-def capped_bincount(
-    ids_K: torch.Tensor, unit_K: torch.Tensor, size: int, cap: int | None
-) -> torch.Tensor:
-    """``bincount(ids_K)`` (fp64) where each unit (``unit_K``: a unit index per entry) adds at most
-    ``cap`` to any one bin (None: uncapped)."""
-    if cap is None or ids_K.numel() == 0:
-        return torch.bincount(ids_K, minlength=size).double()
+def add_capped_counts(
+    target: torch.Tensor, ids_K: torch.Tensor, unit_K: torch.Tensor, cap: int | None
+) -> None:
+    """``target += bincount(ids_K)`` (fp64, in place, touching only the bins hit: a table of
+    millions of bins costs nothing per batch) where each unit (``unit_K``: a unit index per
+    entry) adds at most ``cap`` to any one bin (None: uncapped)."""
+    if ids_K.numel() == 0:
+        return
+    if cap is None:
+        target.index_add_(0, ids_K, torch.ones(ids_K.shape, dtype=target.dtype))
+        return
+    size = target.shape[0]
     keys, counts = torch.unique(unit_K.long() * size + ids_K.long(), return_counts=True)
-    return torch.zeros(size, dtype=torch.float64).index_add_(
-        0, keys % size, counts.clamp(max=cap).double()
-    )
+    target.index_add_(0, keys % size, counts.clamp(max=cap).to(target.dtype))
 
 
 def gram_sensitivity(clip: float, tokens_per_unit: int) -> tuple[float, float]:

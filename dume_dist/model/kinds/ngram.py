@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from dume_dist.core.dp import capped_bincount
+from dume_dist.core.dp import add_capped_counts
 from dume_dist.core.ngram import (
     BIGRAM_FORMS,
     DEFAULT_ALPHA,
@@ -78,10 +78,10 @@ class NgramCollector(Collector):
         # no sequence adds more than count_cap to one count (differential privacy, core.dp)
         row_BT = torch.arange(ids_BT.shape[0])[:, None].expand_as(ids_BT)
         row, pair_row, cap = row_BT[keep_BT], row_BT[pair_BT], self.count_cap
-        self.counts[:vocab] += capped_bincount(ids, row, vocab, cap)
-        self.counts[vocab : 2 * vocab] += capped_bincount(prev, pair_row, vocab, cap)
+        add_capped_counts(self.counts[:vocab], ids, row, cap)
+        add_capped_counts(self.counts[vocab : 2 * vocab], prev, pair_row, cap)
         bucket = ngram_bucket(prev, cur, self.buckets)
-        self.counts[2 * vocab :] += capped_bincount(bucket, pair_row, self.buckets, cap)
+        add_capped_counts(self.counts[2 * vocab :], bucket, pair_row, cap)
         if self.pairs:
             self.found.append(torch.stack([prev, cur, torch.ones_like(cur)], dim=1))
             if sum(len(f) for f in self.found) > _PAIRS_BEFORE_COALESCING:  # bound the memory
