@@ -182,8 +182,10 @@ def test_routing_settings_of_earlier_versions_read_as_before():
         "ngram": {"features": "ngram", "solver": "nb", "lam": "auto", "top_k": 2,
                   "holdout_fraction": 0.1, "min_weight": 0.05},
     }  # fmt: skip
-    # what each preset was then: `context` solved with the token counts as priors
-    then = {**PRESETS, "context": PRESETS["context"].replace(priors="tokens")}
+    # what each preset was then: `context` solved with the token counts as priors, `ngram` on
+    # 2^18 buckets (kept: the registry's statistics were counted so)
+    then = {**PRESETS, "context": PRESETS["context"].replace(priors="tokens"),
+            "ngram": PRESETS["ngram"].replace(ngram_buckets=262144)}  # fmt: skip
     for name, fields in older.items():
         spec = resolve_routing({**common, **fields, "preset": name})
         assert spec == then[name] and resolve_routing(spec.to_json()) == spec

@@ -420,10 +420,11 @@ def _dense_bigrams(tensors: Mapping[str, torch.Tensor], feature_map: str) -> tor
     if "bigram" in tensors or len(sparse) != 2:
         raise ValueError("n-gram statistics blob needs either 'bigram' or both 'bigram_index' "
                          "and 'bigram_count'")  # fmt: skip
-    head = feature_map.split("+")[0].split(":")
-    if len(head) != 2 or head[0] != "ngram" or not (head[1].isascii() and head[1].isdigit()):
+    head = feature_map.split("+")[0]
+    digits = head.removeprefix("ngram:")
+    if digits == head or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"n-gram statistics have feature map {feature_map!r}, not 'ngram:<H>'")
-    buckets = int(head[1])
+    buckets = int(digits)
     index_K, count_K = tensors["bigram_index"], tensors["bigram_count"]
     if not 1 <= buckets <= MAX_BUCKETS:
         raise ValueError(f"n-gram statistics claim {buckets} buckets, at most {MAX_BUCKETS}")

@@ -62,7 +62,8 @@ class RoutingSpec:
         named = router_kind.from_named(dict(named))
         declared = options_by_name(router_kind.options)
         for name, default in _foreign_defaults(router_kind).items():
-            if name not in declared and named.get(name, default) == default:
+            earlier = (default, *_EARLIER_DEFAULTS.get(name, ()))
+            if name not in declared and named.get(name, default) in earlier:
                 named.pop(name, None)  # earlier versions stored every kind's options
         unknown = sorted(set(named) - set(declared))
         if unknown:
@@ -144,6 +145,11 @@ class RoutingSpec:
 
     def __repr__(self) -> str:
         return f"RoutingSpec({', '.join(f'{k}={v!r}' for k, v in self.named().items())})"
+
+
+# Defaults of earlier versions, which stored them on every routing (n-gram buckets: 2^18 until
+# the default became 2^22).
+_EARLIER_DEFAULTS = {"ngram_buckets": (1 << 18,)}
 
 
 def _foreign_defaults(kind: RouterKind) -> dict:
