@@ -97,7 +97,17 @@ def logits_of(model, ids) -> torch.Tensor:
 
 FAMILY_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True)] + [
     (family, False)
-    for family in ("mistral", "gemma2", "gemma3_text", "phi", "phi3", "cohere", "granite", "olmo2")
+    for family in (
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi",
+        "phi3",
+        "cohere",
+        "granite",
+        "olmo2",
+    )
 ]
 
 
