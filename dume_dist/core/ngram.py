@@ -58,6 +58,14 @@ def ngram_feature_map(buckets: int, pairs: bool = False, curve: bool = False) ->
     return f"ngram:{int(buckets)}" + ("+curve" if curve else "") + ("+pairs" if pairs else "")
 
 
+def buckets_of(feature_map: str) -> int | None:
+    """``H`` of an n-gram identity ``"ngram:<H>[+...]"`` (``ngram_feature_map``); None for any
+    other string."""
+    head = str(feature_map).split("+")[0]
+    digits = head.removeprefix("ngram:")
+    return int(digits) if digits != head and digits.isascii() and digits.isdigit() else None
+
+
 MAX_CURVE_POINTS = 64
 
 
@@ -179,6 +187,11 @@ class NgramStats:
     def with_meta(self, **kwargs) -> NgramStats:
         return replace(self, **kwargs)
 
+    def counts_only(self) -> NgramStats:
+        """The three count vectors alone (held-out bigrams and curve dropped), identity anew."""
+        return self.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None,
+                              feature_map="")  # fmt: skip
+
     def privatized(self, held: dict, spec, *, tokens_per_unit: int, clip=None, gen,
                    heldout_curve=None):  # fmt: skip
         """Differential privacy of n-gram counts (``core.private.privatize``): the fit and each
@@ -211,9 +224,7 @@ class NgramStats:
         fit = noisy_ngram(self, z * sens["counts"], gen)
         noisy = {}
         for b, h in sorted(held.items()):
-            counts = noisy_ngram(h.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None,
-                                             curve_count_1=None, feature_map=""),
-                                 z * sens["counts"], gen)  # fmt: skip
+            counts = noisy_ngram(h.counts_only(), z * sens["counts"], gen)
             if b in curves:
                 counts = private_curve(counts, fit, h, heldout_curve, z * sens["curve"], gen)
             noisy[b] = dp.with_guarantee(counts, guarantee)
@@ -420,11 +431,9 @@ def _dense_bigrams(tensors: Mapping[str, torch.Tensor], feature_map: str) -> tor
     if "bigram" in tensors or len(sparse) != 2:
         raise ValueError("n-gram statistics blob needs either 'bigram' or both 'bigram_index' "
                          "and 'bigram_count'")  # fmt: skip
-    head = feature_map.split("+")[0]
-    digits = head.removeprefix("ngram:")
-    if digits == head or not (digits.isascii() and digits.isdigit()):
+    buckets = buckets_of(feature_map)
+    if buckets is None:
         raise ValueError(f"n-gram statistics have feature map {feature_map!r}, not 'ngram:<H>'")
-    buckets = int(digits)
     index_K, count_K = tensors["bigram_index"], tensors["bigram_count"]
     if not 1 <= buckets <= MAX_BUCKETS:
         raise ValueError(f"n-gram statistics claim {buckets} buckets, at most {MAX_BUCKETS}")

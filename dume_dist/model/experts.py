@@ -307,7 +307,7 @@ def load_expert_spec(
 def _check_family_head(spec: ExpertSpec) -> None:
     """Refuse a family whose causal LM holds weights beyond the stack and a linear LM head (the
     DUME model could not carry them): checked on the meta device, nothing allocated."""
-    from dume_dist.model.modeling_dume import _family_causal_lm
+    from dume_dist.model.modeling_dume import family_causal_lm
 
     kinds = set(getattr(spec.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
     if kinds:
@@ -316,7 +316,7 @@ def _check_family_head(spec: ExpertSpec) -> None:
             f"{spec.model_type!r}): DUME carries decoder stacks of attention layers only"
         )
     try:
-        _family_causal_lm(spec.config)
+        family_causal_lm(spec.config)
     except (KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, ValueError) else f"no causal LM class for {exc}"
         raise ValueError(f"expert {spec.name}: {reason}") from None

@@ -278,7 +278,7 @@ def _family_attention(base_cls, requested: str | None) -> str | None:
     return requested
 
 
-def _family_causal_lm(base_config):
+def family_causal_lm(base_config):
     """The dense family's own causal-LM class instantiated on the meta device (nothing is
     allocated), refused unless it is a decoder stack ``model`` and a linear ``lm_head`` and
     nothing else that holds weights."""
@@ -320,7 +320,7 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         base_cls = MODEL_MAPPING[type(base_config)]
         # The dense stack uses the attention backend resolved for this model, if it has it.
         base_config._attn_implementation = _family_attention(base_cls, config._attn_implementation)
-        dense = _family_causal_lm(base_config)
+        dense = family_causal_lm(base_config)
         self.model = base_cls(base_config)
         layers = getattr(self.model, "layers", None)
         if layers is None or not all(hasattr(layer, "mlp") for layer in layers):

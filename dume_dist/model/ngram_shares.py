@@ -53,10 +53,7 @@ def simulate(counts: NgramStats, mu: float, alpha: float, gen: torch.Generator,
 
 def plain_counts(stats: Mapping[str, tuple[int, NgramStats]], num_experts: int) -> list:
     """Each expert's summed counts (its contributors' held-out curves and bigrams left out)."""
-    plain = {n: (j, s.with_meta(pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None,
-                              feature_map=""))
-             for n, (j, s) in stats.items()}  # fmt: skip
-    return per_expert_counts(plain, num_experts)
+    return per_expert_counts({n: (j, s.counts_only()) for n, (j, s) in stats.items()}, num_experts)
 
 
 def sequence_log_probs(tables: NgramTables, ids_BT: torch.Tensor) -> torch.Tensor:

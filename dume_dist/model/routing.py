@@ -318,12 +318,11 @@ def solve_routing(
 def routing_warnings(manifest: Mapping) -> list[str]:
     """What a checkpoint's manifest says its routing loses (one line each): n-gram tables whose
     buckets are too full for their text (``core.ngram.fill_warnings``)."""
-    from dume_dist.core.ngram import fill_warnings
+    from dume_dist.core.ngram import buckets_of, fill_warnings
 
     routing = manifest.get("routing") or {}
-    fill = routing.get("bucket_fill")
-    head = str(routing.get("feature_map", "")).split("+")[0].split(":")
-    if not fill or len(head) != 2 or not (head[1].isascii() and head[1].isdigit()):
+    fill, buckets = routing.get("bucket_fill"), buckets_of(routing.get("feature_map", ""))
+    if not fill or buckets is None:
         return []
-    names = [e.get("name", str(j)) for j, e in enumerate(manifest.get("experts") or [])]
-    return fill_warnings(fill, names, int(head[1]))
+    experts = sorted(manifest.get("experts") or [], key=lambda e: e.get("index", 0))
+    return fill_warnings(fill, [e.get("name", "?") for e in experts], buckets)

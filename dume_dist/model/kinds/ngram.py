@@ -175,9 +175,7 @@ class NgramKind(RouterKind):
             check_switch_rates(spec.switch_rates, spec.switch, "routing option ")
 
     def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
-        return stats.with_meta(
-            pairs_K3=None, curve_M=None, curve_mu_M=None, curve_count_1=None, feature_map=""
-        )
+        return stats.counts_only()
 
     def heldout_for(self, spec, stats, part: float):  # what spec does not use dropped
         drop = {} if _sends_pairs(spec) else {"pairs_K3": None}
