@@ -101,9 +101,6 @@ from .routing_dume import (  # noqa: F401  (re-exported: the one definition stat
 )
 from .routing_options import ROUTING_FEATURES, ROUTING_SOLVERS  # noqa: F401
 
-# transformers renamed the KV cache argument `past_key_values` -> `cache` (5.24): this model
-# accepts both and speaks to the family's causal LM in the name it knows.
-
 DISPATCH_MODES = ("sparse", "all")
 CACHE_ATTR = "dume_routing"
 
@@ -353,6 +350,8 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             setattr(self, self.sequence_router_name, router)
             # Closed-form routers are cheap and their logit gaps can be small: keep them fp32.
             self._keep_in_fp32_modules_strict = ["mlp.router", self.sequence_router_name]
+        # transformers renamed the KV cache argument `past_key_values` -> `cache` (5.24): this
+        # model accepts both and speaks to the family's causal LM in the name it knows.
         params = inspect.signature(dense.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = base_config.vocab_size
