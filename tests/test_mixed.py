@@ -142,6 +142,10 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
             "after_switch",
         }
     assert result["settings"]["mixed"]["sequences"] == 4
+    # speed: every domain's batch timed, paired against the paper's run on the same input
+    assert len(result["settings"]["forward_batches"]) == len(world["data"])
+    assert result["options"][0]["forward_speed_vs_paper"] == 1.0
+    assert all(len(r["decode_seconds_runs"]) == len(world["data"]) for r in result["options"])
     assert result["mixed_delayed_oracle_keep"]["oracle, 4 tokens late"]["first_segment"] == 1.0
     assert "mixed keep" in markdown_table(result)
     held = {r["label"].split(" ")[0]: r["stats_bytes_per_contributor"]["holdout"]

@@ -246,6 +246,17 @@ def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
         resolve_routing("follow", switch="auto")
 
 
+def test_statistics_that_serve_follow_alone_choose_a_rate_instead():
+    # the routing bench collects once per identity for the widest spec: with `follow` the first
+    # n-gram option it used to ask for switch "auto" beside fixed switch_rates and stop
+    from dume_dist.bench.routing import _widest
+
+    wide = _widest([PRESETS["paper"], PRESETS["follow"]], 0.1)
+    ngram = wide[PRESETS["follow"].feature_map]
+    assert ngram.switch == "auto" and ngram.switch_rates is None and ngram.needs_holdout
+    assert ngram.feature_map == PRESETS["follow"].feature_map
+
+
 def test_removing_a_contributor_gives_the_solve_that_never_had_it(world_stats):
     _, result = world_stats
     spec = PRESETS["switch"]

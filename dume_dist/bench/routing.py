@@ -12,13 +12,17 @@ exactly what a build without held-out data would use: Grams add), an option with
 settings solves on the fit part and chooses on the held-out part. Every option's model is written
 with the real checkpoint writer and loaded back through ``trust_remote_code``.
 
-Timings: the fastest of ``repeats`` interleaved runs (options take turns, so load from other
-processes hits them alike; the fastest run is the one least disturbed), after a warm-up.
+Timings, after a warm-up: one batch of each domain's windows (a full forward without cache) and
+of prompts (cached greedy decoding), every model in turn on each, ``repeats`` times; an option's
+speed is the median over those runs of the paper's seconds over its own on the same input just
+before (pairs taken seconds apart, so drifts of the machine's speed hit both alike, and the
+median drops the disturbed pairs).
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -71,7 +75,7 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
     ("switch (ngram + switch rate auto, k=2, min weight 0.05)", PRESETS["switch"]),
     ("follow (ngram + mixture of switch rates 0, 1e-4, 1e-3, 1e-2, evidence x0.2, k=2, "
-     "min weight 0.05) = default", PRESETS["follow"]),
+     "min weight 0.1) = default", PRESETS["follow"]),
 ]  # fmt: skip
 
 
@@ -156,14 +160,16 @@ def _stats_bytes(option: RoutingSpec, stats, name) -> dict:
 
 
 def _timing_inputs(batches: Mapping, batch_size: int, prompt: int):
-    """One mixed batch of full windows (forward timing) and short prompts (decode timing)."""
-    rows = [
-        ids for d in batches for ids_BT, mask_BT in batches[d]()
-        for ids, mask in zip(ids_BT, mask_BT) if mask.all()
-    ]  # fmt: skip
-    pick = rows[:: max(1, len(rows) // batch_size)][:batch_size]
-    forward_BT = torch.stack(pick)
-    return forward_BT, forward_BT[: max(1, batch_size // 2), :prompt]
+    """Per domain, one batch of full windows (forward timing) and short prompts (decode timing):
+    the second expert runs more on some domains' text than on others'."""
+    forward, prompts = [], []
+    for d in batches:
+        rows = [ids for ids_BT, mask_BT in batches[d]() for ids, mask in zip(ids_BT, mask_BT)
+                if mask.all()][:batch_size]  # fmt: skip
+        if rows:
+            forward.append(torch.stack(rows))
+            prompts.append(forward[-1][: max(1, batch_size // 2), :prompt])
+    return forward, prompts
 
 
 def run_routing_bench(
@@ -205,7 +211,7 @@ def run_routing_bench(
         for d, p in valid.items()
     }
     batches = {d: (lambda b=b: b) for d, b in cached.items()}
-    forward_BT, prompt_BT = _timing_inputs(batches, batch_size, 32)
+    forward, prompts = _timing_inputs(batches, batch_size, 32)
     results = {"oracle_ppl": {}, "expert_ppl": {}, "options": []}
     models = []
     with tempfile.TemporaryDirectory(prefix="dume-bench-routing-") as tmp:
@@ -246,14 +252,7 @@ def run_routing_bench(
                     model, tokenizer, valid, mixed, results, device
                 )
             models.append(model)
-        _time_models(results["options"], models, forward_BT, prompt_BT, repeats, decode_tokens)
-    for r in results["options"]:
-        r["forward_speed_vs_paper"] = (
-            r["forward_tokens_per_s"] / results["options"][0]["forward_tokens_per_s"]
-        )
-        r["decode_speed_vs_paper"] = (
-            r["decode_tokens_per_s"] / results["options"][0]["decode_tokens_per_s"]
-        )
+        _time_models(results["options"], models, forward, prompts, repeats, decode_tokens)
     results["settings"] = {
         "experts": {n: str(p) for n, p in experts.items()},
         "holdout_fraction": holdout_fraction,
@@ -263,8 +262,8 @@ def run_routing_bench(
         "max_eval_tokens": max_eval_tokens,
         "batch_size": batch_size,
         "repeats": repeats,
-        "forward_batch": list(forward_BT.shape),
-        "decode": {"prompt": list(prompt_BT.shape), "new_tokens": decode_tokens},
+        "forward_batches": [list(b.shape) for b in forward],
+        "decode": {"prompts": [list(p.shape) for p in prompts], "new_tokens": decode_tokens},
         "threads": torch.get_num_threads(),
         "device": device,
         "torch": torch.__version__,
@@ -285,27 +284,33 @@ def run_routing_bench(
 
 
 @torch.inference_mode()
-def _time_models(rows, models, forward_BT, prompt_BT, repeats, decode_tokens) -> None:
+def _time_models(rows, models, forward, prompts, repeats, decode_tokens) -> None:
+    """Each input of each kind run by every model in turn (a warm-up first), ``repeats`` times:
+    tokens per second over all runs, and the speed against the paper's model (the first) as the
+    median, over runs, of the paper's seconds over the option's on the same input right before."""
     gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
                use_cache=True, pad_token_id=0)  # fmt: skip
     runs = {
-        "forward": lambda m: m(input_ids=forward_BT, use_cache=False),
-        "decode": lambda m: m.generate(prompt_BT, **gen),
-    }
-    times = {(k, i): [] for k in runs for i in range(len(models))}
-    for kind, fn in runs.items():
-        for model in models:
-            fn(model)  # warm-up
+        "forward": ([(lambda m, b=b: m(input_ids=b, use_cache=False)) for b in forward],
+                    sum(b.numel() for b in forward)),
+        "decode": ([(lambda m, p=p: m.generate(p, **gen)) for p in prompts],
+                   sum(p.shape[0] * decode_tokens for p in prompts)),
+    }  # fmt: skip
+    for kind, (fns, tokens) in runs.items():
+        for fn in fns:
+            for model in models:
+                fn(model)  # warm-up
+        times: list[list[float]] = [[] for _ in models]
         for _ in range(repeats):
-            for i, model in enumerate(models):
-                times[(kind, i)].append(_seconds(fn, model))
-    for i, row in enumerate(rows):
-        row["forward_tokens_per_s"] = forward_BT.numel() / min(times[("forward", i)])
-        row["decode_tokens_per_s"] = (prompt_BT.shape[0] * decode_tokens) / min(
-            times[("decode", i)]
-        )
-        row["forward_seconds_runs"] = times[("forward", i)]
-        row["decode_seconds_runs"] = times[("decode", i)]
+            for fn in fns:
+                for i, model in enumerate(models):
+                    times[i].append(_seconds(fn, model))
+        for i, row in enumerate(rows):
+            row[f"{kind}_tokens_per_s"] = tokens * repeats / sum(times[i])
+            row[f"{kind}_speed_vs_paper"] = statistics.median(
+                paper / mine for paper, mine in zip(times[0], times[i])
+            )
+            row[f"{kind}_seconds_runs"] = times[i]
 
 
 def best_option(rows: list[dict]) -> dict:

@@ -116,20 +116,27 @@ class DumeExperts(nn.ModuleList):
     def forward(
         self, hidden_ND: torch.Tensor, topk_index_NK: torch.Tensor, topk_weight_NK: torch.Tensor
     ) -> torch.Tensor:
-        num_tokens, k = topk_index_NK.shape
+        return self.run(hidden_ND, self.plan(topk_index_NK, topk_weight_NK))
+
+    def plan(self, topk_index_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> tuple:
+        """Which tokens each expert runs on: (token of each slot and its weight, sorted by
+        expert, and each expert's slot count). Layers that route alike share one plan."""
+        k = topk_index_NK.shape[1]
         flat_expert = topk_index_NK.reshape(-1)
         if k > 1:  # slots of weight 0 (pruned, see DumeMoeBlock._pruned) go to no expert
             flat_expert = torch.where(
                 topk_weight_NK.reshape(-1) > 0, flat_expert, torch.full_like(flat_expert, len(self))
             )
         order = flat_expert.argsort(stable=True)
-        token_of_slot = order // k
-        weight_of_slot = topk_weight_NK.reshape(-1)[order]
         # One host sync for the whole layer: how many (token, slot) pairs each expert got.
         counts = torch.bincount(flat_expert, minlength=len(self) + 1).tolist()[: len(self)]
+        return order // k, topk_weight_NK.reshape(-1)[order], counts
 
+    def run(self, hidden_ND: torch.Tensor, plan: tuple) -> torch.Tensor:
+        """Each expert on its tokens of ``plan``, weighted and summed per token (fp32)."""
+        token_of_slot, weight_of_slot, counts = plan
         out_ND = torch.zeros(
-            num_tokens, hidden_ND.shape[-1], dtype=torch.float32, device=hidden_ND.device
+            hidden_ND.shape[0], hidden_ND.shape[-1], dtype=torch.float32, device=hidden_ND.device
         )
         start = 0
         for j, count in enumerate(counts):
@@ -245,10 +252,20 @@ class DumeMoeBlock(nn.Module):
         topk_index_NK = topk_index_BTK.reshape(-1, self.top_k)
         topk_weight_NK = topk_weight_BTK.reshape(-1, self.top_k)
         if self.dispatch == "sparse":
-            out_ND = self.experts(hidden_ND, topk_index_NK, topk_weight_NK)
+            out_ND = self.experts.run(hidden_ND, self._plan(topk_index_NK, topk_weight_NK))
         else:
             out_ND = self.experts.forward_all(hidden_ND, topk_index_NK, topk_weight_NK)
         return out_ND.to(hidden_BTD.dtype).reshape(hidden_BTD.shape)
+
+    def _plan(self, topk_index_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> tuple:
+        """The experts' dispatch plan, made once per forward when every layer routes alike."""
+        ctx = self.routing_context
+        if self.router is not None or ctx is None:
+            return self.experts.plan(topk_index_NK, topk_weight_NK)
+        key = ("plan", self.top_k, self.temperature, self.min_weight)
+        if key not in ctx.shared_topk:
+            ctx.shared_topk[key] = self.experts.plan(topk_index_NK, topk_weight_NK)
+        return ctx.shared_topk[key]
 
     def _forward_forced(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         forced = self.forced_expert

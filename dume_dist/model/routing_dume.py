@@ -110,8 +110,13 @@ def ngram_log_probs(
         denom_E1 = unigram_EV.sum(dim=1, keepdim=True) + alpha * vocab
     denom = denom_E1.reshape(-1, *([1] * cur.dim()))
     q = (unigram_EV[:, cur] + alpha) / denom
+    return smoothed_log_probs(q, context_EV[:, prev] + mu, bigram_EH, prev, cur, has_prev, mu)
+
+
+def smoothed_log_probs(q, context_mu, bigram_EH, prev, cur, has_prev, mu: float) -> torch.Tensor:
+    """``ngram_log_probs`` from the gathered ``q_j(cur)`` and ``n_j(prev) + mu`` (fp64)."""
     c = bigram_EH[:, ngram_bucket(prev, cur, bigram_EH.shape[1])].double()
-    return torch.where(has_prev, (c + mu * q) / (context_EV[:, prev] + mu), q).log()
+    return torch.where(has_prev, (c + mu * q) / context_mu, q).log()
 
 
 def causal_features(
@@ -220,7 +225,8 @@ class RoutingContext:
         # [B, T, E] fp64: the sequence-level router's scores, which every layer routes with
         # (n-gram routing); None for per-layer routers.
         self.sequence_logits = sequence_logits
-        self.shared_topk: dict = {}  # (k, temperature) -> top-k of sequence_logits
+        # (k, temperature, min_weight) -> top-k of sequence_logits; ("plan", ...) -> the dispatch
+        self.shared_topk: dict = {}
 
 
 class DumeNgramRouter(nn.Module):
@@ -273,6 +279,8 @@ class DumeNgramRouter(nn.Module):
                 denom_E1,
             )
             self._cache_key = key
+            # the per-token parts of ngram_log_probs, elementwise as there: the same numbers
+            self._smoothing = ((uni_EV + self.alpha) / denom_E1, self._cached[1] + self.mu)
         return self._cached
 
     def scores(
@@ -282,13 +290,16 @@ class DumeNgramRouter(nn.Module):
         posterior of a switching chain (or of a mixture of them) — and the state after."""
         real_BT = _real_mask(ids_BT[..., None], real_BT)
         vocab = self.unigram_counts.shape[1]
-        if bool(((ids_BT < 0) | (ids_BT >= vocab)).any()):
+        low, high = torch.aminmax(ids_BT) if ids_BT.numel() else (0, 0)
+        if int(low) < 0 or int(high) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
-        uni_EV, ctx_EV, big_EH, denom_E1 = self._tables()
+        big_EH = self._tables()[2]
+        q_EV, context_mu_EV = self._smoothing
         prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
-        logp_EBT = ngram_log_probs(
-            uni_EV, ctx_EV, big_EH, prev_BT, ids_BT, has_prev_BT, self.mu, self.alpha, denom_E1
-        )
+        logp_EBT = smoothed_log_probs(
+            q_EV[:, ids_BT], context_mu_EV[:, prev_BT], big_EH, prev_BT, ids_BT, has_prev_BT,
+            self.mu,
+        )  # fmt: skip
         logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
         cum_BTE, new_state = sequence_scores(
             logp_BTE, real_BT, switch=self.switch, switch_rates=self.switch_rates,

@@ -48,6 +48,18 @@ def switch_mixture_posterior(
     Padding neither updates nor switches. The products of the per-position matrices
     ``diag(p_t) M_r`` come from a blocked log-depth scan, rescaled by one factor per position
     for all rates alike (their relative weights stay); one position (decoding) is one step."""
+    log_BTRE = _log(_mixture_filter(logp_BTE, real_BT, rates, state_BRE))
+    return log_BTRE - log_BTRE.logsumexp(dim=(-2, -1), keepdim=True)
+
+
+def _log(a: torch.Tensor) -> torch.Tensor:
+    """log of a non-negative tensor, 0 read as its dtype's smallest normal number."""
+    return a.clamp_min(torch.finfo(a.dtype).tiny).log()
+
+
+def _mixture_filter(logp_BTE, real_BT, rates, state_BRE) -> torch.Tensor:
+    """The joint filter's states [B, T, R, E] in linear space, each position's rescaled by one
+    factor (``switch_mixture_posterior`` before its log and normalisation)."""
     batch, length, num = logp_BTE.shape
     stay_R, off_R = _switch_rates(rates, num, logp_BTE)
     if state_BRE is None:
@@ -56,11 +68,8 @@ def switch_mixture_posterior(
     p_BTE = (logp_BTE - logp_BTE.amax(dim=-1, keepdim=True)).exp()
     if length == 1:  # one decoding step: a_t = p_t * (M a_{t-1}), no scan
         new_BRE = p_BTE[:, 0, None, :] * _moved(prior_BRE, stay_R[:, None], off_R[:, None], -1)
-        post_BTRE = torch.where(real_BT[:, 0, None, None], new_BRE, prior_BRE)[:, None]
-    else:
-        post_BTRE = _blocked_scan(p_BTE, real_BT, stay_R, off_R, prior_BRE)
-    log_BTRE = post_BTRE.clamp_min(torch.finfo(post_BTRE.dtype).tiny).log()
-    return log_BTRE - log_BTRE.logsumexp(dim=(-2, -1), keepdim=True)
+        return torch.where(real_BT[:, 0, None, None], new_BRE, prior_BRE)[:, None]
+    return _blocked_scan(p_BTE, real_BT, stay_R, off_R, prior_BRE)
 
 
 def _scan_block(length: int) -> int:
@@ -79,8 +88,13 @@ def sequence_scores(logp_BTE, real_BT, *, switch: float = 0.0, switch_rates=None
         logp_BTE = logp_BTE * evidence_scale
     if switch_rates:  # posteriors of several switch rates, weighted by their evidence
         carried = None if state is None else state["joint"]
-        joint_BTRE = switch_mixture_posterior(logp_BTE, real_BT, tuple(switch_rates), carried)
-        return joint_BTRE.logsumexp(dim=2), {"joint": joint_BTRE[:, -1]}
+        post_BTRE = _mixture_filter(logp_BTE, real_BT, tuple(switch_rates), carried)
+        marginal_BTE = post_BTRE.sum(dim=2)  # over the rates, in linear space
+        last_BRE = post_BTRE[:, -1]
+        return (
+            _log(marginal_BTE / marginal_BTE.sum(dim=-1, keepdim=True)),
+            {"joint": _log(last_BRE / last_BRE.sum(dim=(-2, -1), keepdim=True))},
+        )
     if switch > 0:  # the fixed-share posterior: evidence before a switch fades
         carried = None if state is None else state["cum"]
         return fixed_share_posterior(logp_BTE, real_BT, switch, carried), {}
@@ -92,33 +106,39 @@ def _blocked_scan(p_BTE, real_BT, stay_R, off_R, prior_BRE) -> torch.Tensor:
     """The filter's states [B, T, R, E] (each rescaled) from the positions' likelihoods
     ``p_BTE``: each block of ``_scan_block(T)`` positions' product of steps ``diag(p_t) M_r``, a
     log-depth prefix product across the blocks, then each block's positions stepped from the
-    state entering it. ``M_r = stay_r I + off_r J`` (J all ones), so a step never needs a matrix
-    product; padding is the identity step."""
+    state entering it. ``M_r = stay_r I + off_r J`` (J all ones), so a step is
+    ``a -> (p_t stay_r) a + (p_t off_r) sum(a)`` and never needs a matrix product; padding is the
+    identity step (1 and 0)."""
     batch, length, num = p_BTE.shape
+    rates = len(stay_R)
     size = _scan_block(length)
     blocks = -(-length // size)
+    real_BT11 = real_BT[..., None, None]
+    diag_BTRE = torch.where(real_BT11, p_BTE[:, :, None] * stay_R[:, None], 1.0)
+    ones_BTRE = torch.where(real_BT11, p_BTE[:, :, None] * off_R[:, None], 0.0)
     pad = blocks * size - length
     if pad:  # identity steps at the end
-        p_BTE = torch.cat([p_BTE, p_BTE.new_ones(batch, pad, num)], 1)
-        real_BT = torch.cat([real_BT, real_BT.new_zeros(batch, pad)], 1)
-    p_CKBE = p_BTE.view(batch, blocks, size, num).permute(2, 1, 0, 3)
-    real_CKB = real_BT.view(batch, blocks, size).permute(2, 1, 0)
-    stay_R11, off_R11 = stay_R[:, None, None], off_R[:, None, None]
+        diag_BTRE = torch.cat([diag_BTRE, diag_BTRE.new_ones(batch, pad, rates, num)], 1)
+        ones_BTRE = torch.cat([ones_BTRE, ones_BTRE.new_zeros(batch, pad, rates, num)], 1)
+    # [C, K, B, R, E]: position c of block k, contiguous so each step reads one slab
+    diag_CKBRE = diag_BTRE.view(batch, blocks, size, rates, num).permute(2, 1, 0, 3, 4).contiguous()
+    ones_CKBRE = ones_BTRE.view(batch, blocks, size, rates, num).permute(2, 1, 0, 3, 4).contiguous()
     eye = torch.eye(num, dtype=p_BTE.dtype, device=p_BTE.device)
-    total_KBREE = eye.expand(blocks, batch, len(stay_R), num, num)
-    for c in range(size):  # the block's product so far, step_c @ ... @ step_1
-        new = p_CKBE[c, :, :, None, :, None] * _moved(total_KBREE, stay_R11, off_R11, -2)
-        total_KBREE = _rescaled(torch.where(real_CKB[c, ..., None, None, None], new, total_KBREE))
+    total_KBREE = diag_CKBRE[0, ..., None] * eye + ones_CKBRE[0, ..., None]  # step 1 on I
+    for c in range(1, size):  # the block's product so far, step_c @ ... @ step_1
+        summed = total_KBREE.sum(dim=-2, keepdim=True)
+        total_KBREE = diag_CKBRE[c, ..., None] * total_KBREE + ones_CKBRE[c, ..., None] * summed
+        total_KBREE = _rescaled(total_KBREE)
     totals_KBREE = _prefix_products(total_KBREE)
     state_KBRE = torch.cat([prior_BRE[None], (totals_KBREE[:-1] @ prior_BRE[..., None])[..., 0]])
     state_KBRE = _rescaled(state_KBRE)
-    out = []
+    out_CKBRE = torch.empty_like(diag_CKBRE)
     for c in range(size):  # each position's state: its step applied to the one before
-        new = p_CKBE[c, :, :, None, :] * _moved(state_KBRE, stay_R[:, None], off_R[:, None], -1)
-        state_KBRE = _rescaled(torch.where(real_CKB[c, ..., None, None], new, state_KBRE))
-        out.append(state_KBRE)
-    out_BKCRE = torch.stack(out, 2).transpose(0, 1)
-    return out_BKCRE.reshape(batch, blocks * size, len(stay_R), num)[:, :length]
+        summed = state_KBRE.sum(dim=-1, keepdim=True)
+        state_KBRE = _rescaled(diag_CKBRE[c] * state_KBRE + ones_CKBRE[c] * summed)
+        out_CKBRE[c] = state_KBRE
+    out_BKCRE = out_CKBRE.permute(2, 1, 0, 3, 4)
+    return out_BKCRE.reshape(batch, blocks * size, rates, num)[:, :length]
 
 
 def _moved(a: torch.Tensor, stay: torch.Tensor, off: torch.Tensor, dim: int) -> torch.Tensor:

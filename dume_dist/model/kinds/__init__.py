@@ -142,7 +142,12 @@ class RouterKind:
         """A spec whose statistics serve every one of ``specs`` (same identity): everything
         that can be chosen on held-out statistics set to ``"auto"`` (benchmarks)."""
         autos = {o.name: AUTO for o in self.options if o.auto}
-        return specs[0].replace(**autos, holdout_fraction=max(specs[0].holdout_fraction, 0.1))
+        changes = autos | self.widest_changes(specs)
+        return specs[0].replace(**changes, holdout_fraction=max(specs[0].holdout_fraction, 0.1))
+
+    def widest_changes(self, specs) -> dict:
+        """What ``widest`` sets besides the options chosen "auto" (one ``replace``, checked once)."""
+        return {}
 
     def heldout_as_fit(self, stats):
         """Held-out statistics of part 0.0 as fit statistics (they add to them)."""

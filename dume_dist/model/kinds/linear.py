@@ -63,9 +63,10 @@ class LinearKind(RouterKind):
             return tuple(sorted(set(spec.smoothing_grid) | {0.0}))
         return (float(spec.smoothing),)
 
-    def widest(self, specs):
-        grid = tuple(sorted({0.0} | {b for s in specs for b in s.smoothing_grid}))
-        return super().widest(specs).replace(smoothing_grid=grid)
+    def widest_changes(self, specs) -> dict:
+        return {
+            "smoothing_grid": tuple(sorted({0.0} | {b for s in specs for b in s.smoothing_grid}))
+        }
 
     def identity(self, spec, part: float | None = None) -> str:
         part = float(part or 0.0)

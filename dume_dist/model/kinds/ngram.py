@@ -174,6 +174,9 @@ class NgramKind(RouterKind):
         if spec.switch_rates is not None:
             check_switch_rates(spec.switch_rates, spec.switch, "routing option ")
 
+    def widest_changes(self, specs) -> dict:  # switch "auto" collects what any rate choice needs
+        return {"switch_rates": None}
+
     def heldout_as_fit(self, stats):  # the exact bigrams and the curve dropped
         return stats.counts_only()
 
