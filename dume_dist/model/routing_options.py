@@ -223,7 +223,7 @@ def routing_option_names(extra_kinds=()) -> tuple[str, ...]:
 DEFAULT_HOLDOUT_FRACTION = 0.1
 FOLLOW_SWITCH_RATES = (0.0, 1e-4, 1e-3, 1e-2)
 FOLLOW_EVIDENCE_SCALE = 0.2
-# `follow`'s second expert runs where its weight is at least 0.1: against 0.05, 17-30% fewer
+# `follow`'s second expert runs where its weight is at least 0.1: against 0.05, 27-31% fewer
 # second-expert tokens for at most 0.001 of mixed-text keep (docs/routing.md, speed)
 FOLLOW_MIN_WEIGHT = 0.1
 
