@@ -27,7 +27,7 @@ from dume_dist.model.mixed import (
     mixed_batch,
     oracle_nll,
 )
-from dume_dist.model.routing_dume import _real_mask, previous_real_tokens
+from dume_dist.model.routing_dume import _real_mask, ngram_bucket, previous_real_tokens
 from dume_dist.model.routing_switch import switch_mixture_posterior
 from dume_dist.model.tokenizer import load_tokenizer
 
@@ -62,8 +62,8 @@ def h4(a, b, c, d):
     return (((a * P1 + b) * P2 + c) * P3 + d) % H
 
 
-def h2(a, b):
-    return (a * P1 + b) % H
+def h2(a, b):  # the router's own bigram hash
+    return ngram_bucket(a, b, H)
 
 
 def h3(a, b, c):

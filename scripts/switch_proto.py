@@ -1,6 +1,6 @@
 """Prototype: switching posteriors over the n-gram router's per-token evidence.
 
-Loads an ``ngram`` DUME build, replaces its sequence scores by the posterior of a config —
+Loads an ``ngram`` DUME build (of this version: it asks the router for ``log_probs``), replaces its sequence scores by the posterior of a config —
 ``rho=R`` (the fixed-share filter with switch rate R; 0: the cumulative naive Bayes), ``mix=R1,..``
 (the posterior averaged over those rates, ``switch_mixture_posterior``), with ``:beta=B`` (evidence
 weighted by B) and ``:clip=C`` appended as wanted; several such posteriors pooled with fixed
@@ -30,8 +30,6 @@ from dume_dist.model.mixed import (
 )
 from dume_dist.model.routing_dume import (
     _real_mask,
-    ngram_log_probs,
-    previous_real_tokens,
     switch_mixture_posterior,
 )
 from dume_dist.model.tokenizer import load_tokenizer
@@ -72,11 +70,7 @@ def patch(model, parts):
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
-        uni, ctx, big, denom = router._tables()
-        prev, has_prev = previous_real_tokens(ids_BT, real_BT, state)
-        logp = ngram_log_probs(
-            uni, ctx, big, prev, ids_BT, has_prev, router.mu, router.alpha, denom
-        )
+        logp, prev, has_prev = router.log_probs(ids_BT, real_BT, state)
         logp_BTE = logp.permute(1, 2, 0)
         posts, joints = [], []
         for i, part in enumerate(parts):

@@ -111,12 +111,8 @@ class DumeConfig(_DumeConfig):
 
 
 class DumeExperts(nn.ModuleList):
-    """The E dense MLPs of one layer; ``forward`` runs each chosen expert on its tokens only."""
-
-    def forward(
-        self, hidden_ND: torch.Tensor, topk_index_NK: torch.Tensor, topk_weight_NK: torch.Tensor
-    ) -> torch.Tensor:
-        return self.run(hidden_ND, self.plan(topk_index_NK, topk_weight_NK))
+    """The E dense MLPs of one layer; ``run`` runs each chosen expert on its tokens only (by a
+    ``plan``), ``forward_all`` every expert on every token."""
 
     def plan(self, topk_index_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> tuple:
         """Which tokens each expert runs on: (token of each slot and its weight, sorted by
@@ -234,12 +230,12 @@ class DumeMoeBlock(nn.Module):
                     f"{self.kind.name} routing needs the token ids: call DumeForCausalLM"
                 )
             key = (self.top_k, self.temperature, self.min_weight)
-            if key not in ctx.shared_topk:  # compute it once for all layers
+            if key not in ctx.shared:  # compute it once for all layers
                 logits_BTE = ctx.sequence_logits / self.temperature
                 topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
                 weight_BTK = self._pruned(topk_logit_BTK.softmax(dim=-1).float())
-                ctx.shared_topk[key] = (topk_index_BTK, weight_BTK)
-            return ctx.shared_topk[key]
+                ctx.shared[key] = (topk_index_BTK, weight_BTK)
+            return ctx.shared[key]
         return self._top_k(self.kind.layer_logits(self, hidden_BTD, ctx))
 
     def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
@@ -263,9 +259,9 @@ class DumeMoeBlock(nn.Module):
         if self.router is not None or ctx is None:
             return self.experts.plan(topk_index_NK, topk_weight_NK)
         key = ("plan", self.top_k, self.temperature, self.min_weight)
-        if key not in ctx.shared_topk:
-            ctx.shared_topk[key] = self.experts.plan(topk_index_NK, topk_weight_NK)
-        return ctx.shared_topk[key]
+        if key not in ctx.shared:
+            ctx.shared[key] = self.experts.plan(topk_index_NK, topk_weight_NK)
+        return ctx.shared[key]
 
     def _forward_forced(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         forced = self.forced_expert

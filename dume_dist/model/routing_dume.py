@@ -225,8 +225,9 @@ class RoutingContext:
         # [B, T, E] fp64: the sequence-level router's scores, which every layer routes with
         # (n-gram routing); None for per-layer routers.
         self.sequence_logits = sequence_logits
-        # (k, temperature, min_weight) -> top-k of sequence_logits; ("plan", ...) -> the dispatch
-        self.shared_topk: dict = {}
+        # what every layer shares when routing is sequence-level: (k, temperature, min_weight) ->
+        # top-k of sequence_logits; ("plan", ...) -> the experts' dispatch plan
+        self.shared: dict = {}
 
 
 class DumeNgramRouter(nn.Module):
@@ -264,24 +265,33 @@ class DumeNgramRouter(nn.Module):
         self.bigram_counts = nn.Parameter(zeros(num_experts, self.buckets), requires_grad=False)
 
     def _tables(self):
-        """fp64 unigram and context counts, the bigram counts as stored (fp32 holds them exactly;
-        a gathered count meets fp64 in ``ngram_log_probs``, so no fp64 copy of the [E, buckets]
-        table is kept) and the unigram denominators, cached until the counts change."""
+        """``q_j(v)`` and ``n_j(v) + mu`` (fp64, elementwise as in ``ngram_log_probs``: the same
+        numbers) and the bigram counts as stored (fp32 holds them exactly; a gathered count meets
+        fp64 in ``smoothed_log_probs``, so no fp64 copy of the [E, buckets] table is kept),
+        cached until the counts change."""
         key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
         if getattr(self, "_cache_key", None) != key:
             uni_EV = self.unigram_counts.double()
-            vocab = uni_EV.shape[1]
-            denom_E1 = uni_EV.sum(dim=1, keepdim=True) + self.alpha * vocab
-            self._cached = (
-                uni_EV,
-                self.context_counts.double(),
-                self.bigram_counts.data,
-                denom_E1,
-            )
+            denom_E1 = uni_EV.sum(dim=1, keepdim=True) + self.alpha * uni_EV.shape[1]
+            q_EV = (uni_EV + self.alpha) / denom_E1
+            self._cached = (q_EV, self.context_counts.double() + self.mu, self.bigram_counts.data)
             self._cache_key = key
-            # the per-token parts of ngram_log_probs, elementwise as there: the same numbers
-            self._smoothing = ((uni_EV + self.alpha) / denom_E1, self._cached[1] + self.mu)
         return self._cached
+
+    def log_probs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, state: dict | None = None):
+        """``log p_j(v_t | v_{t-1})`` [E, B, T] of every position (``ngram_log_probs``), and each
+        position's previous real token and whether it has one (``previous_real_tokens``)."""
+        vocab = self.unigram_counts.shape[1]
+        low, high = torch.aminmax(ids_BT) if ids_BT.numel() else (0, 0)
+        if int(low) < 0 or int(high) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
+        q_EV, context_mu_EV, big_EH = self._tables()
+        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
+        logp_EBT = smoothed_log_probs(
+            q_EV[:, ids_BT], context_mu_EV[:, prev_BT], big_EH, prev_BT, ids_BT, has_prev_BT,
+            self.mu,
+        )  # fmt: skip
+        return logp_EBT, prev_BT, has_prev_BT
 
     def scores(
         self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
@@ -289,17 +299,7 @@ class DumeNgramRouter(nn.Module):
         """Scores [B, T, E] (fp64) of every position — cumulative log-likelihoods, or the log
         posterior of a switching chain (or of a mixture of them) — and the state after."""
         real_BT = _real_mask(ids_BT[..., None], real_BT)
-        vocab = self.unigram_counts.shape[1]
-        low, high = torch.aminmax(ids_BT) if ids_BT.numel() else (0, 0)
-        if int(low) < 0 or int(high) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}) for n-gram routing")
-        big_EH = self._tables()[2]
-        q_EV, context_mu_EV = self._smoothing
-        prev_BT, has_prev_BT = previous_real_tokens(ids_BT, real_BT, state)
-        logp_EBT = smoothed_log_probs(
-            q_EV[:, ids_BT], context_mu_EV[:, prev_BT], big_EH, prev_BT, ids_BT, has_prev_BT,
-            self.mu,
-        )  # fmt: skip
+        logp_EBT, prev_BT, has_prev_BT = self.log_probs(ids_BT, real_BT, state)
         logp_BTE = logp_EBT.permute(1, 2, 0) * real_BT[..., None]
         cum_BTE, new_state = sequence_scores(
             logp_BTE, real_BT, switch=self.switch, switch_rates=self.switch_rates,
