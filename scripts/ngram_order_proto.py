@@ -17,16 +17,10 @@ import json
 import time
 
 import torch
+from proto_bench import ProtoBench
 
-from dume_dist.model.data import eval_windows, load_texts
-from dume_dist.model.evaluate import evaluate_model, load_causal_lm
-from dume_dist.model.mixed import (
-    MixedSettings,
-    domain_streams,
-    evaluate_mixed,
-    mixed_batch,
-    oracle_nll,
-)
+from dume_dist.model.data import load_texts
+from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import _real_mask, ngram_bucket, previous_real_tokens
 from dume_dist.model.routing_switch import switch_mixture_posterior
 from dume_dist.model.tokenizer import load_tokenizer
@@ -141,14 +135,7 @@ def patch(cfg):
     router.two = [0, 0]
 
 
-data = {n: [paths[n][1]] for n in names}
-cached = {d: list(eval_windows(tok, load_texts(p), 256, 8, 8192)) for d, p in data.items()}
-batches = {d: (lambda b=b: b) for d, b in cached.items()}
-forced = {d: order.index(d) for d in names}
-oracle = {d: r.ppl for d, r in evaluate_model(model, batches, forced=forced).items()}
-settings = MixedSettings(sequences=32, delays=(4,))
-mb = mixed_batch(domain_streams(tok, data), settings)
-onll = oracle_nll(model, mb, settings)
+bench = ProtoBench.prepare(model, tok, {n: [paths[n][1]] for n in names}, 8192, 32)
 rows = []
 for c in configs:
     kv = dict(x.split("=") for x in c.split(":"))
@@ -160,15 +147,13 @@ for c in configs:
     }
     t0 = time.time()
     patch(cfg)
-    ppl = {d: r.ppl for d, r in evaluate_model(model, batches).items()}
+    keep = bench.single(model)
     two = model.ngram_router.two[0] / model.ngram_router.two[1]
-    keep = {d: oracle[d] / ppl[d] for d in ppl}
-    mixed = evaluate_mixed(model, mb, settings, oracle=onll)
     row = {
         "config": c,
         "keep": keep,
         "worst": min(keep.values()),
-        "mixed": mixed["keep"]["routing"],
+        "mixed": bench.mixed_keeps(model)["routing"],
         "two": two,
     }
     rows.append(row)

@@ -34,16 +34,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from proto_bench import ProtoBench
 
-from dume_dist.model.data import eval_windows, load_texts
-from dume_dist.model.evaluate import evaluate_model, load_causal_lm
-from dume_dist.model.mixed import (
-    MixedSettings,
-    domain_streams,
-    evaluate_mixed,
-    mixed_batch,
-    oracle_nll,
-)
+from dume_dist.model.data import load_texts
+from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import _real_mask, ngram_bucket, previous_real_tokens
 from dume_dist.model.tokenizer import load_tokenizer
 
@@ -257,33 +251,22 @@ def main():
     mu = float(model.ngram_router.mu)
     comps = Components(tok, order, {n: paths[n][0] for n in order}, vocab, mu, args.chunk, args.em)
     valid = {n: [paths[n][1]] for n in paths}
-    windows = {
-        d: list(eval_windows(tok, load_texts(p), 256, 8, args.tokens)) for d, p in valid.items()
-    }
-    batches = {d: (lambda b=b: b) for d, b in windows.items()}
-    forced = {d: order.index(d) for d in paths}
-    oracle = {d: r.ppl for d, r in evaluate_model(model, batches, forced=forced).items()}
-    settings = MixedSettings(sequences=args.sequences, delays=(4,))
-    mixed_seqs = mixed_batch(domain_streams(tok, valid), settings)
-    oracle_mixed = oracle_nll(model, mixed_seqs, settings)
+    bench = ProtoBench.prepare(model, tok, valid, args.tokens, args.sequences)
     rows = []
     for text in args.config:
         cfg, counter, t0 = parse_config(text, mu), [0, 0], time.time()
         install(model, comps, cfg, counter)
-        ppl = {d: r.ppl for d, r in evaluate_model(model, batches).items()}
-        keep = {d: oracle[d] / ppl[d] for d in ppl}
+        keep = bench.single(model)
         row = {
             "config": text,
             "mu": mu,
             "keep": keep,
             "worst": min(keep.values()),
             "two_experts": counter[0] / max(counter[1], 1),
-            "mixed": evaluate_mixed(model, mixed_seqs, settings, oracle=oracle_mixed)["keep"][
-                "routing"
-            ],
+            "mixed": bench.mixed_keeps(model)["routing"],
         }
         if args.attribution:
-            row["attribution"] = {d: attribution(model, order, d, windows[d]) for d in paths}
+            row["attribution"] = {d: attribution(model, order, d, bench.windows[d]) for d in paths}
         rows.append(row)
         shown = {k: round(v, 4) for k, v in keep.items()}
         mixed = {k: round(v, 3) for k, v in row["mixed"].items()}

@@ -18,16 +18,9 @@ import math
 import time
 
 import torch
+from proto_bench import ProtoBench
 
-from dume_dist.model.data import eval_windows, load_texts
-from dume_dist.model.evaluate import evaluate_model, load_causal_lm
-from dume_dist.model.mixed import (
-    MixedSettings,
-    domain_streams,
-    evaluate_mixed,
-    mixed_batch,
-    oracle_nll,
-)
+from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import (
     _real_mask,
     switch_mixture_posterior,
@@ -110,31 +103,21 @@ def main():
     data = {k: [v] for k, v in data.items()}
     tok = load_tokenizer(args.model, trust_remote_code=True)
     model = load_causal_lm(args.model)
-    names = list(model.config.expert_names)
-    cached = {
-        d: list(eval_windows(tok, load_texts(p), 256, 8, args.eval_tokens)) for d, p in data.items()
-    }
-    batches = {d: (lambda b=b: b) for d, b in cached.items()}
-    forced = {d: names.index(d) for d in data}
-    oracle = {d: r.ppl for d, r in evaluate_model(model, batches, forced=forced).items()}
-    settings = MixedSettings(sequences=args.sequences, delays=(4,))
-    mbatch = mixed_batch(domain_streams(tok, data), settings)
-    onll = oracle_nll(model, mbatch, settings)
+    bench = ProtoBench.prepare(model, tok, data, args.eval_tokens, args.sequences)
     rows = []
     for config in map(parse_config, args.config):
         t0 = time.time()
         patch(model, config["parts"])
-        ppl = {d: r.ppl for d, r in evaluate_model(model, batches).items()}
+        keep = bench.single(model)
         two = model.ngram_router.two_experts
         two_single = two[0] / two[1]
-        keep = {d: oracle[d] / ppl[d] for d in ppl}
-        mixed = evaluate_mixed(model, mbatch, settings, oracle=onll)
+        mixed = bench.mixed_keeps(model)
         row = {
             "config": config["name"],
             "single_keep": keep,
             "worst": min(keep.values()),
-            "mixed_keep": mixed["keep"]["routing"],
-            "delay4": mixed["keep"]["oracle, 4 tokens late"],
+            "mixed_keep": mixed["routing"],
+            "delay4": mixed["oracle, 4 tokens late"],
             "two_experts": {"single": two_single, "all": two[0] / two[1]},
         }
         rows.append(row)
