@@ -71,12 +71,8 @@ class Components:
         self.built: dict[int, tuple] = {}
 
     def chunks(self, name):
-        return [
-            ids[s : s + self.chunk]
-            for ids in self.ids[name]
-            for s in range(0, len(ids), self.chunk)
-            if len(ids[s : s + self.chunk]) >= 2
-        ]
+        pieces = (ids.split(self.chunk) for ids in self.ids[name])
+        return [c for piece in pieces for c in piece if len(c) >= 2]
 
     def tables(self, chunks, assign, k):
         uni = torch.zeros(k, self.vocab, dtype=torch.float64)
@@ -226,7 +222,7 @@ def attribution(model, order, name, windows):
     }
 
 
-def parse_config(text, mu):
+def parse_config(text):
     kv = dict(x.split("=", 1) for x in text.split(":"))
     return {
         "k": int(kv.get("k", 1)),
@@ -254,7 +250,7 @@ def main():
     bench = ProtoBench.prepare(model, tok, valid, args.tokens, args.sequences)
     rows = []
     for text in args.config:
-        cfg, counter, t0 = parse_config(text, mu), [0, 0], time.time()
+        cfg, counter, t0 = parse_config(text), [0, 0], time.time()
         install(model, comps, cfg, counter)
         keep = bench.single(model)
         row = {

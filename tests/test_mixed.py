@@ -4,6 +4,7 @@ oracles, on a DUME model built from tiny real experts (tiny_world)."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -146,6 +147,13 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     assert len(result["settings"]["forward_batches"]) == len(world["data"])
     assert result["options"][0]["forward_speed_vs_paper"] == 1.0
     assert all(len(r["decode_seconds_runs"]) == len(world["data"]) for r in result["options"])
+    paper = result["options"][0]
+    for row in result["options"][1:]:  # each run paired with the paper's run on the same input
+        for kind in ("forward", "decode"):
+            ratios = [
+                a / b for a, b in zip(paper[f"{kind}_seconds_runs"], row[f"{kind}_seconds_runs"])
+            ]
+            assert row[f"{kind}_speed_vs_paper"] == statistics.median(ratios)
     assert result["mixed_delayed_oracle_keep"]["oracle, 4 tokens late"]["first_segment"] == 1.0
     assert "mixed keep" in markdown_table(result)
     held = {r["label"].split(" ")[0]: r["stats_bytes_per_contributor"]["holdout"]

@@ -506,6 +506,30 @@ def test_shares_route_simulated_text_as_the_router_does(routing):
     assert float(want[1]) > 0.8  # text drawn from c1's counts goes to c1
 
 
+def test_router_tables_follow_a_changed_mu():
+    """The router's cached smoothing tables are remade when mu changes, not only the counts."""
+    from dume_dist.model.modeling_dume import DumeNgramRouter
+
+    fit = {f"c{j}": (j, _counts(_synthetic_corpus(j, 8, j), buckets=4099)) for j in range(3)}
+    tables = ngram_tables(fit, 3, 20.0, alpha=0.5)
+
+    def router(mu):
+        r = DumeNgramRouter(3, VOCAB, 4099, mu, 0.5)
+        for name, t in (("unigram", tables.unigram_EV), ("context", tables.context_EV),
+                        ("bigram", tables.bigram_EH)):  # fmt: skip
+            getattr(r, f"{name}_counts").data = t.float()
+        return r
+
+    ids_BT = torch.arange(40).reshape(2, 20) % VOCAB
+    real_BT = torch.ones_like(ids_BT, dtype=torch.bool)
+    changed = router(20.0)
+    before = changed.scores(ids_BT, real_BT)[0]
+    changed.mu = 200.0
+    after = changed.scores(ids_BT, real_BT)[0]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, router(200.0).scores(ids_BT, real_BT)[0])
+
+
 # -- end to end: build, eval, save -> load without dume_dist ------------------------------------
 
 

@@ -268,8 +268,12 @@ class DumeNgramRouter(nn.Module):
         """``q_j(v)`` and ``n_j(v) + mu`` (fp64, elementwise as in ``ngram_log_probs``: the same
         numbers) and the bigram counts as stored (fp32 holds them exactly; a gathered count meets
         fp64 in ``smoothed_log_probs``, so no fp64 copy of the [E, buckets] table is kept),
-        cached until the counts change."""
-        key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
+        cached until the counts, ``mu`` or ``alpha`` change."""
+        key = (
+            self.mu,
+            self.alpha,
+            *((p.data_ptr(), p._version, p.device) for p in self.parameters()),
+        )
         if getattr(self, "_cache_key", None) != key:
             uni_EV = self.unigram_counts.double()
             denom_E1 = uni_EV.sum(dim=1, keepdim=True) + self.alpha * uni_EV.shape[1]
