@@ -20,7 +20,7 @@ from test_routing import _left_padded, check_loads_and_generates_without_dume_di
 
 from dume_dist.core.ngram import NgramStats, ngram_tables
 from dume_dist.model.kinds import stats_from_bytes, stats_to_bytes
-from dume_dist.model.kinds.ngram import collect_ngram_stats
+from dume_dist.model.kinds.ngram import collect_ngram_stats, with_heldout_counts
 from dume_dist.model.modeling_dume import DumeConfig, DumeForCausalLM, ngram_bucket
 from dume_dist.model.ngram_select import (
     DEFAULT_MU_GRID,
@@ -236,11 +236,32 @@ def test_adding_then_removing_a_contributor_returns_identical_tables(criterion):
     assert removed.lam == never.lam
     for name in ("unigram_EV", "context_EV", "bigram_EH"):
         assert torch.equal(getattr(removed.routers, name), getattr(never.routers, name))
-    # Subtracting a contribution's counts is exact (integer counts in fp64).
-    sub = {**drop(fit), "a": (0, (fit["a"][1] + fit["d"][1]) - fit["d"][1])}
+    # The tables count every contribution's fit and held-out tokens (mu chosen on the held-out
+    # part first); subtracting a contribution's counts is exact (integer counts in fp64).
+    both = with_heldout_counts(drop(fit), drop(held))
+    assert not torch.equal(
+        ngram_tables(drop(fit), 3, never.lam).unigram_EV, never.routers.unigram_EV
+    )
+    sub = {**both, "a": (0, (both["a"][1] + fit["d"][1]) - fit["d"][1])}
     tables = ngram_tables(sub, 3, never.lam)
     assert torch.equal(tables.unigram_EV, never.routers.unigram_EV)
     assert torch.equal(tables.bigram_EH, never.routers.bigram_EH)
+
+
+def test_tables_count_held_out_parts_except_private_or_missing_ones():
+    from dume_dist.core import dp
+
+    fit = {n: (j, _counts(_synthetic_corpus(j, 4, 10 + j))) for j, n in enumerate("abc")}
+    held = {n: (j, _held(_synthetic_corpus(j, 2, 20 + j), fit[n][1])) for j, n in enumerate("ab")}
+    g = dp.Guarantee(epsilon=1.0, delta=1e-5, unit="token", noise_multiplier=1.0,
+                     num_releases=2, sensitivity={"counts": 1.0}, sigma={"counts": 1.0})  # fmt: skip
+    held["b"] = (1, dp.with_guarantee(held["b"][1], g))
+    both = with_heldout_counts(fit, held)
+    assert torch.equal(both["a"][1].unigram_V, fit["a"][1].unigram_V + held["a"][1].unigram_V)
+    assert torch.equal(both["a"][1].bigram_H, fit["a"][1].bigram_H + held["a"][1].bigram_H)
+    assert both["b"][1] is fit["b"][1] and both["c"][1] is fit["c"][1]  # private; none sent
+    with pytest.raises(ValueError, match="held-out statistics of 'a' name expert 2"):
+        with_heldout_counts(fit, {"a": (2, held["a"][1])})
 
 
 def test_statistics_of_other_feature_maps_cannot_be_mixed():
@@ -657,6 +678,23 @@ def test_min_weight_drops_small_weights_and_their_expert_calls(min_weight):
         single_BT = (weight_BT2[..., 1] < 0.45) & real
         first = single_BT.cumprod(dim=1).bool()  # positions before any two-expert position
         torch.testing.assert_close(one[first], sparse[first], rtol=1e-5, atol=1e-5)
+
+
+def test_min_weight_above_one_over_k_keeps_the_top_expert():
+    # k = 3: the top weight is only >= 1/3, so min_weight 0.45 may exceed it; it still runs
+    # (alone, weight 1) instead of every weight being dropped (0/0).
+    model = _ngram_model(k=3, seed=4)
+    block = model.moe_blocks()[0]
+    block.min_weight = 0.45
+    weight_N3 = torch.tensor([[0.4, 0.35, 0.25], [0.5, 0.3, 0.2], [0.45, 0.45, 0.1]])
+    got = block._pruned(weight_N3)
+    assert torch.equal(got, torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]))
+    ids_BT, mask_BT = _left_padded(batch=2, length=7, seed=5)
+    for b in model.moe_blocks():
+        b.temperature = 50.0  # nearly equal weights: the top one below 0.45 everywhere
+    with torch.no_grad():
+        logits = model(ids_BT, attention_mask=mask_BT).logits
+    assert torch.isfinite(logits[mask_BT.bool()]).all()
 
 
 def test_bad_min_weight_is_refused():

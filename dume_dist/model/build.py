@@ -8,7 +8,8 @@ write the checkpoint atomically.
 Routing (``dume_dist.model.routing.RoutingSpec``: features, solver, λ, smoothing, k): with an
 ``"auto"`` setting each expert's documents are split (by a hash of each document, so the split is
 stable) into a fit part and a held-out part of ``holdout_fraction``; fit statistics solve the
-routers, held-out statistics (one Gram per candidate smoothing) choose λ / β (``core.select``).
+routers, held-out statistics (one Gram per candidate smoothing) choose λ / β (``core.select``);
+n-gram tables then count the held-out part as well (``kinds.ngram.with_heldout_counts``).
 
 Statistics: returned in ``BuildResult.stats`` (fit) and ``BuildResult.holdout_stats``; never
 written into the model directory (they are data about the experts' text). ``save_stats=DIR``

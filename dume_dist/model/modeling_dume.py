@@ -207,10 +207,13 @@ class DumeMoeBlock(nn.Module):
 
     def _pruned(self, weight_NK: torch.Tensor) -> torch.Tensor:
         """Weights below ``min_weight`` set to 0 (their experts do not run) and the rest
-        renormalised; the top-1 weight (>= 1/k > min_weight) always stays."""
+        renormalised; the top-1 weight (the first column) always stays, also where it is below
+        ``min_weight`` (possible for k > 2: it is only >= 1/k)."""
         if self.min_weight <= 0 or self.top_k == 1:
             return weight_NK
-        kept_NK = torch.where(weight_NK >= self.min_weight, weight_NK, torch.zeros_like(weight_NK))
+        keep_NK = weight_NK >= self.min_weight
+        keep_NK[..., 0] = True
+        kept_NK = torch.where(keep_NK, weight_NK, torch.zeros_like(weight_NK))
         return kept_NK / kept_NK.sum(dim=-1, keepdim=True)
 
     def route(self, hidden_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

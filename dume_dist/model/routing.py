@@ -303,7 +303,8 @@ def solve_routing(
 ) -> SolvedRouting:
     """Routers for ``spec`` from fit statistics ``{name: (expert, stats)}`` and, for ``"auto"``
     settings, held-out statistics ``{part: {name: (expert, stats)}}`` (see
-    ``RoutingSpec.holdout_smoothings``). The routers are solved on the fit statistics only."""
+    ``RoutingSpec.holdout_smoothings``). Linear routers are solved on the fit statistics only;
+    n-gram tables count the held-out part too once it has chosen (``kinds.ngram``)."""
     check_contributions(fit, spec.feature_map, "fit")
     parts = spec.holdout_smoothings()
     holdout = dict(holdout or {})

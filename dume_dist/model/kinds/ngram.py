@@ -138,6 +138,27 @@ def collect_ngram_stats(
     return collector.result()[0.0]
 
 
+def with_heldout_counts(fit: Mapping, held: Mapping) -> dict:
+    """Each contribution's fit counts plus its held-out counts (bigrams and curve dropped), once
+    the held-out part has chosen what it was kept out for: the tables then count every token a
+    contributor sent. A private held-out part is left out (it is a release of its own, with its
+    own noise: adding it would add more noise than signal), as is one a contribution lacks."""
+    from dume_dist.core.private import guarantee_of
+
+    out = {}
+    for name, (expert, stats) in fit.items():
+        extra = held.get(name)
+        if extra is not None and extra[0] != expert:
+            raise ValueError(
+                f"held-out statistics of {name!r} name expert {extra[0]}, its fit ones {expert}"
+            )
+        if extra is None or guarantee_of(extra[1]) is not None:
+            out[name] = (expert, stats)
+        else:
+            out[name] = (expert, stats + extra[1].counts_only())
+    return out
+
+
 class NgramKind(RouterKind):
     name = NgramInference.name
     options = NGRAM_OPTIONS
@@ -297,6 +318,10 @@ class NgramKind(RouterKind):
             tables, fit, holdout.get(0.0), num_experts, switch=float(switch),
             switch_rates=spec.switch_rates, evidence_scale=spec.evidence_scale,
         )  # fmt: skip
+        if holdout.get(0.0):  # chosen on the held-out part: the tables then count it too
+            tables = ngram_tables(
+                with_heldout_counts(fit, holdout[0.0]), num_experts, float(mu), spec.ngram_alpha
+            )
         extras = {"switch": float(switch), "switch_selection": switch_selection, "shares": shares,
                   "switch_rates": spec.switch_rates, "evidence_scale": spec.evidence_scale}  # fmt: skip
         return SolvedRouting(tables, spec, float(mu), 0.0, selection, chosen, extras)

@@ -1,0 +1,68 @@
+"""Single-domain and mixed-text keep of DUME builds as they route (docs/routing.md, "Tables from
+every sent token; two more ideas that did not pay").
+
+For each MODEL_DIR: keep = oracle ppl / ppl on windows of 256 tokens spread over each domain's
+``valid.txt`` (``--tokens`` per domain) and ``dume eval --mixed``'s keeps on ``--sequences``
+mixed sequences (seed 0), as ``scripts/proto_bench.py`` measures them. ``--layers`` re-measures
+with the second expert in some layers only: one string per setting, a character per MoE layer,
+``1`` = the build's k, ``0`` = k 1 (``111 ...`` is the build as it is).
+
+Run: python scripts/measure_build.py OUT.json MODEL_DIR ... --valid NAME=VALID ... [--layers 1110]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from proto_bench import ProtoBench
+
+from dume_dist.model.evaluate import load_causal_lm
+from dume_dist.model.tokenizer import load_tokenizer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--valid", nargs="+", required=True, help="NAME=VALID.txt")
+    ap.add_argument("--layers", nargs="*", default=[])
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--sequences", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    valid = dict(v.split("=", 1) for v in args.valid)
+    rows = {}
+    for model_dir in args.models:
+        t0 = time.time()
+        tok = load_tokenizer(model_dir, trust_remote_code=True)
+        model = load_causal_lm(model_dir)
+        names = list(model.config.expert_names)
+        missing = sorted(set(names) - set(valid))
+        if missing:
+            raise SystemExit(f"no --valid text for experts {missing}")
+        bench = ProtoBench.prepare(
+            model, tok, {n: [valid[n]] for n in names}, args.tokens, args.sequences
+        )
+        blocks = model.moe_blocks()
+        k = blocks[0].top_k
+        for spec in args.layers or ["1" * len(blocks)]:
+            if len(spec) != len(blocks) or set(spec) - {"0", "1"}:
+                raise SystemExit(f"--layers {spec!r}: one 0 or 1 per layer ({len(blocks)})")
+            for block, c in zip(blocks, spec):
+                block.top_k = k if c == "1" else 1
+            r = bench.measure(model)
+            rows.setdefault(model_dir, {})[spec] = r
+            keep = {d: round(v, 4) for d, v in r["keep"].items()}
+            mixed = {d: round(v, 3) for d, v in r["mixed"].items()}
+            print(model_dir, spec, f"worst {r['worst']:.4f}", keep, "mixed", mixed,
+                  f"{time.time() - t0:.0f}s", flush=True)  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
