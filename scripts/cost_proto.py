@@ -22,13 +22,19 @@ import time
 import torch
 import torch.nn.functional as F
 from proto_bench import ProtoBench
-from subtopic_proto import Components, component_logp, domain_filter, parse_config
+from subtopic_proto import (
+    Components,
+    component_logp,
+    domain_filter,
+    load_build,
+    parse_config,
+    routed,
+    set_gates,
+)
 
 from dume_dist.model.build import split_holdout
 from dume_dist.model.data import eval_windows, load_texts
-from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import _real_mask
-from dume_dist.model.tokenizer import load_tokenizer
 
 
 class FitComponents(Components):
@@ -87,9 +93,7 @@ def install(model, tables, mu, cfg, C, s, counter):
     E = C.shape[0]
     off = ~torch.eye(E, dtype=torch.bool)
     logC = C.log()
-    for mod in model.modules():
-        if hasattr(mod, "temperature") and hasattr(mod, "min_weight"):
-            mod.temperature, mod.min_weight = cfg["temp"], cfg["mw"]
+    set_gates(model, cfg)
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
@@ -101,11 +105,7 @@ def install(model, tables, mu, cfg, C, s, counter):
             a = torch.where(off, lp + logC, neg).logsumexp(-1)
             b = torch.where(off, lp, neg).logsumexp(-1)
             post = post + s * (a - b)
-        top2 = (post / cfg["temp"]).topk(2, -1).values
-        second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= cfg["mw"]
-        counter[0] += int(second[real_BT].sum())
-        counter[1] += int(real_BT.sum())
-        return post, {"last": ids_BT[:, -1], "has_last": real_BT[:, -1] | True}
+        return routed(post, ids_BT, real_BT, cfg, counter)
 
     router.scores = scores
 
@@ -121,13 +121,7 @@ def main():
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--floor", type=float, default=0.005)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    paths = {d.split("=", 1)[0]: d.split("=", 1)[1].split(",") for d in args.data}
-    tok = load_tokenizer(args.model_dir, trust_remote_code=True)
-    model = load_causal_lm(args.model_dir)
-    order = list(model.config.expert_names)
-    vocab = model.ngram_router.unigram_counts.shape[1]
-    mu = float(model.ngram_router.mu)
+    paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)
     fit, heldout = {}, {}
     for n in order:
         fit[n], heldout[n] = split_holdout(load_texts(paths[n][0]), 0.1, n)

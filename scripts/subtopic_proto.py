@@ -171,9 +171,7 @@ def install(model, comps, cfg, counter):
     router, mu = model.ngram_router, comps.mu
     tables = comps(cfg["k"])
     share = tables[3] / tables[3].sum(1, keepdim=True)
-    for mod in model.modules():
-        if hasattr(mod, "temperature") and hasattr(mod, "min_weight"):
-            mod.temperature, mod.min_weight = cfg["temp"], cfg["mw"]
+    set_gates(model, cfg)
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
@@ -181,13 +179,26 @@ def install(model, comps, cfg, counter):
         if cfg["win"] > 0:
             lp = lp * repetition_weight(ids_BT, real_BT, cfg["win"], cfg["gamma"])[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], cfg["sigma"], share)
-        top2 = (post / cfg["temp"]).topk(2, -1).values
-        second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= cfg["mw"]
-        counter[0] += int(second[real_BT].sum())
-        counter[1] += int(real_BT.sum())
-        return post, {"last": ids_BT[:, -1], "has_last": real_BT[:, -1] | True}
+        return routed(post, ids_BT, real_BT, cfg, counter)
 
     router.scores = scores
+
+
+def set_gates(model, cfg):
+    """The blocks' gate temperature and min_weight from the config."""
+    for mod in model.modules():
+        if hasattr(mod, "temperature") and hasattr(mod, "min_weight"):
+            mod.temperature, mod.min_weight = cfg["temp"], cfg["mw"]
+
+
+def routed(post, ids_BT, real_BT, cfg, counter):
+    """What the router's ``scores`` returns for the log posterior ``post``; ``counter`` counts
+    the real tokens, and those whose second expert runs (tempered weight >= min_weight)."""
+    top2 = (post / cfg["temp"]).topk(2, -1).values
+    second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= cfg["mw"]
+    counter[0] += int(second[real_BT].sum())
+    counter[1] += int(real_BT.sum())
+    return post, {"last": ids_BT[:, -1], "has_last": real_BT[:, -1] | True}
 
 
 def attribution(model, order, name, windows):
@@ -236,15 +247,21 @@ def parse_config(text):
     }
 
 
-def main():
-    args = parse_args()
+def load_build(model_dir, data):
+    """``(paths {name: [train, valid]}, tokenizer, model, expert order, vocabulary size, mu)`` of
+    an n-gram build and the NAME=TRAIN,VALID arguments."""
     torch.set_num_threads(2)
-    paths = {d.split("=", 1)[0]: d.split("=", 1)[1].split(",") for d in args.data}
-    tok = load_tokenizer(args.model_dir, trust_remote_code=True)
-    model = load_causal_lm(args.model_dir)
+    paths = {d.split("=", 1)[0]: d.split("=", 1)[1].split(",") for d in data}
+    tok = load_tokenizer(model_dir, trust_remote_code=True)
+    model = load_causal_lm(model_dir)
     order = list(model.config.expert_names)
     vocab = model.ngram_router.unigram_counts.shape[1]
-    mu = float(model.ngram_router.mu)
+    return paths, tok, model, order, vocab, float(model.ngram_router.mu)
+
+
+def main():
+    args = parse_args()
+    paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)
     comps = Components(tok, order, {n: paths[n][0] for n in order}, vocab, mu, args.chunk, args.em)
     valid = {n: [paths[n][1]] for n in paths}
     bench = ProtoBench.prepare(model, tok, valid, args.tokens, args.sequences)
