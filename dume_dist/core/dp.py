@@ -27,6 +27,7 @@ Shapes: ``L`` layers, ``P`` features + 1, ``N`` tokens, ``F`` features, ``K`` en
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -223,17 +224,24 @@ def calibrate(epsilon: float, delta: float, num_releases: int) -> float:
     ``z`` compose to (``epsilon``, ``delta``). Composing ``k`` Gaussian mechanisms of multiplier
     ``z`` is exactly one of multiplier ``z / √k``, so the library calibrates that one (bisection on
     its ε) and the result is scaled back."""
-    from dp_accounting import GaussianDpEvent
-    from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
-
     if num_releases < 1:
         raise ValueError("nothing to release")
     if not 0 < epsilon <= MAX_EPSILON:
         raise ValueError(f"dp epsilon must be in (0, {MAX_EPSILON:g}], got {epsilon!r}")
+    return _single_multiplier(float(epsilon), float(delta)) * math.sqrt(num_releases)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_multiplier(epsilon: float, delta: float) -> float:
+    """The multiplier of one Gaussian mechanism that is (``epsilon``, ``delta``)-DP: a pure
+    function of the two, computed once per pair (each bisection takes about a second)."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
+
     z1 = calibrate_dp_mechanism(
         _accountant, GaussianDpEvent, epsilon, delta, ExplicitBracketInterval(0.08, 1e3), tol=1e-5
     )
-    return float(z1) * math.sqrt(num_releases)
+    return float(z1)
 
 
 @dataclass(frozen=True)
