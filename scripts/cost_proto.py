@@ -20,13 +20,13 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from proto_bench import ProtoBench
 from subtopic_proto import (
     Components,
     component_logp,
     domain_filter,
     load_build,
+    nll,
     parse_config,
     routed,
     set_gates,
@@ -37,25 +37,9 @@ from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.routing_dume import _real_mask
 
 
-class FitComponents(Components):
-    def __init__(self, tok, order, docs, vocab, mu):
-        self.order, self.vocab, self.mu, self.chunk, self.em = order, vocab, mu, 64, 0
-        self.ids = {
-            n: [torch.tensor(tok(d)["input_ids"], dtype=torch.long) for d in docs[n]] for n in order
-        }
-        self.built = {}
-
-
 def posterior(tables, mu, cfg, share, ids, real):
     lp = component_logp(tables, mu, ids, real) * real[..., None, None] * cfg["beta"]
     return domain_filter(lp, real, cfg["rates"], 0.05, share)
-
-
-def nll(model, ids, real):
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=real.long()).logits.float()
-    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return loss * real[:, 1:]
 
 
 def forced_losses(model, windows, E):
@@ -125,7 +109,7 @@ def main():
     fit, heldout = {}, {}
     for n in order:
         fit[n], heldout[n] = split_holdout(load_texts(paths[n][0]), 0.1, n)
-    comps = FitComponents(tok, order, fit, vocab, mu)
+    comps = Components(tok, order, fit, vocab, mu, chunk=64, em=0)
     tables = comps(1)
     share = tables[3] / tables[3].sum(1, keepdim=True)
     t0 = time.time()

@@ -62,11 +62,11 @@ def parse_args():
 class Components:
     """Per-domain component bigram tables [E, K, ...] of the training text, built on demand."""
 
-    def __init__(self, tok, order, paths, vocab, mu, chunk, em):
+    def __init__(self, tok, order, docs, vocab, mu, chunk, em):
+        """``docs``: each domain's documents (texts)."""
         self.order, self.vocab, self.mu, self.chunk, self.em = order, vocab, mu, chunk, em
         self.ids = {
-            n: [torch.tensor(tok(d)["input_ids"], dtype=torch.long) for d in load_texts(paths[n])]
-            for n in order
+            n: [torch.tensor(tok(d)["input_ids"], dtype=torch.long) for d in docs[n]] for n in order
         }
         self.built: dict[int, tuple] = {}
 
@@ -201,24 +201,26 @@ def routed(post, ids_BT, real_BT, cfg, counter):
     return post, {"last": ids_BT[:, -1], "has_last": real_BT[:, -1] | True}
 
 
+def nll(model, ids, real):
+    """Per-position loss [B, T-1] of the next token (0 at padding), as the model routes now."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=real.long()).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return loss * real[:, 1:]
+
+
 def attribution(model, order, name, windows):
     """Excess nats per token over the oracle, split by the router's first expert."""
     me, E = order.index(name), len(order)
     excess, count, total, n = torch.zeros(E), torch.zeros(E), 0.0, 0
 
-    def nll(ids, real):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=real.long()).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        return loss * real[:, 1:]
-
     for ids, mask in windows:
         real = mask.bool()
         top = model.ngram_router.scores(ids, real)[0].argmax(-1)[:, :-1]
         model.set_forced_expert(me)
-        oracle = nll(ids, real)
+        oracle = nll(model, ids, real)
         model.set_forced_expert(None)
-        diff = nll(ids, real) - oracle
+        diff = nll(model, ids, real) - oracle
         for j in range(E):
             sel = (top == j) & real[:, 1:]
             excess[j] += float(diff[sel].sum())
@@ -262,7 +264,8 @@ def load_build(model_dir, data):
 def main():
     args = parse_args()
     paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)
-    comps = Components(tok, order, {n: paths[n][0] for n in order}, vocab, mu, args.chunk, args.em)
+    docs = {n: load_texts(paths[n][0]) for n in order}
+    comps = Components(tok, order, docs, vocab, mu, args.chunk, args.em)
     valid = {n: [paths[n][1]] for n in paths}
     bench = ProtoBench.prepare(model, tok, valid, args.tokens, args.sequences)
     rows = []
