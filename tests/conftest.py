@@ -9,7 +9,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n 2`, pyproject's addopts) each of the two workers gets one core's worth
+# of torch threads: two workers with two threads each would spin-wait on each other.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 import pytest  # noqa: E402
@@ -24,3 +26,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that start Ray clusters or sweep crashes (marked ``ray`` / ``slow``) first, each
+    module's tests in their own order: pytest-xdist (``-n 2 --dist loadfile``) hands modules out
+    in this order, so the longest start first and the two workers finish together."""
+    heavy = {item.module.__name__ for item in items if {"ray", "slow"} & {m.name for m in item.iter_markers()}}  # fmt: skip
+    items.sort(key=lambda item: item.module.__name__ not in heavy)

@@ -90,14 +90,15 @@ def _story(console, url, work, inputs, settings, unlearn, opts) -> tuple[str, di
         console.print(f"  operator registered {len(creds)} nodes; each got a credential file, no cluster token")  # fmt: skip
         try:
             sent = {}
-            step(console, "each founder joins from its own Ray cluster, over HTTPS only")
-            for d in founding:
-                sent[d] = _join(console, api_url, tls["ca"], d, creds[d], inputs, opts, work)
+            step(
+                console, "the founders join at once, each from a Ray cluster of its own, over HTTPS"
+            )
+            sent.update(_joins(console, api_url, tls["ca"], founding, creds, inputs, opts, work))
             v1 = call(coord, "publish", op)["version"]
             call(coord, "set_hold", op, False)
             step(console, f"operator published [bold]{v1}[/bold] and released the hold")
             step(console, f"contributor {joining!r} joins from a cluster of its own")
-            sent[joining] = _join(console, api_url, tls["ca"], joining, creds[joining], inputs, opts, work)  # fmt: skip
+            sent.update(_joins(console, api_url, tls["ca"], [joining], creds, inputs, opts, work))
             step(console, f"the operator unlearns {unlearn!r}")
             out = call(coord, "unlearn", op, unlearn, "demo: contributor withdrew consent")
             console.print(f"  → [bold]{out['version']}[/bold]; marked: {', '.join(out['affected_versions'])}")  # fmt: skip
@@ -130,21 +131,36 @@ def contributor_env() -> dict[str, str]:
     return env
 
 
-def _join(console, api_url, ca, name, cred, inputs, opts, work) -> dict:
-    result_file = work / f"join-{name}.json"
-    cmd = [sys.executable, "-m", "dume_dist.cli.main", "node", "join", "--coordinator-url", api_url,
-           "--ca-cert", str(ca), "--name", name, "--domain", name,
-           "--expert", inputs["experts"][name], "--data", inputs["train"][name],
-           "--credential-file", str(cred), "--cache-dir", str(work / f"cache-{name}"),
-           "--max-tokens", str(opts["max_tokens"]), "--seq-len", str(opts["seq_len"]),
-           "--no-progress", "--json", str(result_file)]  # fmt: skip
+def _joins(console, api_url, ca, names, creds, inputs, opts, work) -> dict[str, dict]:
+    """`dume node join` of each of ``names`` in a process of its own, all at once (contributors
+    are independent machines); returns what each sent, once every one has finished."""
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=contributor_env(), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"contributor {name}'s join failed: {out.stderr.strip().splitlines()[-1:]}")  # fmt: skip
-    result = json.loads(result_file.read_text())
-    console.print(
-        f"  {name:<10} own Ray cluster, {result['status']} in {time.perf_counter() - t0:.0f} s → "  # fmt: skip
-        f"{result.get('version') or '(held)'}"
-    )
-    return {**result["sent_bytes"], "backbone received": result.get("received_bytes", 0)}
+    procs = {}
+    try:
+        for name in names:
+            cmd = [sys.executable, "-m", "dume_dist.cli.main", "node", "join",
+                   "--coordinator-url", api_url, "--ca-cert", str(ca), "--name", name,
+                   "--domain", name, "--expert", inputs["experts"][name],
+                   "--data", inputs["train"][name], "--credential-file", str(creds[name]),
+                   "--cache-dir", str(work / f"cache-{name}"),
+                   "--max-tokens", str(opts["max_tokens"]), "--seq-len", str(opts["seq_len"]),
+                   "--no-progress", "--json", str(work / f"join-{name}.json")]  # fmt: skip
+            with open(work / f"join-{name}.log", "w") as log:  # the child keeps its own copy
+                procs[name] = subprocess.Popen(cmd, env=contributor_env(), stdout=log, stderr=log)
+        codes = {name: proc.wait() for name, proc in procs.items()}
+    except BaseException:  # interrupted: no contributor process outlives the demo
+        for proc in procs.values():
+            proc.kill()
+        raise
+    sent = {}
+    for name in names:  # every process has ended before a failure is reported
+        if codes[name] != 0:
+            lines = (work / f"join-{name}.log").read_text().strip().splitlines()
+            raise RuntimeError(f"contributor {name}'s join failed: {lines[-1:]}")
+        result = json.loads((work / f"join-{name}.json").read_text())
+        console.print(
+            f"  {name:<10} own Ray cluster, {result['status']} "
+            f"({time.perf_counter() - t0:.0f} s for all) → {result.get('version') or '(held)'}"
+        )
+        sent[name] = {**result["sent_bytes"], "backbone received": result.get("received_bytes", 0)}
+    return sent
