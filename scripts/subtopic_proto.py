@@ -15,6 +15,8 @@ Three inference-side ideas for the mixed-text target (docs/routing.md), on one n
   bigram occurred in the W tokens before it (repeated bigrams are correlated evidence).
 * ``temp=T``: the routing weights are the softmax of the log posterior over T (the blocks'
   router temperature); ``mw=X`` their ``min_weight``.
+* ``dz=M``, ``clip=C``, ``pow=P``: a token's evidence against a domain is a function of its gap
+  g to the best one: max(0, g - M), min(g, C) or g^P (before ``beta``).
 
 Every config: ``beta`` (evidence scale), ``mix`` (switch rates). Measures single-domain keep
 against the oracle (windows of 256 spread over each ``valid.txt``), mixed-domain keep against the
@@ -175,13 +177,28 @@ def install(model, comps, cfg, counter):
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
-        lp = component_logp(tables, mu, ids_BT, real_BT) * real_BT[..., None, None] * cfg["beta"]
+        lp = transformed(component_logp(tables, mu, ids_BT, real_BT), cfg)
+        lp = lp * real_BT[..., None, None] * cfg["beta"]
         if cfg["win"] > 0:
             lp = lp * repetition_weight(ids_BT, real_BT, cfg["win"], cfg["gamma"])[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], cfg["sigma"], share)
         return routed(post, ids_BT, real_BT, cfg, counter)
 
     router.scores = scores
+
+
+def transformed(logp_BTEK, cfg):
+    """Each token's evidence as a function of its gap to the best (domain, component), g >= 0:
+    ``dz=M`` counts max(0, g - M) (a dead zone), ``clip=C`` min(g, C), ``pow=P`` g^P; without
+    them the log-likelihoods as they are (only the gaps matter to the filter)."""
+    if not (cfg["dz"] or cfg["clip"] or cfg["pow"] != 1.0):
+        return logp_BTEK
+    gap = logp_BTEK.amax(dim=(-2, -1), keepdim=True) - logp_BTEK
+    if cfg["dz"]:
+        gap = (gap - cfg["dz"]).clamp_min(0)
+    if cfg["clip"]:
+        gap = gap.clamp_max(cfg["clip"])
+    return -gap.pow(cfg["pow"])
 
 
 def set_gates(model, cfg):
@@ -245,6 +262,9 @@ def parse_config(text):
         "gamma": float(kv.get("gamma", 1.0)),
         "temp": float(kv.get("temp", 1.0)),
         "mw": float(kv.get("mw", 0.1)),
+        "dz": float(kv.get("dz", 0.0)),
+        "clip": float(kv.get("clip", 0.0)),
+        "pow": float(kv.get("pow", 1.0)),
         "rates": tuple(float(r) for r in kv.get("mix", "0,1e-4,1e-3,1e-2").split(",")),
     }
 
