@@ -31,6 +31,6 @@ def one_thread():
 def pytest_collection_modifyitems(config, items):
     """Modules that start Ray clusters or sweep crashes (marked ``ray`` / ``slow``) first, each
     module's tests in their own order: pytest-xdist (``-n 2 --dist loadfile``) hands modules out
-    in this order, so the longest start first and the two workers finish together."""
+    in this order, so the longest ones start first rather than last."""
     heavy = {item.module.__name__ for item in items if {"ray", "slow"} & {m.name for m in item.iter_markers()}}  # fmt: skip
     items.sort(key=lambda item: item.module.__name__ not in heavy)

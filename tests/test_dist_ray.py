@@ -202,9 +202,10 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
 def test_found_join_restart_unlearn_on_the_cluster(ray_cluster, experts, tmp_path, s3):
     """Agents pinned to different nodes join; the coordinator is killed between two submissions
     and comes back with the same registry; the next version and the version after unlearning are
-    bit-identical to builds that never saw the restart / the unlearned node. On S3 (moto): the
-    same flow on a file:// store is `dume demo`'s (tests/test_dist_demo.py), and this module's
-    other tests run on file:// stores too."""
+    bit-identical to builds that never saw the restart / the unlearned node. On S3 (moto) only:
+    found / join / unlearn on a cluster with a file:// store is `dume demo`'s story
+    (tests/test_dist_demo.py), and a restarted coordinator on a file:// store is
+    tests/test_dist_coordinator.py's (in process)."""
     url, options = s3.url(), s3.storage_options
     node_ids = ray_cluster["node_ids"]
     flow = RayFlow(url, options, experts, tmp_path, node_ids)

@@ -151,6 +151,7 @@ def _joins(console, api_url, ca, names, creds, inputs, opts, work) -> dict[str, 
     except BaseException:  # interrupted: no contributor process outlives the demo
         for proc in procs.values():
             proc.kill()
+            proc.wait()
         raise
     sent = {}
     for name in names:  # every process has ended before a failure is reported
