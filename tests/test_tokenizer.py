@@ -9,7 +9,10 @@ tokenization, and the statistics must be counted with it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +100,31 @@ def test_checkpoint_tokenizer_and_statistics_follow_the_experts_autotokenizer(qw
             counts += torch.bincount(ids_BT[mask_BT.bool()], minlength=len(counts)).double()
         assert torch.equal(result.stats[name].unigram_V, counts)
     assert result.manifest["build"]["max_tokens_per_seq"] == 64  # the experts' position limit
+
+
+def test_the_model_cards_use_block_loads_without_asking(qwen_world):
+    """The card's "Use" lines, run as written in a fresh process with no terminal: the model and
+    the experts' tokenization load, and ``AutoTokenizer`` neither asks to run the checkpoint's
+    code nor falls back to a bare config (it reads the config's ``auto_map`` too)."""
+    out = qwen_world["root"] / "card-built"
+    build_dume(
+        qwen_world["experts"], qwen_world["data"], out,
+        routing={"features": "ngram", "solver": "nb", "lam": 100.0, "top_k": 1}, progress=False,
+    )  # fmt: skip
+    card = (out / "README.md").read_text()
+    use = card.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    expert_tok = AutoTokenizer.from_pretrained(str(qwen_world["experts"]["digits"]))
+    script = use.replace('"DIR"', repr(str(out))) + (
+        f"print(tokenizer({SAMPLE_TEXT!r})['input_ids'] == {expert_tok(SAMPLE_TEXT)['input_ids']!r},"
+        " type(tokenizer).__name__, type(model).__name__)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "Qwen2Tokenizer", "DumeForCausalLM"]
+    assert "custom code" not in run.stderr and "model of type" not in run.stderr, run.stderr
 
 
 def test_experts_whose_tokenizers_disagree_are_refused(tmp_path):

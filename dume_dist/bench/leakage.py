@@ -35,7 +35,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
@@ -48,6 +47,7 @@ from dume_dist.model.experts import load_expert_specs
 from dume_dist.model.kinds import stats_to_bytes
 from dume_dist.model.modeling_dume import ngram_bucket
 from dume_dist.model.routing import PRESETS
+from dume_dist.model.tokenizer import load_tokenizer
 
 KINDS = ("ngram", "paper", "context")
 TOP_K = (10, 50, 100)
@@ -263,7 +263,7 @@ def run_leakage_bench(
     """``{"rows": [...]}``: per domain and routing kind, bytes sent and the attack's scores (and
     with ``dp_epsilons`` the same on private statistics); see the module docstring."""
     specs = load_expert_specs(experts)
-    tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
+    tokenizer = load_tokenizer(specs[0].path)
     backbone = Backbone.from_spec("average", specs)
     vocab, dim = backbone.config.vocab_size, backbone.config.hidden_size
     kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len,

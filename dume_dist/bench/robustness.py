@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.ngram import NgramStats
@@ -38,6 +37,7 @@ from dume_dist.model.evaluate import evaluate_model, load_causal_lm, routing_sum
 from dume_dist.model.experts import load_expert_specs
 from dume_dist.model.formats import BuildStats, CheckpointInput, WriteOptions
 from dume_dist.model.routing import PRESETS, solve_routing
+from dume_dist.model.tokenizer import load_tokenizer
 from dume_dist.model.writer import write_dume_checkpoint
 
 # Fixed settings (no held-out part): the paper; the context preset at the λ its held-out choice
@@ -69,7 +69,7 @@ class _World:
     def __init__(self, experts, train, valid, seq_len, eval_seq_len, max_eval_tokens, batch_size):
         self.specs = load_expert_specs(experts)
         self.names = [s.name for s in self.specs]
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.specs[0].path))
+        self.tokenizer = load_tokenizer(self.specs[0].path)
         self.backbone = Backbone.from_spec("average", self.specs)
         self.texts = {n: load_texts(train[n], n) for n in self.names}
         self.kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len)

@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from dume_dist.model.backbone import Backbone
 from dume_dist.model.build import expert_statistics
@@ -46,6 +45,7 @@ from dume_dist.model.mixed import (
     oracle_nll,
 )
 from dume_dist.model.routing import AUTO, PRESETS, RoutingSpec, solve_routing
+from dume_dist.model.tokenizer import load_tokenizer
 from dume_dist.model.writer import write_dume_checkpoint
 
 CONTEXT = PRESETS["context"]
@@ -197,7 +197,7 @@ def run_routing_bench(
     options = list(options or DEFAULT_OPTIONS)
     specs = load_expert_specs(experts)
     names = [s.name for s in specs]
-    tokenizer = AutoTokenizer.from_pretrained(str(specs[0].path))
+    tokenizer = load_tokenizer(specs[0].path)
     backbone = Backbone.from_spec("average", specs)
     kw = dict(batch_size=batch_size, seq_len=seq_len, max_tokens_per_seq=seq_len,
               max_tokens=max_tokens, device=device)  # fmt: skip

@@ -392,7 +392,6 @@ def run_eval(args) -> int:
 
 def _run_eval_mixed(args, data) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from dume_dist.model.evaluate import load_causal_lm
     from dume_dist.model.mixed import (
@@ -402,6 +401,7 @@ def _run_eval_mixed(args, data) -> int:
         to_json,
         write_routing_png,
     )
+    from dume_dist.model.tokenizer import load_tokenizer
 
     settings = MixedSettings(
         segment=args.segment, segments=args.segments, sequences=args.sequences, seed=args.seed,
@@ -410,7 +410,7 @@ def _run_eval_mixed(args, data) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not Path(args.model, "config.json").is_file():
         raise ValueError(f"no model at {args.model} (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=True)
     model = load_causal_lm(args.model, device)
     if model.config.model_type != "dume":
         raise ValueError("--mixed needs a DUME model (its experts are named after the domains)")

@@ -270,16 +270,16 @@ def evaluate_ppl(
     model_dir, valid: dict[str, str], eval_tokens: int, seq_len: int
 ) -> dict[str, float]:
     """Held-out perplexity per domain with the model layer's evaluation (evenly spread windows)."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from dume_dist.model.data import eval_windows, load_domain_texts
     from dume_dist.model.evaluate import evaluate_batches, load_causal_lm
+    from dume_dist.model.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # windows are cut below; the tokenizer's length warning is noise
     model = load_causal_lm(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=True)
     out = {}
     for domain, path in valid.items():
         batches = eval_windows(

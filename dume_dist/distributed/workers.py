@@ -154,12 +154,11 @@ class StatsWorker:
         """This rank's share of the token batches of the node's fit documents and, with
         ``held_out``, of its held-out documents (the build's document split, ``split_holdout``):
         any number of workers sees exactly the batches one worker would."""
-        from transformers import AutoTokenizer
-
         from dume_dist.model.build import split_holdout
         from dume_dist.model.data import load_domain_texts, shard, token_batches
+        from dume_dist.model.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(job.backbone_dir)
+        tokenizer = load_tokenizer(job.backbone_dir)
         texts = load_domain_texts(job.domain, job.data)
         fit_texts, held_texts = split_holdout(texts, job.holdout_fraction, job.name)
         parts = [fit_texts] + ([held_texts] if held_out else [])

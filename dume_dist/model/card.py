@@ -92,7 +92,11 @@ def card_text(manifest: dict, *, base_model: str | None = None, fmt: str = "dume
         'model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)'
         if fmt == "dume"
         else 'model = AutoModelForCausalLM.from_pretrained("DIR")',
-        'tokenizer = AutoTokenizer.from_pretrained("DIR")',
+        # a DUME config names its classes in auto_map, which AutoTokenizer reads too: without the
+        # flag it asks whether to run the code (interactive) and warns about the model type
+        'tokenizer = AutoTokenizer.from_pretrained("DIR", trust_remote_code=True)'
+        if fmt == "dume"
+        else 'tokenizer = AutoTokenizer.from_pretrained("DIR")',
         "```",
         "",
     ]

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from dume_dist.model.progress import progress
+from dume_dist.model.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -227,7 +228,7 @@ def compare(
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
     # The model directory's config names remote code (auto_map): without trust_remote_code the
     # tokenizer load would prompt on a terminal (15 s) before the model loads it anyway.
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=True)
     batches = _domain_batches(tokenizer, data, seq_len, batch_size, max_eval_tokens)
     table = EvalTable()
     model = load_causal_lm(model_dir, device)

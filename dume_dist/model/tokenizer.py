@@ -36,12 +36,20 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # long documents exceed model_max_length: expected here
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
     except Exception as exc:  # transformers raises many types for unreadable tokenizers
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    # documents are tokenized whole and cut into windows of the position limit afterwards: the
+    # "longer than the specified maximum ... indexing errors" warning would be wrong here
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def sample_texts(texts: Iterable[Sequence[str]] = ()) -> list[str]:
