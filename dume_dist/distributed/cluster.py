@@ -36,8 +36,21 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as exc:
         raise ValueError(
-            f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}"
+            f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}" + _auth_hint()
         ) from None
+
+
+def _auth_hint() -> str:
+    """What to try when the cluster may want a token this process did not send: `ray start`
+    turns token authentication on by default, while a client sends a token only when
+    $RAY_AUTH_MODE says so (Ray logs the refusal, the connection error does not say it)."""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return ""
+    return (
+        " (if the cluster uses token authentication, as `ray start` does by default, set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, default "
+        "~/.ray/auth_token)"
+    )
 
 
 def get(refs, timeout: float | None = None):
