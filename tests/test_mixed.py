@@ -112,12 +112,43 @@ def test_cli_eval_mixed_writes_json_and_png(model_dir, tmp_path, capsys):
     assert set(result["keep"]) == {"routing", "oracle, 4 tokens late", "oracle, 16 tokens late"}
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert "segment oracle" in capsys.readouterr().out
-    bad = ["eval", "--model", str(out), "--mixed", "--data", f"nope={world['data']['alpha'][0]}",
+    bad = ["eval", "--model", str(out), "--mixed", "--segment", "8", "--segments", "3",
+           "--data", f"nope={world['data']['alpha'][0]}",
            "--data", f"alpha={world['data']['alpha'][0]}"]  # fmt: skip
     capsys.readouterr()
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "'nope' is not one of the model's experts" in err and err.count("\n") == 1
+
+
+def test_eval_windows_stay_within_the_models_position_limit(model_dir, tmp_path, capsys):
+    """`dume eval` and `--mixed` refuse windows past ``max_position_embeddings`` (one line, nothing
+    written); by default the window is 256 tokens or the limit when that is shorter."""
+    from transformers import PretrainedConfig
+
+    from dume_dist.model.evaluate import eval_window
+
+    out, world = model_dir
+    limit = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    data = [x for name, paths in world["data"].items() for x in ("--data", f"{name}={paths[0]}")]
+    too_long = [
+        ["eval", "--model", str(out), *data, "--seq-len", str(limit + 1)],
+        ["eval", "--model", str(out), *data, "--mixed", "--segment", str(limit // 2 + 1),
+         "--segments", "2"],
+    ]  # fmt: skip
+    for args in too_long:
+        js = tmp_path / "never.json"
+        capsys.readouterr()
+        assert main([*args, "--json", str(js)]) == 2
+        err = capsys.readouterr().err
+        assert f"exceed the model's max_position_embeddings={limit}" in err
+        assert err.count("\n") == 1 and not js.exists()
+    assert main(["eval", "--model", str(out), *data, "--seq-len", str(limit),
+                 "--max-eval-tokens", str(2 * limit)]) == 0  # fmt: skip
+    assert eval_window(PretrainedConfig(max_position_embeddings=64), None) == 64
+    assert eval_window(PretrainedConfig(max_position_embeddings=4096), None) == 256
+    assert eval_window(PretrainedConfig(), None) == 256
+    assert eval_window(PretrainedConfig(max_position_embeddings=64), 32) == 32
 
 
 def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_path):

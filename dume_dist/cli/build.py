@@ -252,7 +252,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--heatmap", help="write a routing heatmap PNG here (DUME models)")
-    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument(
+        "--seq-len", type=int, default=None,
+        help="evaluation window (default: 256, or the model's max_position_embeddings if shorter)",
+    )  # fmt: skip
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-eval-tokens", type=int, default=32768, help="per domain")
     e.add_argument("--device", default=None)

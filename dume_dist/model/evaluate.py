@@ -210,28 +210,55 @@ def _record(table: EvalTable, variant: str, results: Mapping[str, DomainEval]) -
     table.ppl[variant] = {d: r.ppl for d, r in results.items()}
 
 
+DEFAULT_EVAL_SEQ_LEN = 256
+
+
+def position_limit(config) -> int | None:
+    """The model's ``max_position_embeddings`` (a DUME config carries its backbone's), if any."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def eval_window(config, seq_len: int | None) -> int:
+    """The evaluation window: ``seq_len``, or by default 256 tokens or the model's position limit
+    when that is shorter. ValueError (one line) when ``seq_len`` exceeds the limit: positions past
+    it are not what the model was made for (learned positions fail outright, rotary ones
+    extrapolate), so the perplexity would not be the model's."""
+    limit = position_limit(config)
+    if seq_len is None:
+        return min(DEFAULT_EVAL_SEQ_LEN, limit) if limit else DEFAULT_EVAL_SEQ_LEN
+    if limit and seq_len > limit:
+        raise ValueError(
+            f"windows of {seq_len} tokens exceed the model's max_position_embeddings={limit}: "
+            "lower --seq-len"
+        )
+    return seq_len
+
+
 def compare(
     model_dir: str | Path,
     data: Mapping[str, list[str]],
     *,
     experts: Mapping[str, str | Path] | None = None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_eval_tokens: int | None = 32768,
     device: str | None = None,
     stats_dir: str | Path | None = None,
 ) -> EvalTable:
-    """Evaluate ``model_dir`` on every domain; with ``experts``, also every baseline (the
-    bias-free one needs the build's statistics, ``stats_dir``)."""
+    """Evaluate ``model_dir`` on every domain, in windows of ``seq_len`` tokens (`eval_window`);
+    with ``experts``, also every baseline (the bias-free one needs the build's statistics,
+    ``stats_dir``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
     # The model directory's config names remote code (auto_map): without trust_remote_code the
     # tokenizer load would prompt on a terminal (15 s) before the model loads it anyway.
     tokenizer = load_tokenizer(model_dir, trust_remote_code=True)
+    model = load_causal_lm(model_dir, device)
+    seq_len = eval_window(model.config, seq_len)
     batches = _domain_batches(tokenizer, data, seq_len, batch_size, max_eval_tokens)
     table = EvalTable()
-    model = load_causal_lm(model_dir, device)
     is_dume = model.config.model_type == "dume"
     if experts:
         for name in sorted(experts):

@@ -225,7 +225,15 @@ def evaluate_mixed(model, batch: MixedBatch, settings: MixedSettings, *, device=
 
 
 def mixed_report(model, tokenizer, data, settings: MixedSettings, *, device="cpu") -> dict:
-    """Everything ``dume eval --mixed`` prints: see ``evaluate_mixed``."""
+    """Everything ``dume eval --mixed`` prints: see ``evaluate_mixed``. ValueError (one line)
+    when a sequence would be longer than the model's position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    length = settings.segment * settings.segments
+    if isinstance(limit, int) and 0 < limit < length:
+        raise ValueError(
+            f"mixed sequences of {length} tokens ({settings.segments} x {settings.segment}) "
+            f"exceed the model's max_position_embeddings={limit}: lower --segment or --segments"
+        )
     batch = mixed_batch(domain_streams(tokenizer, data), settings)
     result = evaluate_mixed(model, batch, settings, device=device)
     result["batch"] = batch
