@@ -44,8 +44,13 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    # documents are tokenized whole and cut into windows of the position limit afterwards: the
-    # "longer than the specified maximum ... indexing errors" warning would be wrong here
+    return _whole_documents(tokenizer)
+
+
+def _whole_documents(tokenizer):
+    """``tokenizer``, told not to warn that a text is longer than ``model_max_length``: documents
+    and samples are tokenized whole and cut into windows of the position limit afterwards, so
+    the "indexing errors" the warning announces cannot happen here."""
     warned = getattr(tokenizer, "deprecation_warnings", None)
     if isinstance(warned, dict):
         warned["sequence-length-is-longer-than-the-specified-maximum"] = True
@@ -119,7 +124,7 @@ def _load_as_users_would(model_dir: Path):
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
         config_cls = DumeConfig if model_type == DumeConfig.model_type else AutoConfig
         config = config_cls.from_pretrained(str(model_dir))
-        return AutoTokenizer.from_pretrained(str(model_dir), config=config)
+        return _whole_documents(AutoTokenizer.from_pretrained(str(model_dir), config=config))
     finally:
         hf_logging.set_verbosity(verbosity)
 
