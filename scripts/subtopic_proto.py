@@ -17,6 +17,8 @@ Three inference-side ideas for the mixed-text target (docs/routing.md), on one n
   router temperature); ``mw=X`` their ``min_weight``.
 * ``dz=M``, ``clip=C``, ``pow=P``: a token's evidence against a domain is a function of its gap
   g to the best one: max(0, g - M), min(g, C) or g^P (before ``beta``).
+* ``n0=N:t0=T``: a cold start: the log posterior of each sequence's first N positions divided by
+  T (flatter, so the second expert mixes in where there is little evidence yet).
 
 Every config: ``beta`` (evidence scale), ``mix`` (switch rates). Measures single-domain keep
 against the oracle (windows of 256 spread over each ``valid.txt``), mixed-domain keep against the
@@ -182,6 +184,8 @@ def install(model, comps, cfg, counter):
         if cfg["win"] > 0:
             lp = lp * repetition_weight(ids_BT, real_BT, cfg["win"], cfg["gamma"])[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], cfg["sigma"], share)
+        if cfg["n0"]:  # a cold start: the first n0 positions' posterior flattened by t0
+            post = torch.cat([post[:, : cfg["n0"]] / cfg["t0"], post[:, cfg["n0"] :]], dim=1)
         return routed(post, ids_BT, real_BT, cfg, counter)
 
     router.scores = scores
@@ -266,6 +270,8 @@ def parse_config(text):
         "clip": float(kv.get("clip", 0.0)),
         "pow": float(kv.get("pow", 1.0)),
         "rates": tuple(float(r) for r in kv.get("mix", "0,1e-4,1e-3,1e-2").split(",")),
+        "n0": int(kv.get("n0", 0)),
+        "t0": float(kv.get("t0", 1.0)),
     }
 
 
