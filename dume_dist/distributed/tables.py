@@ -78,6 +78,19 @@ def _routing_label(settings: dict) -> str:
     return f"{routing['preset']} ({label})" if routing.get("preset") else label
 
 
+_SOLVER_PARAMETER = {"ridge": ("λ", "ridge_lambda"), "lda": ("shrinkage", "lda_shrinkage"),
+                     "nb": ("μ", "mu")}  # fmt: skip
+
+
+def _solver_parameter(settings: dict) -> str:
+    """The routing's solver parameter by its name (``μ=auto`` for n-gram routing); registries
+    founded before the named parameters keep ``lam`` (the ridge λ)."""
+    routing = settings.get("routing") or {}
+    symbol, key = _SOLVER_PARAMETER.get(routing.get("solver"), ("λ", "lam"))
+    value = routing.get(key)
+    return f"{symbol}={settings['lam'] if value is None else value}"
+
+
 def print_status(status: dict) -> None:
     out = console()
     registry = status["registry"]
@@ -89,7 +102,8 @@ def print_status(status: dict) -> None:
     out.print(
         f"store {status['store']}  registry revision {status['revision']}  "
         f"backbone {bb['kind']} {bb['fingerprint'][:12]}  "
-        f"routing {_routing_label(settings)} λ={settings['lam']} T={settings['temperature']} "
+        f"routing {_routing_label(settings)} {_solver_parameter(settings)} "
+        f"T={settings['temperature']} "
         f"k={settings['top_k']}  "
         f"publication {'HELD' if registry['hold'] else 'automatic'}"
     )
