@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dume_dist.model.data import _token_ids, load_texts
+from dume_dist.model.evaluate import position_limit
 
 GROUPS = ("all", "first_segment", "later_segments", "after_switch")
 
@@ -227,9 +228,9 @@ def evaluate_mixed(model, batch: MixedBatch, settings: MixedSettings, *, device=
 def mixed_report(model, tokenizer, data, settings: MixedSettings, *, device="cpu") -> dict:
     """Everything ``dume eval --mixed`` prints: see ``evaluate_mixed``. ValueError (one line)
     when a sequence would be longer than the model's position limit."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = position_limit(model.config)
     length = settings.segment * settings.segments
-    if isinstance(limit, int) and 0 < limit < length:
+    if limit and limit < length:
         raise ValueError(
             f"mixed sequences of {length} tokens ({settings.segments} x {settings.segment}) "
             f"exceed the model's max_position_embeddings={limit}: lower --segment or --segments"
