@@ -96,15 +96,16 @@ def test_versions_list_show_pull_and_status(store, tmp_path, capsys):
     assert main(["status", "--store", store]) == 0
     out = capsys.readouterr().out
     assert "alpha" in out and "active" in out and "scrypt" not in out
-    assert "routing paper (token/ridge) λ=0.01 T=1.0 k=1" in " ".join(out.split())
+    assert "routing paper (token/ridge) ridge_lambda=0.01 T=1.0 k=1" in " ".join(out.split())
 
 
 def test_status_names_the_routings_solver_parameter():
     from dume_dist.distributed.tables import _solver_parameter
+    from dume_dist.model.routing import resolve_routing
 
-    ngram = {"lam": "auto", "routing": {"solver": "nb", "mu": "auto", "lam": "auto"}}
-    lda = {"lam": "auto", "routing": {"solver": "lda", "lda_shrinkage": 0.1}}
-    assert _solver_parameter(ngram) == "μ=auto" and _solver_parameter(lda) == "shrinkage=0.1"
+    for preset, named in (("follow", "mu=auto"), ("context", "lda_shrinkage=auto")):
+        routing = resolve_routing(preset).to_json()
+        assert _solver_parameter({"lam": "auto", "routing": routing}) == named
     assert _solver_parameter({"lam": 0.01}) == "λ=0.01"  # a registry from before routing options
 
 

@@ -78,17 +78,17 @@ def _routing_label(settings: dict) -> str:
     return f"{routing['preset']} ({label})" if routing.get("preset") else label
 
 
-_SOLVER_PARAMETER = {"ridge": ("λ", "ridge_lambda"), "lda": ("shrinkage", "lda_shrinkage"),
-                     "nb": ("μ", "mu")}  # fmt: skip
-
-
 def _solver_parameter(settings: dict) -> str:
-    """The routing's solver parameter by its name (``μ=auto`` for n-gram routing); registries
-    founded before the named parameters keep ``lam`` (the ridge λ)."""
-    routing = settings.get("routing") or {}
-    symbol, key = _SOLVER_PARAMETER.get(routing.get("solver"), ("λ", "lam"))
-    value = routing.get(key)
-    return f"{symbol}={settings['lam'] if value is None else value}"
+    """The routing's solver parameter by its option name (``mu=auto`` for n-gram routing,
+    ``ridge_lambda=0.01`` for the paper's); a registry founded before routing options has only
+    ``lam`` (the ridge λ)."""
+    from dume_dist.model.kinds import kind_of_config
+
+    routing = settings.get("routing")
+    key = kind_of_config(routing).selected_option(routing) if routing else None
+    if key is None or routing.get(key) is None:
+        return f"λ={settings['lam']}"
+    return f"{key}={routing[key]}"
 
 
 def print_status(status: dict) -> None:
