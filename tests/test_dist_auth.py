@@ -35,7 +35,7 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def token_head(tmp_path_factory):
+def token_head():
     """A Ray head on 127.0.0.1 with token authentication, stopped by its process group."""
     tmp = short_ray_tmpdir()
     token, port = secrets.token_hex(32), _free_port()

@@ -78,12 +78,21 @@ def test_qwen2_fixture_is_the_case_of_the_bug(qwen_world):
     assert auto(SAMPLE_TEXT)["input_ids"] != as_file(SAMPLE_TEXT)["input_ids"]
 
 
-def test_checkpoint_tokenizer_and_statistics_follow_the_experts_autotokenizer(qwen_world):
+@pytest.fixture(scope="module")
+def qwen_built(qwen_world):
+    """``(checkpoint dir, build result)`` of the Qwen2 experts (n-gram routing, fixed μ)."""
     out = qwen_world["root"] / "built"
     result = build_dume(
         qwen_world["experts"], qwen_world["data"], out,
         routing={"features": "ngram", "solver": "nb", "lam": 100.0, "top_k": 1}, progress=False,
     )  # fmt: skip
+    return out, result
+
+
+def test_checkpoint_tokenizer_and_statistics_follow_the_experts_autotokenizer(
+    qwen_world, qwen_built
+):
+    out, result = qwen_built
     expert_tok = AutoTokenizer.from_pretrained(str(qwen_world["experts"]["digits"]))
     users_tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     assert type(users_tok).__name__ == type(expert_tok).__name__ == "Qwen2Tokenizer"
@@ -102,15 +111,11 @@ def test_checkpoint_tokenizer_and_statistics_follow_the_experts_autotokenizer(qw
     assert result.manifest["build"]["max_tokens_per_seq"] == 64  # the experts' position limit
 
 
-def test_the_model_cards_use_block_loads_without_asking(qwen_world):
+def test_the_model_cards_use_block_loads_without_asking(qwen_world, qwen_built):
     """The card's "Use" lines, run as written in a fresh process with no terminal: the model and
     the experts' tokenization load, and ``AutoTokenizer`` neither asks to run the checkpoint's
     code nor falls back to a bare config (it reads the config's ``auto_map`` too)."""
-    out = qwen_world["root"] / "card-built"
-    build_dume(
-        qwen_world["experts"], qwen_world["data"], out,
-        routing={"features": "ngram", "solver": "nb", "lam": 100.0, "top_k": 1}, progress=False,
-    )  # fmt: skip
+    out, _ = qwen_built
     card = (out / "README.md").read_text()
     use = card.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     expert_tok = AutoTokenizer.from_pretrained(str(qwen_world["experts"]["digits"]))

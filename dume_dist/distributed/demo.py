@@ -277,7 +277,7 @@ def evaluate_ppl(
     from dume_dist.model.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # windows are cut below; the tokenizer's length warning is noise
+    hf_logging.set_verbosity_error()  # transformers' loading messages stay out of the demo's tables
     model = load_causal_lm(model_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=True)
     out = {}
