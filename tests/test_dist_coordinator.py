@@ -53,6 +53,14 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
     for key in flow.store.list():
         raw = flow.store.read_bytes(key)
         assert not any(doc in raw for doc in docs), key
+    # ... and no store object names a directory of the operator's or of a node's machine (the
+    # founding base model, the experts, the data): readers of the store see names, not paths.
+    local = [str(experts["base"])] + [str(experts[n][k]) for n in ("alpha", "beta", "gamma")
+                                      for k in ("expert", "data")]  # fmt: skip
+    for key in flow.store.list():
+        raw = flow.store.read_bytes(key)
+        assert not any(path.encode() in raw for path in local), key
+    assert flow.status()["registry"]["backbone"]["sources"] == [{"name": "base"}]
 
     result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
     assert result["version"] == "v4" and result["affected_versions"] == ["v2", "v3"]

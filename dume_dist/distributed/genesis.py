@@ -19,7 +19,15 @@ from dume_dist.store import ObjectStore, hash_secret, new_secret
 
 
 def build_backbone(spec: str, founding: dict[str, str]):
-    """(Backbone, reference ExpertSpec) for ``"average"`` of ``founding`` experts or ``"base:DIR"``."""
+    """(Backbone, reference ExpertSpec) for ``"average"`` of ``founding`` experts or ``"base:DIR"``.
+    The backbone's sources name the experts (or ``base``) without their directories: those are
+    the operator's, and what is built here is read from the store by everyone."""
+    backbone, ref = _build_backbone(spec, founding)
+    backbone.sources = [{"name": source["name"]} for source in backbone.sources]
+    return backbone, ref
+
+
+def _build_backbone(spec: str, founding: dict[str, str]):
     from dume_dist.model.backbone import Backbone
     from dume_dist.model.experts import load_expert_spec, load_expert_specs
 
