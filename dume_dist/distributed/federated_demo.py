@@ -147,7 +147,12 @@ def _joins(console, api_url, ca, names, creds, inputs, opts, work) -> dict[str, 
                    "--no-progress", "--json", str(work / f"join-{name}.json")]  # fmt: skip
             with open(work / f"join-{name}.log", "w") as log:  # the child keeps its own copy
                 procs[name] = subprocess.Popen(cmd, env=contributor_env(), stdout=log, stderr=log)
-        codes = {name: proc.wait() for name, proc in procs.items()}
+        codes, seconds = {}, {}
+        while len(codes) < len(procs):  # each contributor's own time, not the slowest one's
+            for name, proc in procs.items():
+                if name not in codes and proc.poll() is not None:
+                    codes[name], seconds[name] = proc.returncode, time.perf_counter() - t0
+            time.sleep(0.1)
     except BaseException:  # interrupted: no contributor process outlives the demo
         for proc in procs.values():
             proc.kill()
@@ -161,7 +166,7 @@ def _joins(console, api_url, ca, names, creds, inputs, opts, work) -> dict[str, 
         result = json.loads((work / f"join-{name}.json").read_text())
         console.print(
             f"  {name:<10} own Ray cluster, {result['status']} "
-            f"({time.perf_counter() - t0:.0f} s for all) → {result.get('version') or '(held)'}"
+            f"in {seconds[name]:.0f} s → {result.get('version') or '(held)'}"
         )
         sent[name] = {**result["sent_bytes"], "backbone received": result.get("received_bytes", 0)}
     return sent
