@@ -15,12 +15,11 @@ Run: python scripts/cost_proto.py MODEL_DIR OUT.json NAME=TRAIN,VALID ... \
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from proto_bench import ProtoBench
+from proto_bench import ProtoBench, proto_parser
 from subtopic_proto import (
     Components,
     component_logp,
@@ -95,14 +94,8 @@ def install(model, tables, mu, cfg, C, s, counter):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model_dir")
-    ap.add_argument("out")
-    ap.add_argument("data", nargs="+")
-    ap.add_argument("--config", nargs="+", default=["beta=0.2"])
-    ap.add_argument("--tokens", type=int, default=32768)
+    ap = proto_parser()
     ap.add_argument("--held-tokens", type=int, default=65536)
-    ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--floor", type=float, default=0.005)
     args = ap.parse_args()
     paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)

@@ -23,13 +23,19 @@ Run: python scripts/hidden_evidence_proto.py MODEL_DIR OUT.json NAME=TRAIN,VALID
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from proto_bench import ProtoBench
-from subtopic_proto import component_logp, domain_filter, load_build, routed, set_gates
+from proto_bench import ProtoBench, proto_parser
+from subtopic_proto import (
+    component_logp,
+    domain_filter,
+    load_build,
+    parse_config,
+    routed,
+    set_gates,
+)
 
 from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.routing_dume import _real_mask
@@ -152,27 +158,19 @@ def token_accuracy(bench, order, tables, mu, layer0, lda, shrink):
 
 
 def parse(text):
+    """subtopic_proto's config (``beta``, ``temp``, ``mw``, ``mix``, ...) plus this prototype's
+    ``gam``, ``gro``, ``bu`` and ``shrink``."""
     kv = dict(x.split("=", 1) for x in text.split(":"))
-    return {
-        "beta": float(kv.get("beta", 0.2)),
+    return parse_config(text) | {
         "gam": float(kv.get("gam", 0.0)),
         "gro": float(kv.get("gro", 0.0)),
         "bu": float(kv["bu"]) if "bu" in kv else None,
         "shrink": float(kv.get("shrink", 1e-3)),
-        "temp": float(kv.get("temp", 1.0)),
-        "mw": float(kv.get("mw", 0.1)),
-        "rates": tuple(float(r) for r in kv.get("mix", "0,1e-4,1e-3,1e-2").split(",")),
     }
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model_dir")
-    ap.add_argument("out")
-    ap.add_argument("data", nargs="+")
-    ap.add_argument("--config", nargs="+", default=["beta=0.2"])
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--sequences", type=int, default=64)
+    ap = proto_parser()
     ap.add_argument("--fit-tokens", type=int, default=65536)
     args = ap.parse_args()
     paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)

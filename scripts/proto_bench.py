@@ -11,6 +11,7 @@ after a switch).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,19 @@ from dume_dist.model.mixed import (
     mixed_batch,
     oracle_nll,
 )
+
+
+def proto_parser() -> argparse.ArgumentParser:
+    """The arguments every prototype takes: MODEL_DIR OUT.json NAME=TRAIN,VALID ... --config ...
+    --tokens (single-domain tokens per domain) --sequences (mixed sequences)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("out")
+    ap.add_argument("data", nargs="+", help="NAME=TRAIN,VALID")
+    ap.add_argument("--config", nargs="+", default=["beta=0.2"])
+    ap.add_argument("--tokens", type=int, default=32768, help="single-domain tokens per domain")
+    ap.add_argument("--sequences", type=int, default=64, help="mixed sequences")
+    return ap
 
 
 @dataclass

@@ -32,13 +32,12 @@ Run: python scripts/subtopic_proto.py MODEL_DIR OUT.json NAME=TRAIN,VALID ... \
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 import torch.nn.functional as F
-from proto_bench import ProtoBench
+from proto_bench import ProtoBench, proto_parser
 
 from dume_dist.model.data import load_texts
 from dume_dist.model.evaluate import load_causal_lm
@@ -50,15 +49,9 @@ ALPHA = 0.1
 
 
 def parse_args():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model_dir")
-    ap.add_argument("out")
-    ap.add_argument("data", nargs="+", help="NAME=TRAIN,VALID")
-    ap.add_argument("--config", nargs="+", default=["k=1:beta=0.2"])
+    ap = proto_parser()
     ap.add_argument("--chunk", type=int, default=64, help="tokens per clustered chunk")
     ap.add_argument("--em", type=int, default=3, help="hard-EM passes after k-means")
-    ap.add_argument("--tokens", type=int, default=32768, help="single-domain tokens per domain")
-    ap.add_argument("--sequences", type=int, default=64, help="mixed sequences")
     ap.add_argument("--attribution", action="store_true")
     return ap.parse_args()
 
