@@ -47,19 +47,17 @@ def test_found_join_unlearn_is_bit_identical_to_a_build_without_the_node(experts
         manifest["backbone"]["fingerprint"] == flow.status()["registry"]["backbone"]["fingerprint"]
     )
 
-    # Data never leaves the node: no store object holds any document's text.
+    # Data never leaves the node: no store object holds any document's text; nor does any name a
+    # directory of the operator's or of a node's machine (the founding base model, the experts,
+    # the data): readers of the store see names, not paths.
     docs = [d.strip().encode() for n in ("alpha", "beta", "gamma")
             for d in experts[n]["data"].read_text().split("\n\n")]  # fmt: skip
+    local = [str(experts["base"]).encode()] + [str(experts[n][k]).encode()
+             for n in ("alpha", "beta", "gamma") for k in ("expert", "data")]  # fmt: skip
     for key in flow.store.list():
         raw = flow.store.read_bytes(key)
         assert not any(doc in raw for doc in docs), key
-    # ... and no store object names a directory of the operator's or of a node's machine (the
-    # founding base model, the experts, the data): readers of the store see names, not paths.
-    local = [str(experts["base"])] + [str(experts[n][k]) for n in ("alpha", "beta", "gamma")
-                                      for k in ("expert", "data")]  # fmt: skip
-    for key in flow.store.list():
-        raw = flow.store.read_bytes(key)
-        assert not any(path.encode() in raw for path in local), key
+        assert not any(path in raw for path in local), key
     assert flow.status()["registry"]["backbone"]["sources"] == [{"name": "base"}]
 
     result = flow.coord.unlearn(flow.op, "beta", "contributor asked to be forgotten")
