@@ -158,13 +158,12 @@ def token_accuracy(bench, order, tables, mu, layer0, lda, shrink):
 
 
 def parse(text):
-    """subtopic_proto's config (``beta``, ``temp``, ``mw``, ``mix``, ...) plus this prototype's
-    ``gam``, ``gro``, ``bu`` and ``shrink``."""
+    """subtopic_proto's config (``beta``, ``bu``, ``temp``, ``mw``, ``mix``, ...) plus this
+    prototype's ``gam``, ``gro`` and ``shrink``."""
     kv = dict(x.split("=", 1) for x in text.split(":"))
     return parse_config(text) | {
         "gam": float(kv.get("gam", 0.0)),
         "gro": float(kv.get("gro", 0.0)),
-        "bu": float(kv["bu"]) if "bu" in kv else None,
         "shrink": float(kv.get("shrink", 1e-3)),
     }
 

@@ -17,6 +17,8 @@ Three inference-side ideas for the mixed-text target (docs/routing.md), on one n
   router temperature); ``mw=X`` their ``min_weight``.
 * ``dz=M``, ``clip=C``, ``pow=P``: a token's evidence against a domain is a function of its gap
   g to the best one: max(0, g - M), min(g, C) or g^P (before ``beta``).
+* ``bu=X``: the unigram part of each token's evidence (log q(v)) weighted X, the rest
+  (log p(v|u) - log q(v)) ``beta`` (hidden_evidence_proto.py has the same on one table).
 * ``n0=N:t0=T``: a cold start: the log posterior of each sequence's first N positions divided by
   T (flatter, so the second expert mixes in where there is little evidence yet).
 
@@ -173,7 +175,12 @@ def install(model, comps, cfg, counter):
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
         lp = transformed(component_logp(tables, mu, ids_BT, real_BT), cfg)
-        lp = lp * real_BT[..., None, None] * cfg["beta"]
+        if cfg["bu"] is None:
+            lp = lp * cfg["beta"]
+        else:  # the unigram part log q(v) weighted bu, the rest of the evidence beta
+            lq = tables[0][:, :, ids_BT].log().permute(2, 3, 0, 1)
+            lp = (lp - lq) * cfg["beta"] + lq * cfg["bu"]
+        lp = lp * real_BT[..., None, None]
         if cfg["win"] > 0:
             lp = lp * repetition_weight(ids_BT, real_BT, cfg["win"], cfg["gamma"])[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], cfg["sigma"], share)
@@ -254,6 +261,7 @@ def parse_config(text):
     return {
         "k": int(kv.get("k", 1)),
         "beta": float(kv.get("beta", 0.2)),
+        "bu": float(kv["bu"]) if "bu" in kv else None,
         "sigma": float(kv.get("sigma", 0.05)),
         "win": int(kv.get("win", 0)),
         "gamma": float(kv.get("gamma", 1.0)),
