@@ -9,7 +9,7 @@ only, so no routing decision feeds it). A linear discriminant on it (class means
 within-class covariance: additive statistics, like the `context` kind's, at one layer) gives
 per-token class log-likelihoods ``l_j(x) = x Σ⁻¹ μ_j − ½ μ_jᵀ Σ⁻¹ μ_j``; the filter's evidence is
 ``β · bigram + γ · l(x)`` (``gam``), or the filter's output plus ``γ · l(x)`` of that position
-only (``gro``). Sequence-level still (one dispatch plan for every layer).
+only (``gro``); ``g0=N`` keeps ``gam`` to a sequence's first N positions. Sequence-level still (one dispatch plan for every layer).
 
 Also ``bu=X``: the unigram part of a token's bigram evidence (log q_j(v)) weighted X instead of β,
 the bigram-conditional part (log p_j(v|u) − log q_j(v)) β.
@@ -126,6 +126,8 @@ def install(model, mu, tables, layer0, lda, cfg, counter):
         if cfg["gam"]:
             W, b = lda[cfg["shrink"]]
             ll = layer0(ids_BT, real_BT) @ W + b  # [B, T, E]
+            if cfg["g0"]:  # only a sequence's first g0 positions (a cold start's evidence)
+                ll = ll * (torch.arange(ll.shape[1]) < cfg["g0"])[None, :, None]
             lp = lp + cfg["gam"] * ll[..., None]
         lp = lp * real_BT[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], 0.0, torch.ones(lp.shape[2], 1))
@@ -159,11 +161,12 @@ def token_accuracy(bench, order, tables, mu, layer0, lda, shrink):
 
 def parse(text):
     """subtopic_proto's config (``beta``, ``bu``, ``temp``, ``mw``, ``mix``, ...) plus this
-    prototype's ``gam``, ``gro`` and ``shrink``."""
+    prototype's ``gam``, ``gro``, ``g0`` and ``shrink``."""
     kv = dict(x.split("=", 1) for x in text.split(":"))
     return parse_config(text) | {
         "gam": float(kv.get("gam", 0.0)),
         "gro": float(kv.get("gro", 0.0)),
+        "g0": int(kv.get("g0", 0)),
         "shrink": float(kv.get("shrink", 1e-3)),
     }
 
