@@ -34,6 +34,7 @@ from subtopic_proto import (
     load_build,
     parse_config,
     routed,
+    scaled,
     set_gates,
 )
 
@@ -113,27 +114,21 @@ def fit_lda(layer0, tok, order, train_paths, tokens, shrink_grid):
 def install(model, mu, tables, layer0, lda, cfg, counter):
     router = model.ngram_router
     set_gates(model, cfg)
-    q = tables[0]
+    W, b = lda[cfg["shrink"]]
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
-        lp = component_logp(tables, mu, ids_BT, real_BT)  # [B, T, E, 1]
-        if cfg["bu"] is not None:
-            lq = q[:, :, ids_BT].log().permute(2, 3, 0, 1)
-            lp = cfg["beta"] * (lp - lq) + cfg["bu"] * lq
-        else:
-            lp = cfg["beta"] * lp
+        lp = scaled(component_logp(tables, mu, ids_BT, real_BT), tables, ids_BT, cfg)  # [B,T,E,1]
+        ll = layer0(ids_BT, real_BT) @ W + b if cfg["gam"] or cfg["gro"] else None  # [B, T, E]
         if cfg["gam"]:
-            W, b = lda[cfg["shrink"]]
-            ll = layer0(ids_BT, real_BT) @ W + b  # [B, T, E]
+            near = ll
             if cfg["g0"]:  # only a sequence's first g0 positions (a cold start's evidence)
-                ll = ll * (torch.arange(ll.shape[1]) < cfg["g0"])[None, :, None]
-            lp = lp + cfg["gam"] * ll[..., None]
+                near = ll * (torch.arange(ll.shape[1]) < cfg["g0"])[None, :, None]
+            lp = lp + cfg["gam"] * near[..., None]
         lp = lp * real_BT[..., None, None]
         post = domain_filter(lp, real_BT, cfg["rates"], 0.0, torch.ones(lp.shape[2], 1))
         if cfg["gro"]:  # read out with the hidden evidence of this position only
-            W, b = lda[cfg["shrink"]]
-            post = post + cfg["gro"] * (layer0(ids_BT, real_BT) @ W + b)
+            post = post + cfg["gro"] * ll
             post = post - post.logsumexp(-1, keepdim=True)
         return routed(post, ids_BT, real_BT, cfg, counter)
 

@@ -174,12 +174,8 @@ def install(model, comps, cfg, counter):
 
     def scores(ids_BT, real_BT=None, state=None):
         real_BT = _real_mask(ids_BT[..., None], real_BT)
-        lp = transformed(component_logp(tables, mu, ids_BT, real_BT), cfg)
-        if cfg["bu"] is None:
-            lp = lp * cfg["beta"]
-        else:  # the unigram part log q(v) weighted bu, the rest of the evidence beta
-            lq = tables[0][:, :, ids_BT].log().permute(2, 3, 0, 1)
-            lp = (lp - lq) * cfg["beta"] + lq * cfg["bu"]
+        lp = scaled(transformed(component_logp(tables, mu, ids_BT, real_BT), cfg), tables, ids_BT,
+                    cfg)  # fmt: skip
         lp = lp * real_BT[..., None, None]
         if cfg["win"] > 0:
             lp = lp * repetition_weight(ids_BT, real_BT, cfg["win"], cfg["gamma"])[..., None, None]
@@ -189,6 +185,15 @@ def install(model, comps, cfg, counter):
         return routed(post, ids_BT, real_BT, cfg, counter)
 
     router.scores = scores
+
+
+def scaled(logp_BTEK, tables, ids_BT, cfg):
+    """Each token's evidence times ``beta``; with ``bu``, its unigram part log q(v) times ``bu``
+    and the rest (log p(v|u) - log q(v)) times ``beta``."""
+    if cfg["bu"] is None:
+        return logp_BTEK * cfg["beta"]
+    lq = tables[0][:, :, ids_BT].log().permute(2, 3, 0, 1)
+    return (logp_BTEK - lq) * cfg["beta"] + lq * cfg["bu"]
 
 
 def transformed(logp_BTEK, cfg):
