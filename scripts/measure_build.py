@@ -3,7 +3,8 @@ every sent token; two more ideas that did not pay").
 
 For each MODEL_DIR: keep = oracle ppl / ppl on windows of 256 tokens spread over each domain's
 ``valid.txt`` (``--tokens`` per domain) and ``dume eval --mixed``'s keeps on ``--sequences``
-mixed sequences (seed 0), as ``scripts/proto_bench.py`` measures them. ``--layers`` re-measures
+mixed sequences (seed 0), as ``scripts/proto_bench.py`` measures them. ``--betas`` re-measures
+an n-gram build at other evidence scales. ``--layers`` re-measures
 with the second expert in some layers only: one string per setting, a character per MoE layer,
 ``1`` = the build's k, ``0`` = k 1 (``111 ...`` is the build as it is).
 
@@ -29,6 +30,13 @@ def main():
     ap.add_argument("models", nargs="+")
     ap.add_argument("--valid", nargs="+", required=True, help="NAME=VALID.txt")
     ap.add_argument("--layers", nargs="*", default=[])
+    ap.add_argument(
+        "--betas",
+        nargs="*",
+        type=float,
+        default=[],
+        help="re-measure at these evidence scales (ngram routing; default: the build's)",
+    )
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -49,16 +57,25 @@ def main():
         )
         blocks = model.moe_blocks()
         k = blocks[0].top_k
-        for spec in args.layers or ["1" * len(blocks)]:
+        router = getattr(model, "ngram_router", None)
+        if args.betas and router is None:
+            raise SystemExit("--betas needs a build with ngram routing")
+        for spec, beta in [(s, b) for s in args.layers or ["1" * len(blocks)]
+                           for b in args.betas or [None]]:  # fmt: skip
+            if beta is not None:
+                router.evidence_scale = beta
+                spec_key = f"{spec}:beta={beta}"
+            else:
+                spec_key = spec
             if len(spec) != len(blocks) or set(spec) - {"0", "1"}:
                 raise SystemExit(f"--layers {spec!r}: one 0 or 1 per layer ({len(blocks)})")
             for block, c in zip(blocks, spec):
                 block.top_k = k if c == "1" else 1
             r = bench.measure(model)
-            rows.setdefault(model_dir, {})[spec] = r
+            rows.setdefault(model_dir, {})[spec_key] = r
             keep = {d: round(v, 4) for d, v in r["keep"].items()}
             mixed = {d: round(v, 3) for d, v in r["mixed"].items()}
-            print(model_dir, spec, f"worst {r['worst']:.4f}", keep, "mixed", mixed,
+            print(model_dir, spec_key, f"worst {r['worst']:.4f}", keep, "mixed", mixed,
                   f"{time.time() - t0:.0f}s", flush=True)  # fmt: skip
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

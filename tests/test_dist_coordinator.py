@@ -659,8 +659,11 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
     [
         (CONTEXT, ("context", {}), "model.layers.0.mlp.router.weight"),
         (SMALL_NGRAM, ("ngram", {"ngram_buckets": 64}), "ngram_router.unigram_counts"),
+        # with text each node's expert writes: the node's sample is the single machine's
+        ({**SMALL_NGRAM, "ngram_sample": 0.5},
+         ("ngram", {"ngram_buckets": 64, "ngram_sample": 0.5}), "ngram_router.unigram_counts"),
     ],
-    ids=["context", "ngram"],
+    ids=["context", "ngram", "ngram-sample"],
 )
 def test_unlearning_equals_a_build_without_the_node(
     experts, tmp_path, settings, routing, router_key
@@ -690,6 +693,11 @@ def test_unlearning_equals_a_build_without_the_node(
     assert flow.versions().get_manifest("v4")["lam"] == single.routing.lam
     # Unlearning changed the routers (λ / μ is chosen again on the remaining held-out statistics).
     assert flow.routers("v3")[router_key].shape[0] == 3
+    if "ngram_sample" in settings:  # the nodes counted text their experts wrote
+        (entry,) = flow.status()["registry"]["nodes"]["alpha"]["stats"]
+        stats = stats_from_bytes(BlobStore(flow.store, CURRENT.blobs).get_blob(entry["blob"]))
+        assert 0 < stats.extra["sampled_tokens"] < stats.num_tokens
+        assert flow.versions().get_manifest("v4")["routing"]["ngram_sample"] == 0.5
     if settings is SMALL_NGRAM:  # 64 buckets: `dume status` names the full tables
         assert any("fills" in w and "--ngram-buckets" in w for w in flow.status()["warnings"])
 

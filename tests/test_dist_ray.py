@@ -144,11 +144,12 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
     """Fit and held-out statistics of two gloo ranks equal one worker's: ``linear``, the paper's
     token features with λ chosen on held-out Grams, Grams summed in fp64 (features are made per
     sequence before any reduction, so `context`'s prefix means take the same path); ``ngram``,
-    counts summed exactly and the held-out bigrams gathered and merged into the same held-out
-    curve, bit for bit."""
+    counts summed exactly (the text the expert writes included: its batches shared between the
+    ranks) and the held-out bigrams gathered and merged into the same held-out curve, bit for
+    bit."""
     settings = {**SETTINGS, "routing": "ngram" if routing == "ngram" else "paper"}
-    if routing == "ngram":
-        settings["ngram_buckets"] = 64
+    if routing == "ngram":  # with text the expert writes: its batches round-robin too
+        settings.update(ngram_buckets=64, ngram_sample=0.5)
     else:
         settings.update(lam="auto", holdout_fraction=0.1)
     flow = RayFlow(
@@ -182,6 +183,9 @@ def test_two_gloo_workers_equal_one_worker(ray_cluster, experts, tmp_path, routi
             assert a.feature_map == b.feature_map == feature_map
             assert a.num_tokens == b.num_tokens > 0
             if routing == "ngram":
+                sampled = a.extra.get("sampled_tokens")
+                assert sampled == b.extra.get("sampled_tokens")
+                assert (sampled > 0) if feature_map == "ngram:64" else sampled is None
                 for name in ("unigram_V", "context_V", "bigram_H"):
                     assert torch.equal(getattr(a, name), getattr(b, name)), name
                 assert a.pairs_K3 is None and b.pairs_K3 is None  # no exact bigrams by default

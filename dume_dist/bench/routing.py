@@ -21,6 +21,7 @@ median drops the disturbed pairs).
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import tempfile
@@ -121,11 +122,19 @@ def _collect(backbone, specs, tokenizer, train, spec: RoutingSpec, kw):
     return out, time.perf_counter() - t0
 
 
+def _stats_key(option: RoutingSpec) -> str:
+    """The statistics identity of ``option``, and the settings of the text the experts write
+    when it has some (``RouterKind.sample_settings``): statistics with and without differ."""
+    extra = option.router_kind.sample_settings(option)
+    return option.feature_map + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
+
+
 def _widest(options: Sequence[RoutingSpec], holdout_fraction: float) -> dict[str, RoutingSpec]:
-    """Per statistics identity, one spec whose statistics serve every option of it."""
+    """Per statistics identity (and settings, `_stats_key`), one spec whose statistics serve
+    every option of it."""
     groups: dict[str, list[RoutingSpec]] = {}
     for option in options:
-        groups.setdefault(option.feature_map, []).append(option)
+        groups.setdefault(_stats_key(option), []).append(option)
     return {
         fm: group[0].router_kind.widest(group).replace(holdout_fraction=holdout_fraction)
         for fm, group in sorted(groups.items())
@@ -216,7 +225,7 @@ def run_routing_bench(
     models = []
     with tempfile.TemporaryDirectory(prefix="dume-bench-routing-") as tmp:
         for i, (label, option) in enumerate(options):
-            solved, solve_s, fit = _solve(option, stats[option.feature_map], names)
+            solved, solve_s, fit = _solve(option, stats[_stats_key(option)], names)
             out = Path(tmp) / f"opt{i}"
             inp = CheckpointInput(
                 backbone=backbone, experts=specs, routing=solved, top_k=option.top_k,
@@ -244,7 +253,7 @@ def run_routing_bench(
                 "worst_retention": min(keep.values()),
                 "routing_accuracy_layers": accuracy,
                 "routing_accuracy": {d: sum(a) / len(a) for d, a in accuracy.items()},
-                "stats_bytes_per_contributor": _stats_bytes(option, stats[option.feature_map], names[0]),
+                "stats_bytes_per_contributor": _stats_bytes(option, stats[_stats_key(option)], names[0]),
                 "solve_seconds": solve_s,
             })  # fmt: skip
             if mixed is not None:

@@ -344,8 +344,12 @@ def _print_build_summary(result) -> None:
     table = Table(title="statistics per expert")
     table.add_column("expert")
     table.add_column("tokens", justify="right")
+    sampled = getattr(result, "sampled_tokens", None) or {}
+    if any(sampled.values()):  # text the experts wrote (ngram_sample), counted with their data's
+        table.add_column("of which sampled", justify="right")
     for name, count in stats.items():
-        table.add_row(name, f"{count:,}")
+        extra = [f"{sampled.get(name, 0):,}"] if any(sampled.values()) else []
+        table.add_row(name, f"{count:,}", *extra)
     Console().print(table)
     solved = getattr(result, "routing", None)
     if solved is not None:

@@ -44,6 +44,7 @@ class StatsWorker:
         self._lock = threading.Lock()
         self._done, self._total = 0, 0
         self.threads = threads
+        self.sampled_tokens = 0  # tokens of the last job's sample (all ranks' batches)
 
     def open_rendezvous(self) -> tuple[str, int]:
         """Rank 0 only: listen on an ephemeral port; returns (host, port) for the other ranks."""
@@ -92,11 +93,12 @@ class StatsWorker:
         )
         extra = {"submission_id": job.submission_id, "workers": self.world_size}
         shape = BackboneShape.of_config(backbone.config)
+        sampled = {"sampled_tokens": self.sampled_tokens} if self.sampled_tokens else {}
         out = {}
         for collector, held in zip(collectors, (False, True)):
             for key, stats in collector.result().items():
                 stats = stats.with_meta(
-                    **meta, extra={**extra, "split": "holdout"} if held else extra
+                    **meta, extra={**extra, "split": "holdout"} if held else {**extra, **sampled}
                 )
                 if job.dp_clip is None and job.dp_count_cap is None:  # bounded: whole after noise
                     spec.router_kind.validate(stats, spec, shape)
@@ -106,7 +108,9 @@ class StatsWorker:
 
     def _collect(self, job: StatsJob, spec, backbone) -> list:
         """This rank's collectors (fit, then held-out when the job asks), fed its batches."""
+        from dume_dist.model.data import shard
         from dume_dist.model.experts import load_expert_spec
+        from dume_dist.model.kinds import feed_sample
 
         held_out = bool(job.holdout_smoothings)
         expert = load_expert_spec(job.name, job.expert_dir)
@@ -115,12 +119,23 @@ class StatsWorker:
             spec, backbone, expert, holdout=held_out, max_tokens_per_seq=job.max_tokens_per_seq,
             device=self.device(), clip=job.dp_clip, count_cap=job.dp_count_cap, **private,
         )  # fmt: skip
-        parts = self._my_batches(job, held_out)
+        parts, fit_tokens = self._my_batches(job, held_out)
+        sample = spec.router_kind.sampled(
+            spec, backbone, expert, real_tokens=fit_tokens,
+            max_tokens_per_seq=job.max_tokens_per_seq, fingerprint=job.expert_fingerprint,
+            device=self.device(),
+        )  # fmt: skip
+        # the sample's batches round-robin too: each batch is seeded by its index alone
+        my_sample = shard(range(sample.num_batches), self.rank, self.world_size) if sample else []
         with self._lock:
             self._total = sum(int(m.sum()) for mine in parts for _, m in mine)
-        for collector, mine in zip(collectors, parts):
-            for ids_BT, mask_BT in self._counted(mine):
+            self._total += sum(sample.tokens_of(b) for b in my_sample)
+        for collector, mine_part in zip(collectors, parts):
+            for ids_BT, mask_BT in self._counted(mine_part):
                 collector.add(ids_BT, mask_BT)
+        self.sampled_tokens = feed_sample(
+            collectors[0], sample, progress=False, batches=my_sample, on_batch=self._count
+        )  # fmt: skip
         return collectors
 
     def _reduce(self, collectors: list) -> None:
@@ -153,21 +168,23 @@ class StatsWorker:
     def _my_batches(self, job: StatsJob, held_out: bool) -> list[list]:
         """This rank's share of the token batches of the node's fit documents and, with
         ``held_out``, of its held-out documents (the build's document split, ``split_holdout``):
-        any number of workers sees exactly the batches one worker would."""
+        any number of workers sees exactly the batches one worker would; and the tokens all
+        fit batches keep (what a sample's size follows)."""
         from dume_dist.model.build import split_holdout
-        from dume_dist.model.data import load_domain_texts, shard, token_batches
+        from dume_dist.model.data import keep_mask, load_domain_texts, shard, token_batches
         from dume_dist.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(job.backbone_dir)
         texts = load_domain_texts(job.domain, job.data)
         fit_texts, held_texts = split_holdout(texts, job.holdout_fraction, job.name)
         parts = [fit_texts] + ([held_texts] if held_out else [])
-        return [
-            shard(list(token_batches(tokenizer, part, job.batch_size, job.seq_len,
-                                     job.max_tokens_per_seq, job.max_tokens)),
-                  self.rank, self.world_size)
+        batches = [
+            list(token_batches(tokenizer, part, job.batch_size, job.seq_len,
+                               job.max_tokens_per_seq, job.max_tokens))
             for part in parts
         ]  # fmt: skip
+        fit_tokens = sum(int(keep_mask(m, job.max_tokens_per_seq).sum()) for _, m in batches[0])
+        return [shard(b, self.rank, self.world_size) for b in batches], fit_tokens
 
     @contextlib.contextmanager
     def _group(self, rendezvous: tuple[str, int] | None):
@@ -202,8 +219,11 @@ class StatsWorker:
             self.backend, store=store, rank=self.rank, world_size=self.world_size
         )
 
+    def _count(self, tokens: int) -> None:
+        with self._lock:
+            self._done += tokens
+
     def _counted(self, batches) -> Iterator:
         for ids_BT, mask_BT in batches:
             yield ids_BT, mask_BT
-            with self._lock:
-                self._done += int(mask_BT.sum())
+            self._count(int(mask_BT.sum()))

@@ -47,7 +47,7 @@ from dume_dist.model.formats import (
     write_checkpoint,
 )
 from dume_dist.model.formats.base import DEFAULT_SHARD_BYTES
-from dume_dist.model.kinds import feed
+from dume_dist.model.kinds import feed, feed_sample
 from dume_dist.model.routing import RoutingSpec, SolvedRouting, resolve_routing, solve_routing
 from dume_dist.model.stats_dir import StatsDir, check_outside, stats_key
 from dume_dist.model.stats_files import StatsFiles, contributions
@@ -71,6 +71,9 @@ class BuildResult:
     routing: SolvedRouting | None = None
     reused_stats: list[str] = field(default_factory=list)
     privacy: dict[str, dict] = field(default_factory=dict)
+    sampled_tokens: dict[str, int] = field(
+        default_factory=dict
+    )  # of num_tokens, text experts wrote
 
 
 def _check_options(
@@ -200,17 +203,25 @@ def raw_statistics(
         max_tokens_per_seq=max_tokens_per_seq, device=device, dtype=dtype, clip=clip,
         count_cap=cap, **({"private": True} if dp else {}),
     )  # fmt: skip
-    results = []
+    results, sampled = [], 0
     for collector, part in zip(collectors, (fit_texts, held_texts)):
         batches = token_batches(
             tokenizer, part, batch_size, seq_len, max_tokens_per_seq, max_tokens
         )
-        feed(collector, batches, max_tokens_per_seq, progress=progress,
-             desc=f"statistics {spec.name}")  # fmt: skip
+        real = feed(collector, batches, max_tokens_per_seq, progress=progress,
+                    desc=f"statistics {spec.name}")  # fmt: skip
+        if not results:  # the fit part: then what the expert writes (kinds that count it)
+            sample = routing.router_kind.sampled(
+                routing, backbone, spec, real_tokens=real, max_tokens_per_seq=max_tokens_per_seq,
+                fingerprint=meta["expert_fingerprint"], device=device, dtype=dtype,
+            )  # fmt: skip
+            sampled = feed_sample(collector, sample, progress, f"sample {spec.name}")
         results.append(collector.result())
     del collectors
     release_memory(device)
     fit = results[0][0.0].with_meta(**meta)
+    if sampled:
+        fit = fit.with_meta(extra={**fit.extra, "sampled_tokens": sampled})
     held = {}
     if len(results) > 1:
         held = {p: st.with_meta(**meta, extra={"split": "holdout"}) for p, st in results[1].items()}
@@ -313,6 +324,8 @@ def build_dume(
     fingerprints: dict[str, str] = {}
     reused: dict[str, bool] = {}
     privacy: dict[str, dict] = {}
+    sampled: dict[str, int] = {}
+    sample_key = spec_routing.router_kind.sample_settings(spec_routing)  # text experts write
     for spec in specs:
         t1 = time.perf_counter()
         fingerprints[spec.name] = expert_fingerprint(spec)
@@ -324,6 +337,7 @@ def build_dume(
                         spec_routing.router_kind.heldout_settings(spec_routing)],
             "windows": [seq_len, max_tokens_per_seq, max_tokens],
             "dp": None if dp is None else dp.to_json(),
+            **({"sample": sample_key} if sample_key else {}),
         })  # fmt: skip
         loaded = saved.load(spec.name, key) if saved is not None else None
         if loaded is not None:
@@ -341,6 +355,7 @@ def build_dume(
         reused[spec.name] = loaded is not None
         if "dp" in fit.extra:
             privacy[spec.name] = fit.extra["dp"]
+        sampled[spec.name] = int(fit.extra.get("sampled_tokens", 0))
         fit_files.put(spec.name, fit)
         for beta, held_stats in held.items():
             held_files.setdefault(beta, StatsFiles(fit_files.root / f"holdout-{len(held_files)}"))
@@ -389,6 +404,7 @@ def build_dume(
         routing=solved,
         reused_stats=[n for n, r in reused.items() if r],
         privacy=privacy,
+        sampled_tokens=sampled,
     )
 
 

@@ -163,6 +163,7 @@ LINEAR_OPTIONS = (
 
 # Sequence-level naive Bayes on hashed token bigrams (core/ngram, model/ngram_select).
 MAX_SWITCH_RATES = 8  # the posterior keeps (rates x experts) numbers per sequence
+DEFAULT_SAMPLE_MAX = 1 << 20  # sampled tokens per contributor: minutes for an 8B expert on a GPU
 NGRAM_OPTIONS = (
     Option("ngram_buckets", "int", 1 << 22, "hash buckets of the n-gram router's bigram counts "
            "(about 3x the distinct bigrams of the largest expert's text or more)", low=1,
@@ -191,6 +192,18 @@ NGRAM_OPTIONS = (
         "weights by how well each predicted the text so far (instead of one rate 'switch'; at "
         f"most {MAX_SWITCH_RATES})",
         low=0.0, high=0.5, high_open=True,
+    ),
+    Option(
+        "ngram_sample", "float", 0.0,
+        "n-gram router: each contributor's expert writes this many times as many tokens as its "
+        "data gave (from its BOS token, temperature 1; 0: none) and counts them with its data's "
+        "(docs/routing.md, counts of text the experts write)",
+        low=0.0, high=16.0,
+    ),
+    Option(
+        "ngram_sample_max", "int", DEFAULT_SAMPLE_MAX,
+        "n-gram router: the most tokens one contributor's expert writes for ngram_sample",
+        low=1, high=1 << 30,
     ),
     Option(
         "evidence_scale", "float", 1.0,

@@ -96,6 +96,28 @@ def feed(collector: Collector, batches, max_tokens_per_seq: int, *, progress: bo
     return seen
 
 
+def feed_sample(collector: Collector, sample, progress: bool = True, desc: str = "sample",
+                batches=None, on_batch=None) -> int:  # fmt: skip
+    """Give ``collector`` the batches ``batches`` (default: all) of ``sample`` (what
+    ``RouterKind.sampled`` returns; None: nothing), with a progress bar of sampled tokens
+    (``on_batch(tokens)`` after each batch); the sample's model is released after. Returns the
+    tokens of the whole sample (0 for None)."""
+    if sample is None:
+        return 0
+    mine = list(range(sample.num_batches) if batches is None else batches)
+    try:
+        total = sum(sample.tokens_of(b) for b in mine)
+        with tqdm(disable=not progress, unit="tok", desc=desc, total=total) as bar:
+            for b in mine:
+                collector.add(*sample.batch(b))
+                bar.update(sample.tokens_of(b))
+                if on_batch is not None:
+                    on_batch(sample.tokens_of(b))
+    finally:
+        sample.release()
+    return sample.num_tokens
+
+
 class RouterKind:
     """Base of a router kind; subclasses override what their kind needs (see the module)."""
 
@@ -194,6 +216,19 @@ class RouterKind:
         ``clip`` / ``count_cap``: the bounds of ``dp_bounds``; ``private``: the statistics will
         be made differentially private on the node, keep what ``privatized`` needs)."""
         raise NotImplementedError
+
+    def sample_settings(self, spec) -> dict | None:
+        """What the batches of ``sampled`` depend on (part of ``statistics_settings``, and of a
+        saved statistics directory's key); None: no sample."""
+        return None
+
+    def sampled(self, spec, backbone, expert, *, real_tokens: int, max_tokens_per_seq: int,
+                fingerprint: str, device, dtype=None):  # fmt: skip
+        """Token batches the contributor's own expert writes, which its fit collector counts
+        after its data's ``real_tokens`` kept tokens: an object with ``num_batches``,
+        ``num_tokens``, ``batch(b)`` (the same bits on any worker) and ``release()``; None:
+        none (most kinds)."""
+        return None
 
     # -- differential privacy -----------------------------------------------------------------
 

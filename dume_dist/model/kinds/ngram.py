@@ -213,7 +213,8 @@ class NgramKind(RouterKind):
         return ngram_feature_map(spec.ngram_buckets, _sends_pairs(spec), _sends_curve(spec))
 
     def statistics_settings(self, spec) -> dict | None:
-        return {"features": NGRAM_LEGACY["features"], "ngram_buckets": spec.ngram_buckets}
+        return {"features": NGRAM_LEGACY["features"], "ngram_buckets": spec.ngram_buckets,
+                **(self.sample_settings(spec) or {})}  # fmt: skip
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -239,6 +240,11 @@ class NgramKind(RouterKind):
 
     def check_values(self, stats, spec, backbone: BackboneShape) -> None:
         check_count_values(stats, MAX_TOKENS, spec.ngram_alpha)
+        sampled = stats.extra.get("sampled_tokens", 0)
+        if not isinstance(sampled, int) or isinstance(sampled, bool) or sampled < 0:
+            raise ValueError(f"n-gram statistics: sampled_tokens must be a count, got {sampled!r}")
+        if sampled > stats.num_tokens:
+            raise ValueError(f"n-gram statistics claim {sampled} sampled tokens, count {stats.num_tokens}")  # fmt: skip
 
     def heldout_settings(self, spec) -> dict | None:
         if not _sends_curve(spec):
@@ -251,6 +257,11 @@ class NgramKind(RouterKind):
         return "exact held-out bigrams (previous token, token, count of your held-out documents)"
 
     def check_dp(self, spec, dp) -> None:
+        if spec.ngram_sample > 0:
+            raise ValueError(
+                "differential privacy with ngram_sample > 0: the sample's size follows the data's "
+                "size; set ngram_sample 0 (--ngram-sample 0)"
+            )
         if spec.needs_holdout and _sends_pairs(spec):
             raise ValueError(
                 "differential privacy with ngram routing needs mu 'auto' by held-out likelihood "
@@ -289,6 +300,30 @@ class NgramKind(RouterKind):
             curve_grid=_mu_grid(spec) if _sends_curve(spec) else None, alpha=spec.ngram_alpha,
         )  # fmt: skip
         return [fit, held]
+
+    def sample_settings(self, spec) -> dict | None:
+        if not spec.ngram_sample > 0:
+            return None
+        return {"ngram_sample": spec.ngram_sample, "ngram_sample_max": spec.ngram_sample_max}
+
+    def sampled(self, spec, backbone, expert, *, real_tokens, max_tokens_per_seq, fingerprint,
+                device, dtype=None):  # fmt: skip
+        from dume_dist.model.ngram_sample import SampledBatches, sample_shape, start_token
+
+        limit = getattr(expert.config, "max_position_embeddings", None)
+        limit = min(limit, max_tokens_per_seq) if limit else max_tokens_per_seq
+        sequences, length = sample_shape(real_tokens, spec.ngram_sample, spec.ngram_sample_max,
+                                         limit)  # fmt: skip
+        if sequences == 0:
+            return None
+        start = start_token(expert.config)
+
+        def make_model():  # the expert's own model: it writes its domain best (docs/routing.md)
+            from dume_dist.model.ngram_sample import expert_model
+
+            return expert_model(expert, device, dtype)
+
+        return SampledBatches(make_model, fingerprint, sequences, length, start, device)
 
     # -- solve and checkpoint -----------------------------------------------------------------
 
@@ -348,6 +383,7 @@ class NgramKind(RouterKind):
         selection = getattr(solved, "switch_selection", None)
         rates = getattr(solved, "switch_rates", None)
         return {"mu": solved.lam, "switch": getattr(solved, "switch", 0.0),
+                **(self.sample_settings(solved.spec) or {}),
                 "bucket_fill": bucket_fill(solved.routers.bigram_EH),
                 "switch_rates": list(rates) if rates else None,
                 "evidence_scale": getattr(solved, "evidence_scale", 1.0),
