@@ -4,7 +4,8 @@ every sent token; two more ideas that did not pay").
 For each MODEL_DIR: keep = oracle ppl / ppl on windows of 256 tokens spread over each domain's
 ``valid.txt`` (``--tokens`` per domain) and ``dume eval --mixed``'s keeps on ``--sequences``
 mixed sequences (seed 0), as ``scripts/proto_bench.py`` measures them. ``--betas`` re-measures
-an n-gram build at other evidence scales. ``--layers`` re-measures
+an n-gram build at other evidence scales; every row has the share of single-domain tokens on which
+a second expert runs. ``--layers`` re-measures
 with the second expert in some layers only: one string per setting, a character per MoE layer,
 ``1`` = the build's k, ``0`` = k 1 (``111 ...`` is the build as it is).
 
@@ -22,6 +23,34 @@ from proto_bench import ProtoBench
 
 from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.tokenizer import load_tokenizer
+
+
+class SecondExpert:
+    """Share of single-domain tokens on which a second expert runs (its weight kept: at least
+    the build's ``min_weight``), counted in ``block``'s routing while ``bench.single`` runs."""
+
+    def __init__(self, bench, block):
+        self.on, self.second, self.tokens = False, 0, 0
+        route, single = block.route_sequences, bench.single
+
+        def counted_route(hidden_BTD):
+            index_BTK, weight_BTK = route(hidden_BTD)
+            if self.on and weight_BTK.shape[-1] > 1:
+                self.second += int((weight_BTK[..., 1] > 0).sum())
+                self.tokens += weight_BTK[..., 0].numel()
+            return index_BTK, weight_BTK
+
+        def counted_single(model):
+            self.on, self.second, self.tokens = True, 0, 0
+            try:
+                return single(model)
+            finally:
+                self.on = False
+
+        block.route_sequences, bench.single = counted_route, counted_single
+
+    def share(self) -> float:
+        return self.second / max(self.tokens, 1)
 
 
 def main():
@@ -57,6 +86,7 @@ def main():
         )
         blocks = model.moe_blocks()
         k = blocks[0].top_k
+        counter = SecondExpert(bench, blocks[0])
         router = getattr(model, "ngram_router", None)
         if args.betas and router is None:
             raise SystemExit("--betas needs a build with ngram routing")
@@ -72,10 +102,12 @@ def main():
             for block, c in zip(blocks, spec):
                 block.top_k = k if c == "1" else 1
             r = bench.measure(model)
+            r["second_expert"] = counter.share()
             rows.setdefault(model_dir, {})[spec_key] = r
             keep = {d: round(v, 4) for d, v in r["keep"].items()}
             mixed = {d: round(v, 3) for d, v in r["mixed"].items()}
             print(model_dir, spec_key, f"worst {r['worst']:.4f}", keep, "mixed", mixed,
+                  f"second expert {r['second_expert']:.1%}",
                   f"{time.time() - t0:.0f}s", flush=True)  # fmt: skip
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -51,7 +51,8 @@ def test_default_build_is_follow_routing_chosen_on_held_out_statistics(world, tm
     assert config["routing"]["features"] == "ngram" and config["routing"]["solver"] == "nb"
     assert config["routing"]["ngram"]["mu"] == manifest["routing"]["lam"]
     assert config["routing"]["ngram"]["switch_rates"] == [0.0, 1e-4, 1e-3, 1e-2]
-    assert config["routing"]["ngram"]["evidence_scale"] == 0.2
+    assert config["routing"]["ngram"]["evidence_scale"] == 0.3
+    assert manifest["routing"]["ngram_sample"] == 0.5
     assert manifest["routing"]["spec"]["preset"] == "follow"
     assert manifest["routing"]["selection"]["lam"] == manifest["routing"]["lam"]
     printed = capsys.readouterr().out

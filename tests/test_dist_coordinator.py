@@ -660,8 +660,11 @@ def test_ngram_routing_equals_the_single_machine_build(experts, tmp_path):
         (CONTEXT, ("context", {}), "model.layers.0.mlp.router.weight"),
         (SMALL_NGRAM, ("ngram", {"ngram_buckets": 64}), "ngram_router.unigram_counts"),
         # with text each node's expert writes: the node's sample is the single machine's
-        ({**SMALL_NGRAM, "ngram_sample": 0.5},
-         ("ngram", {"ngram_buckets": 64, "ngram_sample": 0.5}), "ngram_router.unigram_counts"),
+        (
+            {**SMALL_NGRAM, "ngram_sample": 0.5},
+            ("ngram", {"ngram_buckets": 64, "ngram_sample": 0.5}),
+            "ngram_router.unigram_counts",
+        ),
     ],
     ids=["context", "ngram", "ngram-sample"],
 )

@@ -231,7 +231,11 @@ def test_switch_build_chooses_a_rate_and_records_it(world_stats):
 
 
 def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
-    from dume_dist.model.routing_options import FOLLOW_EVIDENCE_SCALE, FOLLOW_SWITCH_RATES
+    from dume_dist.model.routing_options import (
+        FOLLOW_EVIDENCE_SCALE,
+        FOLLOW_SAMPLE,
+        FOLLOW_SWITCH_RATES,
+    )
 
     assert PRESETS["follow"] == resolve_routing(None)
     world = make_world(tmp_path, num_docs=30)
@@ -240,6 +244,8 @@ def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
     assert ngram["switch_rates"] == list(FOLLOW_SWITCH_RATES) and "switch" not in ngram
     assert ngram["evidence_scale"] == FOLLOW_EVIDENCE_SCALE
     routing = result.manifest["routing"]
+    assert routing["ngram_sample"] == FOLLOW_SAMPLE > 0  # the experts' own text counted
+    assert all(0 < n < result.num_tokens[e] for e, n in result.sampled_tokens.items())
     assert routing["switch_rates"] == list(FOLLOW_SWITCH_RATES)
     assert routing["switch_selection"] is None  # nothing chosen: the rates are fixed
     with pytest.raises(ValueError, match="give one of them, not both"):
@@ -249,10 +255,10 @@ def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
 def test_statistics_that_serve_follow_alone_choose_a_rate_instead():
     # the routing bench collects once per identity for the widest spec: with `follow` the first
     # n-gram option it used to ask for switch "auto" beside fixed switch_rates and stop
-    from dume_dist.bench.routing import _widest
+    from dume_dist.bench.routing import _stats_key, _widest
 
     wide = _widest([PRESETS["paper"], PRESETS["follow"]], 0.1)
-    ngram = wide[PRESETS["follow"].feature_map]
+    ngram = wide[_stats_key(PRESETS["follow"])]
     assert ngram.switch == "auto" and ngram.switch_rates is None and ngram.needs_holdout
     assert ngram.feature_map == PRESETS["follow"].feature_map
 

@@ -439,7 +439,9 @@ class NodeAgent:
             return out
         stats = stats_from_bytes(computed["stats"])
         private = " (differentially private)" if "dp" in stats.extra else ""
-        out.append({"what": f"fit statistics{private}", "kind": stats.feature_map,
+        sampled = stats.extra.get("sampled_tokens", 0)
+        sampled = f" incl. counts of {sampled:,} tokens your expert wrote" if sampled else ""
+        out.append({"what": f"fit statistics{sampled}{private}", "kind": stats.feature_map,
                     "bytes": len(computed["stats"]), "tokens": stats.num_tokens})  # fmt: skip
         for _, blob in sorted((computed.get("holdout") or {}).items()):
             held = stats_from_bytes(blob)

@@ -123,7 +123,7 @@ class StatsWorker:
         sample = spec.router_kind.sampled(
             spec, backbone, expert, real_tokens=fit_tokens,
             max_tokens_per_seq=job.max_tokens_per_seq, fingerprint=job.expert_fingerprint,
-            device=self.device(),
+            device=self.device(), private=job.private,
         )  # fmt: skip
         # the sample's batches round-robin too: each batch is seeded by its index alone
         my_sample = shard(range(sample.num_batches), self.rank, self.world_size) if sample else []

@@ -214,6 +214,7 @@ def raw_statistics(
             sample = routing.router_kind.sampled(
                 routing, backbone, spec, real_tokens=real, max_tokens_per_seq=max_tokens_per_seq,
                 fingerprint=meta["expert_fingerprint"], device=device, dtype=dtype,
+                private=dp is not None,
             )  # fmt: skip
             sampled = feed_sample(collector, sample, progress, f"sample {spec.name}")
         results.append(collector.result())

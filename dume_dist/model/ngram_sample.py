@@ -18,8 +18,8 @@ worker makes, and a node and a single-machine build of the same expert count the
 Different experts draw different samples whatever order they join in.
 
 What leaves the node: nothing new — the counts are sums with the data's counts; the number of
-sampled tokens is recorded in the statistics' ``extra`` (``sampled_tokens``). The sample size
-follows the data's size, so it is not offered with differential privacy.
+sampled tokens is recorded in the statistics' ``extra`` (``sampled_tokens``). The sample's size
+follows the data's size, so a contribution made differentially private counts no sample.
 """
 
 from __future__ import annotations

@@ -223,11 +223,12 @@ class RouterKind:
         return None
 
     def sampled(self, spec, backbone, expert, *, real_tokens: int, max_tokens_per_seq: int,
-                fingerprint: str, device, dtype=None):  # fmt: skip
+                fingerprint: str, device, dtype=None, private: bool = False):  # fmt: skip
         """Token batches the contributor's own expert writes, which its fit collector counts
         after its data's ``real_tokens`` kept tokens: an object with ``num_batches``,
-        ``num_tokens``, ``batch(b)`` (the same bits on any worker) and ``release()``; None:
-        none (most kinds)."""
+        ``num_tokens``, ``tokens_of(b)``, ``batch(b)`` (the same bits on any worker) and
+        ``release()``; None: none (most kinds; ``private``: statistics made differentially
+        private on the node)."""
         return None
 
     # -- differential privacy -----------------------------------------------------------------

@@ -257,11 +257,6 @@ class NgramKind(RouterKind):
         return "exact held-out bigrams (previous token, token, count of your held-out documents)"
 
     def check_dp(self, spec, dp) -> None:
-        if spec.ngram_sample > 0:
-            raise ValueError(
-                "differential privacy with ngram_sample > 0: the sample's size follows the data's "
-                "size; set ngram_sample 0 (--ngram-sample 0)"
-            )
         if spec.needs_holdout and _sends_pairs(spec):
             raise ValueError(
                 "differential privacy with ngram routing needs mu 'auto' by held-out likelihood "
@@ -307,8 +302,11 @@ class NgramKind(RouterKind):
         return {"ngram_sample": spec.ngram_sample, "ngram_sample_max": spec.ngram_sample_max}
 
     def sampled(self, spec, backbone, expert, *, real_tokens, max_tokens_per_seq, fingerprint,
-                device, dtype=None):  # fmt: skip
+                device, dtype=None, private=False):  # fmt: skip
         from dume_dist.model.ngram_sample import SampledBatches, sample_shape, start_token
+
+        if private:  # its size follows the data's: a private contribution counts no sample
+            return None
 
         limit = getattr(expert.config, "max_position_embeddings", None)
         limit = min(limit, max_tokens_per_seq) if limit else max_tokens_per_seq
