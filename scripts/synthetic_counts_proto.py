@@ -85,10 +85,17 @@ def main():
     ap.add_argument("--sample-tokens", type=int, default=65536)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--source", choices=("expert", "merged"), default="expert",
-                    help="sample from each expert's own model or from the DUME model with it forced")
-    ap.add_argument("--raw", action="store_true",
-                    help="w is the sampled share of real tokens, counts added unscaled (integers)")
+    ap.add_argument(
+        "--source",
+        choices=("expert", "merged"),
+        default="expert",
+        help="sample from each expert's own model or from the DUME model with it forced",
+    )
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="w is the sampled share of real tokens, counts added unscaled (integers)",
+    )
     args = ap.parse_args()
     paths, tok, model, order, vocab, mu = load_build(args.model_dir, args.data)
     experts = dict(e.split("=", 1) for e in args.experts)
