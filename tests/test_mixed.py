@@ -155,11 +155,12 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
     from dume_dist.bench.routing import DEFAULT_OPTIONS, markdown_table, run_routing_bench
 
     _, world = model_dir
-    # ngram, switch and follow share fit and held-out statistics (counts and the mu curve; switch
-    # auto simulates its text from the held-out counts): each gets what a contributor computes
+    # ngram, switch and the earlier follow share fit and held-out statistics (counts and the mu
+    # curve; switch auto simulates its text from the held-out counts): each gets what a
+    # contributor computes; the default follow's counts include text the experts write: its own
     starts = ("switch", "ngram (", "follow")
     options = [DEFAULT_OPTIONS[0]] + [o for o in DEFAULT_OPTIONS if o[0].startswith(starts)]
-    assert len(options) == 4
+    assert len(options) == 5
     settings = MixedSettings(segment=8, segments=3, sequences=4, batch_size=4)
     result = run_routing_bench(
         world["experts"], world["data"], world["data"], options=options, seq_len=16,
@@ -174,6 +175,7 @@ def test_bench_routing_scores_every_option_on_mixed_sequences(model_dir, tmp_pat
             "after_switch",
         }
     assert result["settings"]["mixed"]["sequences"] == 4
+    assert len(result["settings"]["statistics_seconds"]) == 3  # Grams, counts, with the sample
     # speed: every domain's batch timed, paired against the paper's run on the same input
     assert len(result["settings"]["forward_batches"]) == len(world["data"])
     assert result["options"][0]["forward_speed_vs_paper"] == 1.0

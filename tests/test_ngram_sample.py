@@ -132,7 +132,7 @@ def _counts(ids_NT, vocab, buckets):
 def builds(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("sample-builds")
     return {
-        "plain": _build(world, root / "plain", ngram_buckets=257),
+        "plain": _build(world, root / "plain", ngram_buckets=257, ngram_sample=0.0),
         "sampled": _build(world, root / "sampled", **SAMPLE),
         "again": _build(world, root / "again", **SAMPLE),
         "two": _build(world, root / "two", names=("alpha", "gamma"), **SAMPLE),
