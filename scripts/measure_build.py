@@ -4,7 +4,7 @@ every sent token; two more ideas that did not pay").
 For each MODEL_DIR: keep = oracle ppl / ppl on windows of 256 tokens spread over each domain's
 ``valid.txt`` (``--tokens`` per domain) and ``dume eval --mixed``'s keeps on ``--sequences``
 mixed sequences (seed 0), as ``scripts/proto_bench.py`` measures them. ``--betas`` re-measures
-an n-gram build at other evidence scales; every row has the share of single-domain tokens on which
+an n-gram build at other evidence scales, ``--min-weights`` at other ``min_weight``; every row has the share of single-domain tokens on which
 a second expert runs. ``--layers`` re-measures
 with the second expert in some layers only: one string per setting, a character per MoE layer,
 ``1`` = the build's k, ``0`` = k 1 (``111 ...`` is the build as it is).
@@ -66,6 +66,13 @@ def main():
         default=[],
         help="re-measure at these evidence scales (ngram routing; default: the build's)",
     )
+    ap.add_argument(
+        "--min-weights",
+        nargs="*",
+        type=float,
+        default=[],
+        help="re-measure with these min_weight values (k > 1; default: the build's)",
+    )
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -90,13 +97,17 @@ def main():
         router = getattr(model, "ngram_router", None)
         if args.betas and router is None:
             raise SystemExit("--betas needs a build with ngram routing")
-        for spec, beta in [(s, b) for s in args.layers or ["1" * len(blocks)]
-                           for b in args.betas or [None]]:  # fmt: skip
+        for spec, beta, mw in [(s, b, w) for s in args.layers or ["1" * len(blocks)]
+                               for b in args.betas or [None]
+                               for w in args.min_weights or [None]]:  # fmt: skip
+            spec_key = spec
             if beta is not None:
                 router.evidence_scale = beta
-                spec_key = f"{spec}:beta={beta}"
-            else:
-                spec_key = spec
+                spec_key += f":beta={beta}"
+            if mw is not None:
+                for block in blocks:
+                    block.min_weight = mw
+                spec_key += f":min_weight={mw}"
             if len(spec) != len(blocks) or set(spec) - {"0", "1"}:
                 raise SystemExit(f"--layers {spec!r}: one 0 or 1 per layer ({len(blocks)})")
             for block, c in zip(blocks, spec):

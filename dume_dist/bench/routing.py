@@ -75,10 +75,11 @@ DEFAULT_OPTIONS: list[tuple[str, RoutingSpec]] = [
     ("ngram, k=1", PRESETS["ngram"].replace(top_k=1, min_weight=0.0, preset=None)),
     ("ngram, μ=100 (no held-out bigrams)", PRESETS["ngram"].replace(lam=100.0, preset=None)),
     ("switch (ngram + switch rate auto, k=2, min weight 0.05)", PRESETS["switch"]),
-    ("follow before sampling (follow without the experts' text, evidence x0.2)",
-     PRESETS["follow"].replace(ngram_sample=0.0, evidence_scale=0.2, preset=None)),
+    ("follow before sampling (follow without the experts' text, evidence x0.2, min weight 0.1)",
+     PRESETS["follow"].replace(ngram_sample=0.0, evidence_scale=0.2, min_weight=0.1,
+                               preset=None)),
     ("follow (ngram + mixture of switch rates 0, 1e-4, 1e-3, 1e-2, evidence x0.3, text the "
-     "experts write x0.5, k=2, min weight 0.1) = default", PRESETS["follow"]),
+     "experts write x0.5, k=2, min weight 0.15) = default", PRESETS["follow"]),
 ]  # fmt: skip
 
 
