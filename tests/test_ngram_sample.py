@@ -62,6 +62,7 @@ def test_sample_shape_follows_the_data_and_stops_at_the_cap():
     assert sample_shape(10**9, 1.0, 1000, 1024) == (1000 // 256, 256)  # the cap
     assert sample_shape(1000, 0.0, 1 << 20, 64) == (0, 63)
     assert sample_shape(0, 1.0, 1 << 20, 64) == (0, 63)
+    assert sample_shape(1000, 0.5, 40, 64) == (1, 40)  # a cap below one sequence shortens it
 
 
 def test_batch_seed_names_the_expert_and_the_batch():

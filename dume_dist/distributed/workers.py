@@ -44,7 +44,6 @@ class StatsWorker:
         self._lock = threading.Lock()
         self._done, self._total = 0, 0
         self.threads = threads
-        self.sampled_tokens = 0  # tokens of the last job's sample (all ranks' batches)
 
     def open_rendezvous(self) -> tuple[str, int]:
         """Rank 0 only: listen on an ephemeral port; returns (host, port) for the other ranks."""
@@ -82,7 +81,7 @@ class StatsWorker:
         spec = resolve_routing(job.routing)
         backbone = Backbone.load(Path(job.backbone_dir), verify=False)
         with self._group(rendezvous) as group:
-            collectors = self._collect(job, spec, backbone)
+            collectors, sampled_tokens = self._collect(job, spec, backbone)
             if group:
                 self._reduce(collectors)
         if self.rank != 0:
@@ -93,7 +92,7 @@ class StatsWorker:
         )
         extra = {"submission_id": job.submission_id, "workers": self.world_size}
         shape = BackboneShape.of_config(backbone.config)
-        sampled = {"sampled_tokens": self.sampled_tokens} if self.sampled_tokens else {}
+        sampled = {"sampled_tokens": sampled_tokens} if sampled_tokens else {}
         out = {}
         for collector, held in zip(collectors, (False, True)):
             for key, stats in collector.result().items():
@@ -106,8 +105,9 @@ class StatsWorker:
         holdout = {key: blob for (held, key), blob in out.items() if held}
         return {"stats": out[(False, 0.0)], "holdout": holdout}
 
-    def _collect(self, job: StatsJob, spec, backbone) -> list:
-        """This rank's collectors (fit, then held-out when the job asks), fed its batches."""
+    def _collect(self, job: StatsJob, spec, backbone) -> tuple[list, int]:
+        """This rank's collectors (fit, then held-out when the job asks), fed its batches, and
+        the tokens of the whole sample its expert writes (all ranks' batches; 0: none)."""
         from dume_dist.model.data import shard
         from dume_dist.model.experts import load_expert_spec
         from dume_dist.model.kinds import feed_sample
@@ -133,10 +133,10 @@ class StatsWorker:
         for collector, mine_part in zip(collectors, parts):
             for ids_BT, mask_BT in self._counted(mine_part):
                 collector.add(ids_BT, mask_BT)
-        self.sampled_tokens = feed_sample(
+        sampled = feed_sample(
             collectors[0], sample, progress=False, batches=my_sample, on_batch=self._count
         )  # fmt: skip
-        return collectors
+        return collectors, sampled
 
     def _reduce(self, collectors: list) -> None:
         """The group's sums (one all_reduce of every collector's flat fp64 state) and, on every

@@ -71,9 +71,8 @@ class BuildResult:
     routing: SolvedRouting | None = None
     reused_stats: list[str] = field(default_factory=list)
     privacy: dict[str, dict] = field(default_factory=dict)
-    sampled_tokens: dict[str, int] = field(
-        default_factory=dict
-    )  # of num_tokens, text experts wrote
+    # of num_tokens, how many the experts wrote (ngram_sample)
+    sampled_tokens: dict[str, int] = field(default_factory=dict)
 
 
 def _check_options(

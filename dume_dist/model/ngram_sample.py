@@ -38,8 +38,10 @@ SAMPLE_BATCH = 32  # sequences per batch: the unit of seeding and of sharding ov
 def sample_shape(real_tokens: int, share: float, max_tokens: int,
                  max_positions: int | None) -> tuple[int, int]:  # fmt: skip
     """``(sequences, new tokens per sequence)`` of the sample: ``share`` × ``real_tokens`` new
-    tokens rounded up to whole sequences, at most ``max_tokens``."""
+    tokens rounded up to whole sequences, at most ``max_tokens`` (a cap below one sequence
+    shortens the sequence)."""
     length = SAMPLE_LENGTH if not max_positions else min(SAMPLE_LENGTH, int(max_positions) - 1)
+    length = min(length, max_tokens)
     if share <= 0 or real_tokens <= 0 or length < 1:
         return 0, max(length, 0)
     wanted = math.ceil(share * real_tokens / length)
@@ -81,7 +83,7 @@ def sample_batch(model, start: int, rows: int, length: int, seed: int,
         probs_BV = torch.softmax(out.logits[:, -1, :vocab].float(), dim=-1)
         nxt_B1 = torch.multinomial(probs_BV, 1, generator=gen)
         new.append(nxt_B1)
-        cache = out.get("cache", None) if "cache" in out else out.past_key_values
+        cache = out["cache"] if "cache" in out else out.past_key_values
         out = model(input_ids=nxt_B1, use_cache=True, **{key: cache})
     return torch.cat([ids_BT, *new], dim=1).cpu()
 
@@ -123,17 +125,19 @@ class SampledBatches:
         """Tokens the sample adds to the counts (its BOS tokens included)."""
         return self.sequences * (self.length + 1)
 
+    def _rows(self, b: int) -> int:
+        return min(SAMPLE_BATCH, self.sequences - b * SAMPLE_BATCH)
+
     def tokens_of(self, b: int) -> int:
         """Tokens batch ``b`` adds to the counts."""
-        return min(SAMPLE_BATCH, self.sequences - b * SAMPLE_BATCH) * (self.length + 1)
+        return self._rows(b) * (self.length + 1)
 
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= b < self.num_batches:
             raise IndexError(f"sample batch {b} of {self.num_batches}")
         if self._model is None:
             self._model = self.make_model().to(self.device).eval()
-        rows = min(SAMPLE_BATCH, self.sequences - b * SAMPLE_BATCH)
-        ids_BT = sample_batch(self._model, self.start, rows, self.length,
+        ids_BT = sample_batch(self._model, self.start, self._rows(b), self.length,
                               batch_seed(self.fingerprint, b), self.device)  # fmt: skip
         return ids_BT, torch.ones_like(ids_BT)
 
