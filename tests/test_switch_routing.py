@@ -252,6 +252,27 @@ def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
         resolve_routing("follow", switch="auto")
 
 
+def test_a_default_checkpoint_takes_a_forward_and_backward_with_gradients_on(tmp_path):
+    """A user's loss outside ``torch.no_grad()`` (or fine-tuning): the tables load as parameters
+    that want grad, and the filter's blocked scan (64 positions) must not be traced by autograd;
+    the experts get gradients, the count tables none."""
+    from transformers import AutoModelForCausalLM
+
+    world = make_world(tmp_path, num_docs=30)
+    build_dume(world["experts"], world["data"], tmp_path / "model", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    model.train()
+    ids = torch.randint(4, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is None for n in grads if n.startswith("ngram_router."))
+    mlp = [g for n, g in grads.items() if ".mlp." in n and "router" not in n]
+    assert mlp and all(g is not None and torch.isfinite(g).all() for g in mlp)
+    with torch.no_grad():  # the same scores either way
+        torch.testing.assert_close(model(ids, labels=ids).loss, out.loss)
+
+
 def test_statistics_that_serve_follow_alone_choose_a_rate_instead():
     # the routing bench collects once per identity for the widest spec: with `follow` the first
     # n-gram option it used to ask for switch "auto" beside fixed switch_rates and stop

@@ -481,7 +481,13 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             )
         layers = ctx.layers
         carried = layers.get(name, {}).get("counts") if layers is not None else None
-        ctx.sequence_logits, state = getattr(self, name).scores(input_ids, ctx.real_BT, carried)
+        # Scores from token counts: nothing to differentiate, and a forward with gradients on
+        # (training, or a loss outside torch.no_grad()) must not trace the filter's scan, whose
+        # in-place products autograd refuses (the tables load as parameters that want grad).
+        with torch.no_grad():
+            ctx.sequence_logits, state = getattr(self, name).scores(
+                input_ids, ctx.real_BT, carried
+            )
         if layers is not None:
             layers[name] = {"counts": state}
 
