@@ -152,3 +152,26 @@ def test_a_family_with_linear_attention_layers_is_refused(tmp_path):
     tokenizer.save_pretrained(tmp_path / "hybrid")
     with pytest.raises(ValueError, match=r"^expert hybrid: layers of type \['linear_attention'\]"):
         load_expert_spec("hybrid", tmp_path / "hybrid")
+
+
+def test_an_expert_that_is_itself_a_mixture_of_experts_is_refused_before_collecting(tmp_path):
+    """Its MLPs are a router and per-expert weights: built as if dense, the load dropped them
+    (random MLPs, no error); refused naming the layer's MLP class."""
+    tokenizer = make_tokenizer(["a", "b"])
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    for name in ("one", "two"):
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / f"{name}.txt").write_text("a b a b\n\nb a b a\n")
+    with pytest.raises(ValueError, match=r"^expert one: layer 0's MLP is Qwen3MoeSparseMoeBlock"):
+        build_dume(
+            {n: tmp_path / n for n in ("one", "two")},
+            {n: [tmp_path / f"{n}.txt"] for n in ("one", "two")},
+            tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()

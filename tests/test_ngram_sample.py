@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dume_dist.core.ngram import NgramStats
+from dume_dist.model.build import build_dume
 from dume_dist.model.kinds import get_kind, stats_from_bytes, stats_to_bytes
 from dume_dist.model.modeling_dume import ngram_bucket
 from dume_dist.model.ngram_sample import (
@@ -78,6 +79,36 @@ def test_start_token_is_bos_else_eos_else_a_clear_error():
     assert start_token(make_config(bos_token_id=None)) == 2
     with pytest.raises(ValueError, match="no BOS or EOS token.*ngram_sample 0"):
         start_token(make_config(bos_token_id=None, eos_token_id=None))
+
+
+def test_start_token_falls_back_to_generation_config_and_is_checked_before_collecting(tmp_path):
+    """Many checkpoints name BOS / EOS only in ``generation_config.json``; an expert that names
+    neither is refused before any statistics are collected, naming it."""
+    import json
+
+    from tiny_world import make_config, make_world
+
+    bare = make_config(bos_token_id=None, eos_token_id=None)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    assert start_token(bare, tmp_path) == 2
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 10**9}))
+    with pytest.raises(ValueError, match="config.json or generation_config.json names no BOS"):
+        start_token(bare, tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read .*generation_config.json"):
+        start_token(bare, tmp_path)
+
+    world = make_world(tmp_path / "w", num_docs=6)
+    beta = world["experts"]["beta"]
+    config = json.loads((beta / "config.json").read_text())
+    config["bos_token_id"] = config["eos_token_id"] = None
+    (beta / "config.json").write_text(json.dumps(config))
+    (beta / "generation_config.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"^expert beta: .*no BOS or EOS token") as info:
+        build_dume(world["experts"], world["data"], tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    build_dume(world["experts"], world["data"], tmp_path / "out", progress=False,
+               routing=resolve_routing("follow", ngram_sample=0))  # fmt: skip
 
 
 def test_cached_sampler_draws_what_a_full_forward_sampler_draws(world):

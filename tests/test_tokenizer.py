@@ -152,6 +152,33 @@ def test_experts_whose_tokenizers_disagree_are_refused(tmp_path):
     assert type(check_expert_tokenizer(world["experts"]["alpha"], world["experts"]["beta"]))
 
 
+def test_a_tokenizer_that_autotokenizer_turns_into_no_tokens_is_refused(tmp_path):
+    """A Qwen2 expert with a word-level ``tokenizer.json``: ``Qwen2Tokenizer`` (what users get)
+    re-derives a byte-level BPE from it and gives no ids at all; refused in one line naming the
+    class, before anything is collected (was: "no tokens to collect statistics from")."""
+    from tiny_world import make_tokenizer
+
+    tokenizer = make_tokenizer(["w1", "w2"])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2,
+    )  # fmt: skip
+    for name in ("one", "two"):
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / f"{name}.txt").write_text("w1 w2 w1 w2\n\nw2 w1 w2 w1\n")
+    with pytest.raises(
+        ValueError, match=r"expert one \(Qwen2Tokenizer\) turns .* no tokens"
+    ) as info:
+        build_dume(
+            {n: tmp_path / n for n in ("one", "two")},
+            {n: [tmp_path / f"{n}.txt"] for n in ("one", "two")}, tmp_path / "out",
+            progress=False,
+        )  # fmt: skip
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_tokenizer_is_a_one_line_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -314,6 +314,9 @@ def build_dume(
     # one tokenizer: the experts' as AutoTokenizer resolves it, checked alike on their text
     sample = sample_texts(load_domain_texts(s.name, data[s.name]) for s in specs)
     tokenizer = experts_tokenizer([(s.name, s.path) for s in specs], sample)
+    if dp is None:  # a private contribution counts no sample
+        for s in specs:
+            spec_routing.router_kind.check_sampling(spec_routing, s)
     bb = Backbone.from_spec(backbone, specs)
     _check_format(output_format, bb, specs, spec_routing, temperature)
     seconds = {"validate_and_backbone": time.perf_counter() - t0}

@@ -316,10 +316,28 @@ def _check_family_head(spec: ExpertSpec) -> None:
             f"{spec.model_type!r}): DUME carries decoder stacks of attention layers only"
         )
     try:
-        family_causal_lm(spec.config)
+        dense = family_causal_lm(spec.config)
     except (KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, ValueError) else f"no causal LM class for {exc}"
         raise ValueError(f"expert {spec.name}: {reason}") from None
+    _check_dense_mlps(spec, dense)
+
+
+def _check_dense_mlps(spec: ExpertSpec, dense) -> None:
+    """Refuse an expert whose layers' MLPs are not dense (a mixture of experts of its own: a
+    router and per-expert or fused 3-D weights), which DUME could not carry as one expert.
+    Dense: every weight a matrix or vector of a direct child (``gate_proj.weight``)."""
+    for index, layer in enumerate(getattr(dense.model, "layers", ())):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        odd = [n for n, p in mlp.named_parameters() if n.count(".") != 1 or p.dim() > 2]
+        if odd:
+            raise ValueError(
+                f"expert {spec.name}: layer {index}'s MLP is {type(mlp).__name__} (weights "
+                f"{odd[0]} ...; model_type {spec.model_type!r}), not a dense MLP: DUME takes "
+                "dense experts, one MLP per layer"
+            )
 
 
 def _check_layers_have_mlps(spec: ExpertSpec) -> None:

@@ -485,9 +485,7 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         # (training, or a loss outside torch.no_grad()) must not trace the filter's scan, whose
         # in-place products autograd refuses (the tables load as parameters that want grad).
         with torch.no_grad():
-            ctx.sequence_logits, state = getattr(self, name).scores(
-                input_ids, ctx.real_BT, carried
-            )
+            ctx.sequence_logits, state = getattr(self, name).scores(input_ids, ctx.real_BT, carried)
         if layers is not None:
             layers[name] = {"counts": state}
 

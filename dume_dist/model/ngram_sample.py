@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -55,16 +58,38 @@ def batch_seed(fingerprint: str, batch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def start_token(config) -> int:
-    """The token a sample starts from: the expert's BOS, else its EOS (a document boundary)."""
-    for key in ("bos_token_id", "eos_token_id"):
-        value = getattr(config, key, None)
-        value = value[0] if isinstance(value, (list, tuple)) and value else value
-        if isinstance(value, int) and 0 <= value < config.vocab_size:
-            return value
+GENERATION_CONFIG_MAX_BYTES = 1 << 20
+
+
+def start_token(config, model_dir=None) -> int:
+    """The token a sample starts from: the expert's BOS, else its EOS (a document boundary), as
+    its ``config.json`` names them, else as its ``generation_config.json`` does (where many
+    checkpoints keep them; BOS first again). ValueError (one line) when neither names one in the vocabulary."""
+    sources = [config]
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if path is not None and path.is_file():
+        if path.stat().st_size > GENERATION_CONFIG_MAX_BYTES:
+            raise ValueError(f"{path} is larger than {GENERATION_CONFIG_MAX_BYTES} bytes")
+        try:
+            generation = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from None
+        if isinstance(generation, dict):
+            sources.append(SimpleNamespace(**{k: generation.get(k) for k in _START_KEYS}))
+    for source in sources:  # config.json first: what earlier versions started from
+        for key in _START_KEYS:
+            value = getattr(source, key, None)
+            value = value[0] if isinstance(value, (list, tuple)) and value else value
+            if isinstance(value, int) and not isinstance(value, bool):
+                if 0 <= value < config.vocab_size:
+                    return value
+    where = "config.json or generation_config.json" if path is not None else "config"
     raise ValueError(
-        "the expert's config names no BOS or EOS token to start a sample from: set ngram_sample 0"
+        f"the expert's {where} names no BOS or EOS token to start a sample from: set ngram_sample 0"
     )
+
+
+_START_KEYS = ("bos_token_id", "eos_token_id")
 
 
 @torch.inference_mode()

@@ -90,6 +90,13 @@ def experts_tokenizer(paths: Sequence[tuple[str, Path]], texts: Sequence[str]):
     """The first expert's tokenizer, after checking every expert tokenizes ``texts`` alike."""
     (ref_name, ref_path), *others = paths
     ref = load_tokenizer(ref_path)
+    for text in texts:
+        if text.strip() and not ref(text)["input_ids"]:
+            raise ValueError(
+                f"the tokenizer AutoTokenizer loads for expert {ref_name} "
+                f"({type(ref).__name__}) turns {len(text)} characters of sample text into no "
+                "tokens: it does not fit the directory's tokenizer files"
+            )
     for name, path in others:
         check_same_tokenization(
             ref, load_tokenizer(path), texts, f"experts {ref_name} and {name} disagree"

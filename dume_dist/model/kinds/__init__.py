@@ -222,6 +222,10 @@ class RouterKind:
         saved statistics directory's key); None: no sample."""
         return None
 
+    def check_sampling(self, spec, expert) -> None:
+        """ValueError (one line) when ``expert`` cannot write the sample ``spec`` asks for:
+        checked before anything is collected."""
+
     def sampled(self, spec, backbone, expert, *, real_tokens: int, max_tokens_per_seq: int,
                 fingerprint: str, device, dtype=None, private: bool = False):  # fmt: skip
         """Token batches the contributor's own expert writes, which its fit collector counts

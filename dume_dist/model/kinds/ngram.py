@@ -301,6 +301,15 @@ class NgramKind(RouterKind):
             return None
         return {"ngram_sample": spec.ngram_sample, "ngram_sample_max": spec.ngram_sample_max}
 
+    def check_sampling(self, spec, expert) -> None:
+        from dume_dist.model.ngram_sample import start_token
+
+        if self.sample_settings(spec) is not None:
+            try:
+                start_token(expert.config, expert.path)
+            except ValueError as exc:
+                raise ValueError(f"expert {expert.name}: {exc}") from None
+
     def sampled(self, spec, backbone, expert, *, real_tokens, max_tokens_per_seq, fingerprint,
                 device, dtype=None, private=False):  # fmt: skip
         from dume_dist.model.ngram_sample import SampledBatches, sample_shape, start_token
@@ -314,7 +323,7 @@ class NgramKind(RouterKind):
                                          limit)  # fmt: skip
         if sequences == 0:
             return None
-        start = start_token(expert.config)
+        start = start_token(expert.config, expert.path)
 
         def make_model():  # the expert's own model: it writes its domain best (docs/routing.md)
             from dume_dist.model.ngram_sample import expert_model
