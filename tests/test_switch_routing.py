@@ -252,14 +252,16 @@ def test_the_default_build_follows_switches_with_fixed_rates(tmp_path):
         resolve_routing("follow", switch="auto")
 
 
-def test_a_default_checkpoint_takes_a_forward_and_backward_with_gradients_on(tmp_path):
+@pytest.mark.parametrize("routing", [None, "context"], ids=["default", "context"])
+def test_a_checkpoint_trains_with_and_without_gradient_checkpointing(tmp_path, routing):
     """A user's loss outside ``torch.no_grad()`` (or fine-tuning): the tables load as parameters
     that want grad, and the filter's blocked scan (64 positions) must not be traced by autograd;
-    the experts get gradients, the count tables none."""
+    the experts get gradients, the count tables none; with gradient checkpointing, the same
+    gradients (``context`` routing too, whose per-layer running state a replay must not read)."""
     from transformers import AutoModelForCausalLM
 
     world = make_world(tmp_path, num_docs=30)
-    build_dume(world["experts"], world["data"], tmp_path / "model", progress=False)
+    build_dume(world["experts"], world["data"], tmp_path / "model", progress=False, routing=routing)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
     model.train()
     ids = torch.randint(4, 200, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -271,6 +273,35 @@ def test_a_default_checkpoint_takes_a_forward_and_backward_with_gradients_on(tmp
     assert mlp and all(g is not None and torch.isfinite(g).all() for g in mlp)
     with torch.no_grad():  # the same scores either way
         torch.testing.assert_close(model(ids, labels=ids).loss, out.loss)
+
+    # Gradient checkpointing: the backward recomputes each layer after forward has cleared its
+    # routing context, and here after a second forward has set its own: the same gradients.
+    other = torch.randint(4, 200, (3, 40), generator=torch.Generator().manual_seed(1))
+
+    def grads_of(checkpointing: bool) -> dict:
+        model.zero_grad()
+        new = hasattr(model, "activation_checkpointing_enable")  # the name from transformers 5.x
+        if checkpointing:
+            (
+                model.activation_checkpointing_enable
+                if new
+                else model.gradient_checkpointing_enable
+            )()
+        try:
+            first, second = model(ids, labels=ids).loss, model(other, labels=other).loss
+            (first + 2 * second).backward()
+        finally:
+            (
+                model.activation_checkpointing_disable
+                if new
+                else model.gradient_checkpointing_disable
+            )()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, replayed = grads_of(False), grads_of(True)
+    assert plain.keys() == replayed.keys() and len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(replayed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_statistics_that_serve_follow_alone_choose_a_rate_instead():

@@ -291,6 +291,30 @@ def _family_attention(base_cls, requested: str | None) -> str | None:
     return requested
 
 
+def _replaying_routing_context(checkpoint_func, blocks):
+    """``checkpoint_func`` (``torch.utils.checkpoint``'s call on one layer), with the blocks'
+    routing contexts of the forward that calls it captured and set again while the layer is
+    recomputed in the backward."""
+
+    def checkpointed(function, *args, **kwargs):
+        contexts = [block.routing_context for block in blocks]
+
+        def replay(*a, **k):
+            before = [block.routing_context for block in blocks]
+            for block, ctx in zip(blocks, contexts):
+                block.routing_context = ctx
+            try:
+                return function(*a, **k)
+            finally:
+                for block, ctx in zip(blocks, before):
+                    block.routing_context = ctx
+
+        return checkpoint_func(replay, *args, **kwargs)
+
+    checkpointed._dume = True
+    return checkpointed
+
+
 def family_causal_lm(base_config):
     """The dense family's own causal-LM class instantiated on the meta device (nothing is
     allocated), refused unless it is a decoder stack ``model`` and a linear ``lm_head`` and
@@ -381,6 +405,26 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         dense.model, dense.lm_head = self.model, self.lm_head
         self.__dict__["_dense_lm"] = dense
 
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        """The family's gradient checkpointing, with each layer's checkpoint function told to
+        replay the layer under the routing context of the forward that ran it: the backward
+        recomputes the layer after ``forward`` has cleared the blocks' contexts (and perhaps
+        after later forwards set theirs)."""
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        for module in self.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            blocks = [m for m in module.modules() if isinstance(m, DumeMoeBlock)]
+            if module is self or func is None or not blocks or getattr(func, "_dume", False):
+                continue
+            module._gradient_checkpointing_func = _replaying_routing_context(func, blocks)
+
+    def _checkpointing_a_backward(self) -> bool:
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        flag = getattr(self, "is_activation_checkpointing", None)  # the newer name
+        flag = getattr(self, "is_gradient_checkpointing", False) if flag is None else flag
+        return bool(flag)
+
     def moe_blocks(self) -> list[DumeMoeBlock]:
         blocks = getattr(self, "_moe_block_list", None)
         if blocks is None:  # found once: the blocks are fixed at construction
@@ -437,6 +481,10 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             past_key_values = cache
         routing_state = None
+        if self._checkpointing_a_backward():
+            # The family's layers run without a KV cache then (transformers drops it), and the
+            # backward replays each layer: the routing must carry no state a forward updates.
+            use_cache, past_key_values = False, None
         if routing_is_stateful(self.config.routing):
             past_key_values, routing_state, ctx = self._routing_context(
                 input_ids if input_ids is not None else inputs_embeds,
