@@ -839,3 +839,30 @@ def test_ngram_settings():
         with pytest.raises(ValueError) as err:
             check_settings(bad)
         assert "\n" not in str(err.value)
+
+
+def test_a_node_whose_expert_cannot_write_the_sample_is_refused_before_computing(experts, tmp_path):
+    """The routing asks each node for text its expert writes; an expert with no BOS or EOS
+    token to start from is refused when the job is made (one line, naming it), not after the
+    node has counted its data."""
+    import json
+    import shutil
+
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path,
+                settings={**SMALL_NGRAM, "ngram_sample": 0.5})  # fmt: skip
+    flow.add("alpha", "beta")
+    flow.join("alpha")
+    agent = flow.agent("beta")
+    agent.authenticate()
+    backbone_dir = agent.fetch_backbone()
+    expert = tmp_path / "beta-expert"
+    shutil.copytree(experts["beta"]["expert"], expert)
+    config = json.loads((expert / "config.json").read_text())
+    config["bos_token_id"] = config["eos_token_id"] = None
+    (expert / "config.json").write_text(json.dumps(config))
+    (expert / "generation_config.json").unlink(missing_ok=True)
+    spec, fingerprint = agent.check_expert(str(expert))
+    opts = {k: JOIN[k] for k in ("max_tokens", "seq_len", "batch_size")}
+    with pytest.raises(ValueError, match=r"^expert beta: .*no BOS or EOS token") as info:
+        agent.job(backbone_dir, str(expert), fingerprint, [str(experts["beta"]["data"])], opts)
+    assert "\n" not in str(info.value)

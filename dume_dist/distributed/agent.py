@@ -306,6 +306,10 @@ class NodeAgent:
         for path in data:
             if not Path(path).is_file():
                 raise ValueError(f"data file {path} does not exist on node {self.name}")
+        if dp is None:  # the expert can write the sample the routing asks for (before any work)
+            from dume_dist.model.experts import load_expert_spec
+
+            spec.router_kind.check_sampling(spec, load_expert_spec(self.name, expert_dir))
         hashes = [file_sha256(p) for p in data]
         backbone_fp = self._info["backbone"]["fingerprint"]
         return StatsJob(
