@@ -180,10 +180,10 @@ def load_tokenizer(out: Path):
 
 
 def pretrain(tok, out: Path, args) -> float:
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tr.seed_all(args.seed)
-    model = Qwen2ForCausalLM(make_config(tok, args))
+    model = AutoModelForCausalLM.from_config(make_config(tok, args))
     streams = [token_stream(tok, out, d, "train") for d in DOMAINS]
     groups = [{"params": list(model.parameters()), "lr": args.base_lr}]
     secs = tr.train_loop(model, groups, streams, args.base_steps, args, args.seed, "base")
