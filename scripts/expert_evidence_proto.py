@@ -23,7 +23,7 @@ import json
 import time
 
 import torch
-from proto_bench import ProtoBench, proto_parser
+from proto_bench import ProtoBench, count_second_expert, proto_parser
 
 from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import _real_mask, switch_mixture_posterior
@@ -88,10 +88,7 @@ def patch(model, config: dict) -> None:
         joint = switch_mixture_posterior(evidence, real_BT, config["rates"], None)
         post = joint.logsumexp(dim=2)
         post = post - post.logsumexp(-1, keepdim=True)
-        top2 = post.topk(2, dim=-1).values
-        second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= model.config.routing["min_weight"]
-        router.two_experts[0] += int(second[real_BT].sum())
-        router.two_experts[1] += int(real_BT.sum())
+        count_second_expert(model, post, real_BT)
         return post, None
 
     router.scores = scores

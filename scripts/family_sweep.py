@@ -1,7 +1,7 @@
 """Sweep of dense decoder families through the default build, as a user would run them.
 
-For each ``model_type``: two tiny random experts (one base, MLPs perturbed apart) saved with
-``save_pretrained`` beside the test suite's word-level tokenizer, ``build_dume`` with the
+For each ``model_type``: the two tiny random experts of ``tests/test_families.py`` (one base,
+MLPs perturbed apart, saved with ``save_pretrained`` beside a word-level tokenizer), ``build_dume`` with the
 default routing (the experts write their sample), the checkpoint loaded with
 ``AutoModelForCausalLM`` (remote code), a forward and greedy cached generation. Prints one
 ``OK`` / ``FAIL`` line per family (the error's first line). ``TIE=1`` ties the embeddings.
@@ -30,34 +30,12 @@ FAMILIES = [
 
 
 def sweep_one(family: str, root: Path, tie: bool) -> str:
-    from tiny_world import DOMAINS, domain_doc, make_tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from test_families import _family_world
+    from transformers import AutoModelForCausalLM
 
     from dume_dist.model.build import build_dume
 
-    tok = make_tokenizer([f"w{i}" for i in range(240)])
-    cfg = AutoConfig.for_model(
-        family, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(cfg)
-    experts, data = {}, {}
-    for k, (name, words) in enumerate(list(DOMAINS.items())[:2]):
-        model = AutoModelForCausalLM.from_config(cfg)
-        model.load_state_dict(base.state_dict())
-        g = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for key, p in model.named_parameters():
-                if ".mlp." in key:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        experts[name] = root / family / name
-        model.save_pretrained(experts[name])
-        tok.save_pretrained(experts[name])
-        docs = [domain_doc(list(words), i, 5 + 3 * i) for i in range(12)]
-        data[name] = [root / family / f"{name}.txt"]
-        data[name][0].write_text("\n\n".join(docs) + "\n")
+    experts, data = _family_world(root / family, family, tie=tie)
     result = build_dume(experts, data, root / family / "dume", progress=False, overwrite=True)
     dume = AutoModelForCausalLM.from_pretrained(root / family / "dume", trust_remote_code=True)
     ids = torch.randint(4, 244, (2, 11), generator=torch.Generator().manual_seed(0))

@@ -15,6 +15,8 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from dume_dist.model.data import eval_windows, load_texts
 from dume_dist.model.evaluate import evaluate_model
 from dume_dist.model.mixed import (
@@ -91,3 +93,13 @@ class ProtoBench:
             "mixed": mixed["routing"],
             "delay4": mixed["oracle, 4 tokens late"],
         }
+
+
+def count_second_expert(model, post_BTE, real_BT) -> None:
+    """Add to ``model.ngram_router.two_experts`` (``[tokens with a second expert, real tokens]``)
+    the real positions whose second expert's weight under log posterior ``post_BTE`` reaches the
+    build's ``min_weight``."""
+    top2 = post_BTE.topk(2, dim=-1).values
+    second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= model.config.routing["min_weight"]
+    model.ngram_router.two_experts[0] += int(second[real_BT].sum())
+    model.ngram_router.two_experts[1] += int(real_BT.sum())

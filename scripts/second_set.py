@@ -136,24 +136,20 @@ def token_stream(tok, out: Path, domain: str, split: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tiny_shape(tok) -> dict:
+    """The experts' size (hidden 128, 4 layers, 2 KV heads, 512 positions) and special tokens."""
+    return dict(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+
+
 def make_config(tok, args):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        use_sliding_window=False,
-    )
+    return Qwen2Config(**tiny_shape(tok), tie_word_embeddings=False, use_sliding_window=False)
 
 
 def tokenizer_stage(out: Path, args) -> None:

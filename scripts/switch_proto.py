@@ -18,7 +18,7 @@ import math
 import time
 
 import torch
-from proto_bench import ProtoBench
+from proto_bench import ProtoBench, count_second_expert
 
 from dume_dist.model.evaluate import load_causal_lm
 from dume_dist.model.routing_dume import (
@@ -79,10 +79,7 @@ def patch(model, parts):
         }
         post_BTE = torch.stack(posts).logsumexp(0)
         post_BTE = post_BTE - post_BTE.logsumexp(-1, keepdim=True)
-        top2 = post_BTE.topk(2, dim=-1).values
-        second = torch.sigmoid(top2[..., 1] - top2[..., 0]) >= model.config.routing["min_weight"]
-        router.two_experts[0] += int(second[real_BT].sum())
-        router.two_experts[1] += int(real_BT.sum())
+        count_second_expert(model, post_BTE, real_BT)
         return post_BTE, new_state
 
     router.scores = scores

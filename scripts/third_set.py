@@ -34,21 +34,7 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "dume_dist" / "demo" / "data"
 def make_config(tok, args):
     from transformers import GemmaConfig
 
-    return GemmaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    return GemmaConfig(**s2.tiny_shape(tok), head_dim=32, tie_word_embeddings=True)
 
 
 def make_data(out: Path, set2: Path) -> None:

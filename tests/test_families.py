@@ -34,14 +34,15 @@ FAMILY_SETTINGS = {
 }
 
 
-def _family_world(root, family: str) -> tuple[dict, dict]:
-    """Two experts of ``family`` that differ only in their MLPs, and each one's text."""
+def _family_world(root, family: str, tie: bool = False) -> tuple[dict, dict]:
+    """Two experts of ``family`` that differ only in their MLPs, and each one's text (also
+    ``scripts/family_sweep.py``'s; ``tie``: tied embeddings)."""
     tokenizer = make_tokenizer([f"w{i}" for i in range(240)])
     config = AutoConfig.for_model(
         family, **FAMILY_SETTINGS.get(family, {}),
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
     )  # fmt: skip
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
@@ -119,6 +120,23 @@ def test_a_family_whose_causal_lm_holds_more_weights_is_refused():
         DumeForCausalLM(DumeConfig(base_config=base.to_dict(), num_experts=2))
 
 
+def _refused_before_collecting(tmp_path, make_model, tokenizer, match: str) -> None:
+    """Two experts ``make_model()`` saved with ``tokenizer``: ``build_dume`` refuses them
+    (ValueError matching ``match``) and writes nothing."""
+    for name in ("one", "two"):
+        make_model().save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        (tmp_path / f"{name}.txt").write_text("a b a b\n\nb a b a\n")
+    with pytest.raises(ValueError, match=match):
+        build_dume(
+            {n: tmp_path / n for n in ("one", "two")},
+            {n: [tmp_path / f"{n}.txt"] for n in ("one", "two")},
+            tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_build_refuses_such_a_family_before_collecting(tmp_path):
     AutoConfig.register(_ExtraConfig.model_type, _ExtraConfig, exist_ok=True)
     AutoModel.register(_ExtraConfig, _ExtraModel, exist_ok=True)
@@ -128,18 +146,9 @@ def test_build_refuses_such_a_family_before_collecting(tmp_path):
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2,
     )  # fmt: skip
-    for name in ("one", "two"):
-        _ExtraForCausalLM(config).save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-        (tmp_path / f"{name}.txt").write_text("a b a b\n\nb a b a\n")
-    with pytest.raises(ValueError, match=r"^expert one: .*value_head"):
-        build_dume(
-            {n: tmp_path / n for n in ("one", "two")},
-            {n: [tmp_path / f"{n}.txt"] for n in ("one", "two")},
-            tmp_path / "out",
-            progress=False,
-        )
-    assert not (tmp_path / "out").exists()
+    _refused_before_collecting(
+        tmp_path, lambda: _ExtraForCausalLM(config), tokenizer, r"^expert one: .*value_head"
+    )
 
 
 def test_a_family_with_linear_attention_layers_is_refused(tmp_path):
@@ -163,15 +172,7 @@ def test_an_expert_that_is_itself_a_mixture_of_experts_is_refused_before_collect
         moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
     )  # fmt: skip
-    for name in ("one", "two"):
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-        (tmp_path / f"{name}.txt").write_text("a b a b\n\nb a b a\n")
-    with pytest.raises(ValueError, match=r"^expert one: layer 0's MLP is Qwen3MoeSparseMoeBlock"):
-        build_dume(
-            {n: tmp_path / n for n in ("one", "two")},
-            {n: [tmp_path / f"{n}.txt"] for n in ("one", "two")},
-            tmp_path / "out",
-            progress=False,
-        )
-    assert not (tmp_path / "out").exists()
+    _refused_before_collecting(
+        tmp_path, lambda: AutoModelForCausalLM.from_config(config), tokenizer,
+        r"^expert one: layer 0's MLP is Qwen3MoeSparseMoeBlock",
+    )  # fmt: skip
