@@ -413,10 +413,11 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
         super()._set_gradient_checkpointing(*args, **kwargs)
         for module in self.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
-            blocks = [m for m in module.modules() if isinstance(m, DumeMoeBlock)]
-            if module is self or func is None or not blocks or getattr(func, "_dume", False):
+            if module is self or func is None or getattr(func, "_dume", False):
                 continue
-            module._gradient_checkpointing_func = _replaying_routing_context(func, blocks)
+            blocks = [m for m in module.modules() if isinstance(m, DumeMoeBlock)]
+            if blocks:
+                module._gradient_checkpointing_func = _replaying_routing_context(func, blocks)
 
     def _checkpointing_a_backward(self) -> bool:
         if not (self.training and torch.is_grad_enabled()):

@@ -30,7 +30,6 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -59,13 +58,14 @@ def batch_seed(fingerprint: str, batch: int) -> int:
 
 
 GENERATION_CONFIG_MAX_BYTES = 1 << 20
+_START_KEYS = ("bos_token_id", "eos_token_id")
 
 
 def start_token(config, model_dir=None) -> int:
     """The token a sample starts from: the expert's BOS, else its EOS (a document boundary), as
     its ``config.json`` names them, else as its ``generation_config.json`` does (where many
-    checkpoints keep them; BOS first again). ValueError (one line) when neither names one in the vocabulary."""
-    sources = [config]
+    checkpoints keep them). ValueError (one line) when neither names one in the vocabulary."""
+    sources = [{k: getattr(config, k, None) for k in _START_KEYS}]
     path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if path is not None and path.is_file():
         if path.stat().st_size > GENERATION_CONFIG_MAX_BYTES:
@@ -75,10 +75,10 @@ def start_token(config, model_dir=None) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read {path}: {exc}") from None
         if isinstance(generation, dict):
-            sources.append(SimpleNamespace(**{k: generation.get(k) for k in _START_KEYS}))
+            sources.append(generation)
     for source in sources:  # config.json first: what earlier versions started from
         for key in _START_KEYS:
-            value = getattr(source, key, None)
+            value = source.get(key)
             value = value[0] if isinstance(value, (list, tuple)) and value else value
             if isinstance(value, int) and not isinstance(value, bool):
                 if 0 <= value < config.vocab_size:
@@ -87,9 +87,6 @@ def start_token(config, model_dir=None) -> int:
     raise ValueError(
         f"the expert's {where} names no BOS or EOS token to start a sample from: set ngram_sample 0"
     )
-
-
-_START_KEYS = ("bos_token_id", "eos_token_id")
 
 
 @torch.inference_mode()
