@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 
 from dume_dist.model.routing_options import (  # torch-free: `dume --help` stays fast
@@ -45,7 +47,7 @@ def add_routing_flags(p: argparse.ArgumentParser, *, holdout_owner: str) -> None
         common = name in options_by_name(COMMON_OPTIONS)
         default = "" if option.default is None or common else f" (kind default {option.default})"
         p.add_argument(
-            "--" + name.replace("_", "-"), type=option.parse, default=None,
+            "--" + name.replace("_", "-"), type=_option_parser(option), default=None,
             choices=_WIDER_CHOICES.get(name) or option.choices or None, metavar=option.metavar,
             help=option.help + owner + default,
         )  # fmt: skip
@@ -54,6 +56,32 @@ def add_routing_flags(p: argparse.ArgumentParser, *, holdout_owner: str) -> None
         help="older name of the kind's solver parameter (--ridge-lambda, --lda-shrinkage or "
         "--mu, by the solver), or 'auto'",
     )  # fmt: skip
+
+
+def _option_parser(option):
+    """``option.parse`` whose refusal argparse prints with its reason (a bare ValueError shows
+    only as 'invalid parse value')."""
+    what = {"int": "an integer", "grid": "comma-separated numbers"}.get(option.type, "a number")
+    what += " or 'auto'" if option.auto else ""
+
+    def parse(text: str):
+        try:
+            return option.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
+
+
+def positive_float(value: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return x
 
 
 def routing_settings(args) -> dict:
@@ -154,11 +182,77 @@ def parse_named(values: list[str] | None, flag: str) -> dict[str, list[str]]:
     return out
 
 
+def data_files_of(data: dict[str, list[str]], flag: str = "--data") -> dict[str, list[str]]:
+    """Each NAME's paths as the files they name (a directory: its .txt and .jsonl files, as
+    `read_documents` reads them); a file named twice for one NAME (its text would count twice)
+    is refused."""
+    from dume_dist.model.data import data_files
+
+    out: dict[str, list[str]] = {}
+    for name, paths in data.items():
+        seen: set[Path] = set()
+        out[name] = []
+        for path in paths:
+            for file in data_files(path):
+                if file.resolve() in seen:
+                    raise ValueError(f"{flag} {name}: {file} is given twice (it would count twice)")
+                seen.add(file.resolve())
+                out[name].append(str(file))
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: list[str | Path]) -> None:
+    """Before any work: --out may be written (absent, empty, or --overwrite), its nearest existing
+    parent is a directory, and replacing it would not delete an input (an expert, data)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise ValueError(f"output directory {out} exists and is not empty (use --overwrite)")
+    check_creatable(out, "--out")
+    target = out.resolve()
+    for path in inputs:
+        if _inside(Path(path).resolve(), target):
+            raise ValueError(f"--out {out} holds the input {path}: writing it would delete that")
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """The nearest existing parent of ``path`` is a directory this process can write in."""
+    parent = path.absolute().parent
+    while not (parent.exists() or parent.is_symlink()):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {parent}")
+
+
+def check_out_file(path: str | None, flag: str) -> None:
+    """Before any work: a file output (--json, a PNG) can be written where it is asked for."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory")
+    if not p.absolute().parent.is_dir():
+        raise ValueError(f"{flag} {path}: directory {p.absolute().parent} does not exist")
+
+
 def parse_experts(values: list[str] | None) -> dict[str, str]:
     named = parse_named(values, "--expert")
     dup = [n for n, paths in named.items() if len(paths) > 1]
     if dup:
         raise ValueError(f"--expert names must be unique, {dup[0]!r} is given twice")
+    seen: dict[Path, str] = {}
+    for name, paths in named.items():
+        where = Path(paths[0]).resolve()
+        if where in seen:  # one model under two names: two experts no router can tell apart
+            raise ValueError(f"--expert {name} and {seen[where]} are the same directory {paths[0]}")
+        seen[where] = name
     return {n: paths[0] for n, paths in named.items()}
 
 
@@ -181,7 +275,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--backbone", default="average", help=BACKBONE_HELP)
     add_routing_flags(p, holdout_owner="expert")
-    p.add_argument("--temperature", type=float, default=1.0, help="router temperature T")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="router temperature T")
     p.add_argument(
         "--max-tokens-per-seq",
         type=int,
@@ -285,11 +379,17 @@ def run_build(args) -> int:
     from dume_dist.model.build import build_dume
 
     experts = parse_experts(args.expert)
-    data = parse_named(args.data, "--data")
+    data = data_files_of(parse_named(args.data, "--data"))
     out = Path(args.out)
     routing = routing_spec(args)
-    if args.format == "mixtral" and (out.exists() and any(out.iterdir()) and not args.overwrite):
-        raise ValueError(f"output directory {out} exists and is not empty (use --overwrite)")
+    base = args.backbone[5:] if args.backbone.startswith("base:") else None
+    inputs = [*experts.values(), *(f for files in data.values() for f in files)]
+    check_out_dir(out, args.overwrite, inputs + ([base] if base else []))
+    if args.save_stats:
+        stats = Path(args.save_stats)
+        if stats.exists() and not stats.is_dir():
+            raise ValueError(f"--save-stats {stats} exists and is not a directory")
+        check_creatable(stats, "--save-stats")
     extra = {"max_shard_bytes": args.shard_size} if args.shard_size else {}
     result = build_dume(
         experts, data, out,
@@ -377,9 +477,18 @@ def _print_build_summary(result) -> None:
 def run_eval(args) -> int:
     from dume_dist.model.evaluate import compare, print_table, write_heatmap
 
-    data = parse_named(args.data, "--data")
+    data = data_files_of(parse_named(args.data, "--data"))
+    check_out_file(args.json, "--json")
     if args.mixed:
+        check_out_file(args.routing_png, "--routing-png")
         return _run_eval_mixed(args, data)
+    check_out_file(args.heatmap, "--heatmap")
+    if args.heatmap and _model_type(args.model) not in (None, "dume"):
+        raise ValueError("--heatmap needs a DUME model (no routing was recorded)")
+    if args.stats is not None and not Path(args.stats).is_dir():
+        raise ValueError(f"--stats {args.stats} is not a directory")
+    if args.stats is not None and not args.experts:
+        raise ValueError("--stats adds the bias-free baseline, which needs --experts")
     experts = parse_experts(args.experts) if args.experts else None
     table = compare(
         args.model, data, experts=experts, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -395,6 +504,14 @@ def run_eval(args) -> int:
         write_heatmap(table, args.heatmap)
         print(f"wrote {args.heatmap}")
     return 0
+
+
+def _model_type(model_dir) -> str | None:
+    """config.json's model_type (None when it cannot be read: the load says why)."""
+    try:
+        return json.loads(Path(model_dir, "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_eval_mixed(args, data) -> int:

@@ -2,7 +2,7 @@
 
 Each module under ``dume_dist.cli`` that defines ``register(subparsers)`` adds its
 subcommands; a subcommand's handler is ``args.func(args) -> int``. User errors
-(``ValueError``, ``FileNotFoundError``, store errors) print one line to stderr and exit 2.
+(``ValueError``, ``OSError``, store errors) print one line to stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError, PermissionError]
+    # OSError: a path that is a directory, a file where a directory is needed, a full disk...
+    types: list[type[BaseException]] = [ValueError, OSError]
     try:
         from dume_dist.store.errors import StoreError
 

@@ -24,20 +24,31 @@ _TOKENIZE_CHUNK = 256  # documents per tokenizer call (the fast tokenizer batche
 DATA_SUFFIXES = (".txt", ".jsonl")
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Non-empty documents of one ``.txt`` or ``.jsonl`` file, or of a directory's such files."""
+def data_files(path: str | Path) -> list[Path]:
+    """The files ``read_documents(path)`` reads: ``path`` itself, or a directory's ``.txt`` and
+    ``.jsonl`` files sorted by name. ValueError (one line) when there is none."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
         if not files:
             raise ValueError(f"data directory {path} has no .txt or .jsonl file")
-        return [doc for file in files for doc in read_documents(file)]
+        return files
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
     if path.suffix not in DATA_SUFFIXES:
         raise ValueError(f"data file {path} must be .txt or .jsonl (or a directory of them)")
+    return [path]
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Non-empty documents of one ``.txt`` or ``.jsonl`` file, or of a directory's such files."""
+    files = data_files(path)
+    if len(files) > 1 or files[0] != Path(path):
+        return [doc for file in files for doc in read_documents(file)]
+    path = files[0]
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the text
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(
             f"data file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
@@ -178,6 +189,7 @@ def eval_windows(
     seq_len: int,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    name: str = "text",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Perplexity batches ``(input_ids_BT, attention_mask_BT)`` of fixed, non-overlapping windows
     of ``seq_len`` tokens over the concatenated documents (the last window may be shorter: it is
@@ -185,6 +197,7 @@ def eval_windows(
 
     With ``max_tokens``, ``max_tokens // seq_len`` windows (at least one) spread evenly over the
     whole text: the first windows of a corpus are rarely representative. Deterministic.
+    ``name`` (e.g. ``domain python``) names the text in the error when it is too short.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2 for perplexity, got {seq_len!r}")
@@ -196,7 +209,7 @@ def eval_windows(
     windows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
-        raise ValueError(f"text has {len(stream)} tokens: too short to evaluate")
+        raise ValueError(f"{name} has {len(stream)} tokens: too short to evaluate")
     if max_tokens is not None:
         wanted = max(1, max_tokens // seq_len)
         if wanted < len(windows):

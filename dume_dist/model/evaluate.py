@@ -66,9 +66,14 @@ class EvalTable:
 
 
 def load_causal_lm(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=True, dtype=torch.float32
-    )
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=True, dtype=torch.float32
+        )
+    except SafetensorError as exc:  # a truncated or forged weights file
+        raise ValueError(f"cannot load model {path}: {exc}") from None
     return model.to(device).eval()
 
 
@@ -198,11 +203,11 @@ def _domain_batches(tokenizer, data, seq_len, batch_size, max_eval_tokens):
     cached = {}
     for domain, paths in data.items():
         texts = load_texts(paths, domain=domain)
-        cached[domain] = list(
-            eval_windows(
-                tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_eval_tokens
-            )
-        )
+        windows = eval_windows(
+            tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_eval_tokens,
+            name=f"domain {domain}",
+        )  # fmt: skip
+        cached[domain] = list(windows)
     return {d: (lambda b=b: b) for d, b in cached.items()}
 
 

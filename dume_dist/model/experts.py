@@ -123,21 +123,51 @@ def is_mlp_key(name: str, model_type: str | None = None) -> bool:
 # -- safetensors files ---------------------------------------------------------------------------
 
 
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own bound on a header
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors file, the header checked against the file's size before it
+    is read (a contributor's file: a truncated or forged one is a ValueError, one line)."""
     try:
+        size = Path(path).stat().st_size
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise ValueError(f"header of {header_len} bytes in a file of {size} bytes")
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        base = 8 + header_len
+        out = {
+            name: _tensor_info(path, name, meta, base, size)
+            for name, meta in header.items()
+            if name != "__metadata__"
+        }
+    except (OSError, ValueError, RecursionError, struct.error) as exc:
         raise ValueError(f"cannot read safetensors file {path}: {exc}") from None
-    base = 8 + header_len
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = meta["data_offsets"]
-        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
     return out
+
+
+def _tensor_info(path: Path, name: str, meta, base: int, size: int) -> TensorInfo:
+    """One header entry, validated: known fields, offsets inside the file, bytes = shape x dtype."""
+    name = name[:60]  # for the messages: the name is the file's, of any length
+    try:
+        dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"tensor {name!r} has no dtype, shape and data_offsets") from None
+    ints = (begin, end, *shape)
+    if not isinstance(dtype, str) or any(type(v) is not int or v < 0 for v in ints):
+        raise ValueError(f"tensor {name!r} has a bad dtype, shape or data_offsets")
+    if not begin <= end <= size - base:
+        raise ValueError(f"tensor {name!r} lies outside the file (truncated?)")
+    if dtype in SAFETENSORS_DTYPES:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+    return TensorInfo(path, dtype, shape, base + begin, base + end)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

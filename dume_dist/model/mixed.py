@@ -214,8 +214,9 @@ def evaluate_mixed(model, batch: MixedBatch, settings: MixedSettings, *, device=
     rows |= {f"oracle, {d} tokens late": group_ppl(oracle[d], masks) for d in settings.delays}
     truth_BT = torch.tensor(experts)[batch.domain_BT]
     hit_BLT = top1_BLT == truth_BT[:, None]
+    # a group with no target (one segment: no switch) has no accuracy, as it has no ppl (not NaN)
     accuracy = {k: float(hit_BLT[:, :, 1:][m[:, None].expand_as(hit_BLT[:, :, 1:])].double().mean())
-                for k, m in masks.items()}  # fmt: skip
+                for k, m in masks.items() if m.any()}  # fmt: skip
     return {
         "segment_oracle_ppl": ref,
         "ppl": rows,

@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from dume_dist.model.data import data_files
 from dume_dist.model.kinds import load_stats, stats_to_bytes
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -35,7 +36,8 @@ def stats_key(expert_fp: str, backbone_fp: str, data: list, settings: dict) -> s
     record = {
         "expert": expert_fp,
         "backbone": backbone_fp,
-        "data": [file_sha256(p) for p in data],
+        # a directory counts as the files it is read as (data.data_files)
+        "data": [file_sha256(f) for p in data for f in data_files(p)],
         "settings": settings,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
