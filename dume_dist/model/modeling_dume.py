@@ -72,7 +72,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -197,9 +196,9 @@ class DumeMoeBlock(nn.Module):
         self.routing_context: RoutingContext | None = None  # set by DumeForCausalLM.forward
 
     def router_logits(self, feats_NF: torch.Tensor) -> torch.Tensor:
-        """``(W f + b) / T`` in fp32, before any smoothing."""
-        bias = None if self.router.bias is None else self.router.bias.float()
-        return F.linear(feats_NF.float(), self.router.weight.float(), bias) / self.temperature
+        """``(W f + b) / T`` in fp32, before any smoothing (the router called as a module, so
+        that hooks placing or loading its weights, e.g. a device map's offloading, apply)."""
+        return self.router(feats_NF) / self.temperature
 
     def _top_k(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         topk_logit_NK, topk_index_NK = logits_NE.topk(self.top_k, dim=-1)
@@ -232,9 +231,10 @@ class DumeMoeBlock(nn.Module):
                 raise ValueError(
                     f"{self.kind.name} routing needs the token ids: call DumeForCausalLM"
                 )
-            key = (self.top_k, self.temperature, self.min_weight)
-            if key not in ctx.shared:  # compute it once for all layers
-                logits_BTE = ctx.sequence_logits / self.temperature
+            # Once for all layers on a device (a device map may spread the layers over several).
+            key = (self.top_k, self.temperature, self.min_weight, hidden_BTD.device)
+            if key not in ctx.shared:
+                logits_BTE = ctx.sequence_logits.to(hidden_BTD.device) / self.temperature
                 topk_logit_BTK, topk_index_BTK = logits_BTE.topk(self.top_k, dim=-1)
                 weight_BTK = self._pruned(topk_logit_BTK.softmax(dim=-1).float())
                 ctx.shared[key] = (topk_index_BTK, weight_BTK)
@@ -261,7 +261,7 @@ class DumeMoeBlock(nn.Module):
         ctx = self.routing_context
         if self.router is not None or ctx is None:
             return self.experts.plan(topk_index_NK, topk_weight_NK)
-        key = ("plan", self.top_k, self.temperature, self.min_weight)
+        key = ("plan", self.top_k, self.temperature, self.min_weight, topk_index_NK.device)
         if key not in ctx.shared:
             ctx.shared[key] = self.experts.plan(topk_index_NK, topk_weight_NK)
         return ctx.shared[key]
@@ -496,8 +496,12 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             self._sequence_scores(input_ids, ctx)
             for block in self.moe_blocks():
                 block.routing_context = ctx
+        dense = self._dense_lm
+        if dense.model is not self.model or dense.lm_head is not self.lm_head:
+            # replaced since (resize_token_embeddings, set_output_embeddings, adapters)
+            dense.model, dense.lm_head = self.model, self.lm_head
         try:
-            outputs = self._dense_lm(
+            outputs = dense(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -530,13 +534,49 @@ class DumeForCausalLM(PreTrainedModel, GenerationMixin):
             )
         layers = ctx.layers
         carried = layers.get(name, {}).get("counts") if layers is not None else None
+        router = getattr(self, name)
+        # Called as a module where the kind's router has a forward (hooks that place or load its
+        # tables, e.g. a device map's offloading, apply), else by its `scores`.
+        if type(router).forward is not nn.Module.forward:
+            score = router
+        else:
+            score = router.scores
         # Scores from token counts: nothing to differentiate, and a forward with gradients on
         # (training, or a loss outside torch.no_grad()) must not trace the filter's scan, whose
         # in-place products autograd refuses (the tables load as parameters that want grad).
         with torch.no_grad():
-            ctx.sequence_logits, state = getattr(self, name).scores(input_ids, ctx.real_BT, carried)
+            ctx.sequence_logits, state = score(input_ids, ctx.real_BT, carried)
         if layers is not None:
             layers[name] = {"counts": state}
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+        self._dense_lm.lm_head = new_embeddings
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """``PreTrainedModel.resize_token_embeddings``, and the new vocabulary size also in
+        ``base_config`` (the source of truth on load, so a saved model reloads), in the family's
+        own config (its loss reads it), and in a sequence-level router's per-token tables (a new
+        token: count 0 for every expert, as a build on that vocabulary gives)."""
+        embeddings = super().resize_token_embeddings(
+            new_num_tokens, pad_to_multiple_of, mean_resizing
+        )
+        vocab_size = embeddings.weight.shape[0]
+        self.vocab_size = vocab_size
+        self.config.vocab_size = vocab_size
+        if self.config.base_config is not None:
+            self.config.base_config["vocab_size"] = vocab_size
+        for config in {id(c): c for c in (self.model.config, self._dense_lm.config)}.values():
+            config.vocab_size = vocab_size
+        router = getattr(self, self.sequence_router_name or "", None)
+        if router is not None and hasattr(router, "resize_vocab"):
+            router.resize_vocab(vocab_size)
+        return embeddings
 
     def _all_forced(self) -> bool:
         return all(block.forced_expert is not None for block in self.moe_blocks())

@@ -297,6 +297,24 @@ class DumeNgramRouter(nn.Module):
         )  # fmt: skip
         return logp_EBT, prev_BT, has_prev_BT
 
+    def forward(
+        self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """``scores``, called as a module (what the model does: hooks that place or load the
+        count tables, as device maps with offloading do, see the call)."""
+        return self.scores(ids_BT, real_BT, state)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """The count tables for a vocabulary of ``vocab_size`` tokens (the model's embeddings
+        resized): a new token has count 0 for every expert, as a build on that vocabulary gives;
+        a removed one's counts go. The bigram table is hashed and keeps its size."""
+        for name in ("unigram_counts", "context_counts"):
+            old = getattr(self, name)
+            new = torch.zeros(old.shape[0], vocab_size, dtype=old.dtype, device=old.device)
+            keep = min(vocab_size, old.shape[1])
+            new[:, :keep] = old.data[:, :keep]
+            setattr(self, name, nn.Parameter(new, requires_grad=False))
+
     def scores(
         self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None, state: dict | None = None
     ) -> tuple[torch.Tensor, dict]:
@@ -326,7 +344,14 @@ class DumeNgramRouter(nn.Module):
 
 
 class DumeLinearRouter(nn.Linear):
-    """One layer's linear router (``model.layers.{l}.mlp.router``: ``weight`` [E, F], ``bias``)."""
+    """One layer's linear router (``model.layers.{l}.mlp.router``: ``weight`` [E, F], ``bias``).
+
+    Called as a module (so hooks that place or load its weights, as device maps with offloading
+    do, see the call) and always in fp32: ``W f + b`` whatever the weights' dtype."""
+
+    def forward(self, feats_NF: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(feats_NF.float(), self.weight.float(), bias)
 
     def randomise_(self, generator: torch.Generator) -> None:
         """Random unit-norm rows without bias (the random-routing baseline of `dume eval`)."""
