@@ -866,3 +866,21 @@ def test_a_node_whose_expert_cannot_write_the_sample_is_refused_before_computing
     with pytest.raises(ValueError, match=r"^expert beta: .*no BOS or EOS token") as info:
         agent.job(backbone_dir, str(expert), fingerprint, [str(experts["beta"]["data"])], opts)
     assert "\n" not in str(info.value)
+
+
+def test_node_names_one_case_apart_are_refused_and_retired_names_say_so(experts, tmp_path):
+    """Blobs live under the node's name: `Alpha` beside `alpha` would share (and, on a
+    case-insensitive file system, delete) them. A name that left is never reused, and the
+    refusal says so."""
+    flow = Flow(str(tmp_path / "store"), experts, tmp_path)
+    flow.add("alpha")
+    before = flow.status()["revision"]
+    _, hashed = genesis.issue_node_credential("Alpha", "alpha")
+    with pytest.raises(ValueError, match="'Alpha' differs from node 'alpha' only in case"):
+        flow.coord.add_node(flow.op, "Alpha", "alpha", hashed)
+    assert flow.status()["revision"] == before
+    flow.join("alpha")
+    flow.coord.leave(flow.creds["alpha"], "alpha", "alpha")
+    _, hashed = genesis.issue_node_credential("alpha", "alpha")
+    with pytest.raises(ValueError, match="state left.*never reused"):
+        flow.coord.add_node(flow.op, "alpha", "alpha", hashed)

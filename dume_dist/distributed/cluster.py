@@ -23,6 +23,8 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from dume_dist.store.objectstore import absolute_url
+
 NAMESPACE = "dume"
 COORDINATOR_NAME = "dume-coordinator"
 
@@ -96,7 +98,8 @@ def start_coordinator(
         num_cpus=0,
         resources=resources or {},
     )
-    handle = actor.remote(store_url, storage_options, work_dir)
+    # A local store's path is the caller's: the actor runs in the cluster's working directory.
+    handle = actor.remote(absolute_url(store_url), storage_options, work_dir)
     get(handle.ping.remote())
     get(handle.recover.remote())  # versions a crashed predecessor left unrecorded or unmarked
     return handle

@@ -185,9 +185,19 @@ class Coordinator:
             if rec is not None:
                 if rec.credential_hash == credential_hash and rec.domain == domain:
                     return {"node": name, "created": False, "revision": rev}  # a replayed call
-                raise ValueError(
-                    f"node {name!r} already exists (state {rec.state.value}, domain {rec.domain!r})"
+                retired = rec.state in (NodeState.LEFT, NodeState.UNLEARNED)
+                again = (
+                    "; a node name is never reused: register it under another" if retired else ""
                 )
+                raise ValueError(
+                    f"node {name!r} already exists (state {rec.state.value}, domain "
+                    f"{rec.domain!r}){again}"
+                )
+            # Blobs live under the node's name: two names that one case-insensitive file
+            # system (or object store prefix) would take for one would share, and delete, them.
+            twin = next((n for n in reg.nodes if n.casefold() == name.casefold()), None)
+            if twin is not None:
+                raise ValueError(f"node {name!r} differs from node {twin!r} only in case")
             tr.add_node(reg, name, domain, credential_hash, public_key)
             return {"node": name, "created": True, "revision": self._save(reg, rev)}
 

@@ -23,19 +23,45 @@ def versions_table(manifests: list[dict], title: str = "versions") -> Table:
             table.add_row(m["version"], "", "", "[red](unreadable manifest: skipped)[/red]", "", "")
             continue
         contributors = m.get("contributors", [])
-        experts = ", ".join(
-            c["name"] if c["name"] == c["domain"] else f"{c['name']} ({c['domain']})"
-            for c in contributors
-        )
-        tokens = sum(c.get("num_tokens", 0) for c in contributors)
+        if _contributor_records(contributors):
+            experts = ", ".join(
+                _text(c["name"])
+                if c["name"] == c["domain"]
+                else _text(f"{c['name']} ({c['domain']})")
+                for c in contributors
+            )
+            tokens = f"{sum(c.get('num_tokens', 0) for c in contributors):,}"
+        else:  # a manifest edited by hand: shown as such, never a crash of the whole listing
+            experts, tokens = "[red](malformed contributors)[/red]", ""
+        marks = m.get("marks") if isinstance(m.get("marks"), dict) else {}
         marks = "; ".join(
-            f"{k.replace('_', ' ')}: {', '.join(v) if isinstance(v, list) else v}"
-            for k, v in (m.get("marks") or {}).items()
+            _text(f"{k.replace('_', ' ')}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+            for k, v in marks.items()
         )
         table.add_row(
-            m["version"], m.get("parent") or "", m.get("trigger", ""), experts, f"{tokens:,}", marks
-        )
+            _text(m["version"]), _text(m.get("parent") or ""), _text(m.get("trigger", "")),
+            experts, tokens, marks,
+        )  # fmt: skip
     return table
+
+
+def _text(value) -> str:
+    """A manifest's value as table text: a string, its markup escaped (manifests are files)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def _contributor_records(contributors) -> bool:
+    """Whether a manifest's ``contributors`` is what the coordinator writes: a list of objects
+    with string ``name`` and ``domain`` and, where present, an integer ``num_tokens``."""
+    return isinstance(contributors, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("name"), str)
+        and isinstance(c.get("domain"), str)
+        and isinstance(c.get("num_tokens", 0), int)
+        for c in contributors
+    )
 
 
 def print_versions(manifests: list[dict]) -> None:

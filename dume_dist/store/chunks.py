@@ -127,7 +127,7 @@ def check_chunk_list(rel: str, chunks) -> list[dict]:
         if (
             not isinstance(c, dict)
             or not isinstance(c.get("sha256"), str)
-            or not SHA256.match(c["sha256"])
+            or not SHA256.fullmatch(c["sha256"])
             or not isinstance(c.get("size"), int)
             or isinstance(c.get("size"), bool)
             or c["size"] < 0

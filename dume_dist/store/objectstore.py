@@ -112,8 +112,9 @@ class ObjectStore:
         return f"ObjectStore({self.url!r})"
 
     def __reduce__(self):
-        # Sent to another process (a Ray actor), a store reopens with a fresh client.
-        return _reopen, (self.url, self.storage_options)
+        # Sent to another process (a Ray actor), a store reopens with a fresh client, a local
+        # one at the directory it names here (that process's working directory is another).
+        return _reopen, (absolute_url(self.url), self.storage_options)
 
     # -- errors -----------------------------------------------------------------------
 
@@ -319,12 +320,7 @@ class ObjectStore:
         `extra` are further small files ({relpath: bytes}) to write into the directory.
         """
         prefix = check_key(prefix, prefix=True)
-        local_dir = os.path.abspath(local_dir)
-        if os.path.lexists(local_dir):
-            raise ValueError(f"destination already exists: {local_dir}")
-        parent = os.path.dirname(local_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"{TMP_MARK}{os.path.basename(local_dir)}-", dir=parent)
+        local_dir, tmp = staging_dir(local_dir)
         try:
             for rel, entry in sorted(files.items()):
                 dest = os.path.join(tmp, *check_key(rel).split("/"))
@@ -337,6 +333,38 @@ class ObjectStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a local directory made absolute here (``~`` expanded); other URLs as they
+    are. What another process must be given: a Ray actor runs in its cluster's working
+    directory, not in the one of the command that started it, so ``./store`` would be another
+    directory there."""
+    if not isinstance(url, str) or not url:
+        return url
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    protocol, rest = url.split("://", 1)
+    if protocol in ("file", "local"):
+        return f"{protocol}://{os.path.abspath(os.path.expanduser(rest))}"
+    return url
+
+
+def staging_dir(local_dir: str) -> tuple[str, str]:
+    """For a download into the new directory ``local_dir``: its absolute path and a temp dir
+    beside it (renamed into place at the end). A destination that exists, or that cannot be
+    made, is a one-line ValueError."""
+    local_dir = os.path.abspath(local_dir)
+    if os.path.lexists(local_dir):
+        raise ValueError(f"destination already exists: {local_dir}")
+    parent = os.path.dirname(local_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{TMP_MARK}{os.path.basename(local_dir)}-", dir=parent)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and e.filename != local_dir else ""
+        raise ValueError(f"cannot create {local_dir}: {e.strerror or one_line(e)}{where}") from e
+    return local_dir, tmp
 
 
 def _reopen(url: str, storage_options: dict) -> ObjectStore:

@@ -45,11 +45,11 @@ from datetime import datetime, timezone
 from dume_dist.core.digest import file_sha256_size
 
 from .backends import LocalBackend
-from .chunks import Chunk, check_chunk_list, plan_file
+from .chunks import SHA256, Chunk, check_chunk_list, plan_file
 from .errors import StoreConflict, StoreError, StoreNotFound
 from .gclock import GC_LEASE_S, GcLock
 from .log import AppendLog
-from .objectstore import ObjectStore, encode_json, local_files
+from .objectstore import ObjectStore, encode_json, local_files, staging_dir
 
 SCHEMA_VERSION = 1
 LAYOUT = "chunks/1"
@@ -126,16 +126,32 @@ class VersionStore:
         if self.store.exists(self._key(vid, "purged.json")):
             raise StoreNotFound(f"{self.store.url}: version {vid} was purged")
         try:
-            manifest = self.store.read_json(self._key(vid, "manifest.json"))
+            manifest = self._read_manifest(vid)
         except StoreNotFound as e:
             raise StoreNotFound(f"{self.store.url}: no complete version {vid}") from e
         manifest["marks"] = self.marks(vid)
         return manifest
 
+    def _read_manifest(self, vid: str) -> dict:
+        """``vid``'s manifest as written, checked for the fields the store relies on: a
+        manifest edited by hand, or written for another version, is a one-line `StoreError`
+        (never a crash in whoever reads it, never a version shown under the wrong id)."""
+        manifest = self.store.read_json(self._key(vid, "manifest.json"))
+        problem = _manifest_problem(vid, manifest)
+        if problem:
+            raise StoreError(f"{self.store.url}: manifest of {vid} is malformed: {problem}")
+        return manifest
+
     def marks(self, vid: str) -> dict:
         """{key: value} of every mark on `vid`; a later mark of a key wins."""
         merged = {}
-        for _, record in AppendLog(self.store, self._key(vid, "marks")).records():
+        for rev, record in AppendLog(self.store, self._key(vid, "marks")).records():
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("key"), str)
+                and "value" in record
+            ):
+                raise StoreError(f"{self.store.url}: mark {rev} of {vid} is malformed")
             merged[record["key"]] = record["value"]
         return merged
 
@@ -169,12 +185,7 @@ class VersionStore:
                 extra={MANIFEST_FILE: encode_json(manifest)},
             )  # fmt: skip
             return manifest
-        local_dir = os.path.abspath(local_dir)
-        if os.path.lexists(local_dir):
-            raise ValueError(f"destination already exists: {local_dir}")
-        parent = os.path.dirname(local_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".dume-tmp-{os.path.basename(local_dir)}-", dir=parent)
+        local_dir, tmp = staging_dir(local_dir)
         try:
             for rel, entry in sorted(manifest["files"].items()):
                 dest = os.path.join(tmp, *_check_rel(rel).split("/"))
@@ -338,7 +349,7 @@ class VersionStore:
             if not _is_complete(names):
                 continue
             try:
-                manifest = self.store.read_json(self._key(vid, "manifest.json"))
+                manifest = self._read_manifest(vid)
             except StoreNotFound:
                 continue  # purged meanwhile
             for chunks in self.file_chunks(vid, manifest).values():
@@ -351,6 +362,8 @@ class VersionStore:
     def collect_garbage(self) -> dict:
         """Delete the chunks nobody references; returns what was kept and deleted. Raises
         StoreConflict while another collection runs."""
+        if not self.store.children(self.prefix):  # nothing published here (a mistyped store)
+            return {"kept": 0, "deleted": 0}  # and nothing written: no lock, no directory
         lock = self._gc_lock()
         lock.take(create=True)
         return self._collect(lock)
@@ -388,7 +401,7 @@ class VersionStore:
         migrated; pulls give the same bytes before and after."""
         done = []
         for vid in self.list_versions():
-            manifest = self.store.read_json(self._key(vid, "manifest.json"))
+            manifest = self._read_manifest(vid)
             if any(c is not None for c in self.file_chunks(vid, manifest).values()):
                 continue
             with tempfile.TemporaryDirectory(prefix="dume-migrate-") as tmp:
@@ -408,6 +421,28 @@ class VersionStore:
             self.store.delete_prefix(self._key(vid, "files"))
             done.append(vid)
         return done
+
+
+def _manifest_problem(vid: str, manifest) -> str | None:
+    """What is wrong with a manifest read from ``vid`` (None when nothing is)."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object ({type(manifest).__name__})"
+    if manifest.get("version") != vid:
+        return f"it names version {str(manifest.get('version'))[:40]!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "no files"
+    for rel, entry in files.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not SHA256.fullmatch(entry["sha256"])
+            or not isinstance(entry.get("size"), int)
+            or isinstance(entry["size"], bool)
+            or entry["size"] < 0
+        ):
+            return f"file {str(rel)[:80]!r} has no valid sha256 and size"
+    return None
 
 
 def _check_rel(rel: str) -> str:
