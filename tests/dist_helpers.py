@@ -6,6 +6,7 @@ Experts: hidden 32, 2 layers, a WordLevel tokenizer; each domain's text uses its
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -78,6 +79,37 @@ def make_experts(root: Path, domains=DOMAINS, seed: int = 0, docs: int = 12) -> 
             "valid": paths["valid"],
         }
     return out
+
+
+@contextlib.contextmanager
+def local_ray_cluster(head_cpus: int = 1, node_resources: list[dict] | None = None,
+                      namespace: str = "dume-test"):  # fmt: skip
+    """A Ray cluster on this machine (a head, plus one node of 2 CPUs per ``node_resources``
+    entry), connected to as the driver, in its own short RAY_TMPDIR; stopped by its handle and
+    the environment restored on exit. Yields ``(cluster, nodes)``."""
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.get("RAY_TMPDIR")
+    tmpdir = short_ray_tmpdir()
+    os.environ["RAY_TMPDIR"] = tmpdir
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})  # fmt: skip
+    nodes = [c.add_node(num_cpus=2, resources=r) for r in node_resources or []]
+    try:
+        ray.init(address=c.address, namespace=namespace, log_to_driver=False)
+        if nodes:
+            c.wait_for_nodes()
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
 
 
 def short_ray_tmpdir() -> str:

@@ -8,13 +8,11 @@ and store, so they do not see each other.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 
 import pytest
 import torch
-from dist_helpers import make_experts, short_ray_tmpdir
+from dist_helpers import local_ray_cluster, make_experts
 from s3server import S3Server
 
 from dume_dist.distributed import cluster, genesis
@@ -31,23 +29,9 @@ JOIN = {"max_tokens": 240, "seq_len": 16, "batch_size": 4, "threads": 1}
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.get("RAY_TMPDIR")
-    tmpdir = short_ray_tmpdir()
-    os.environ["RAY_TMPDIR"] = tmpdir
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=2, resources={f"dume_node_{i}": 1}) for i in range(2)]
-    ray.init(address=c.address, namespace="dume-test", log_to_driver=False)
-    c.wait_for_nodes()
-    yield {"cluster": c, "node_ids": [n.node_id for n in nodes]}
-    ray.shutdown()
-    c.shutdown()
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    if saved is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = saved
+    resources = [{f"dume_node_{i}": 1} for i in range(2)]
+    with local_ray_cluster(node_resources=resources) as (c, nodes):
+        yield {"cluster": c, "node_ids": [n.node_id for n in nodes]}
 
 
 @pytest.fixture(scope="module")

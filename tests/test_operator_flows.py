@@ -115,25 +115,11 @@ def test_a_store_sent_to_another_process_keeps_the_directory_it_named(tmp_path, 
 def ray_cluster():
     """A one-node local cluster started here, in the tests' working directory, and stopped by
     its handle."""
-    ray = pytest.importorskip("ray")
-    import shutil
+    pytest.importorskip("ray")
+    from dist_helpers import local_ray_cluster
 
-    from dist_helpers import short_ray_tmpdir
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.get("RAY_TMPDIR")
-    tmpdir = short_ray_tmpdir()
-    os.environ["RAY_TMPDIR"] = tmpdir
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    ray.init(address=c.address, namespace="dume-test", log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    if saved is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = saved
+    with local_ray_cluster() as (c, _):
+        yield c
 
 
 @pytest.mark.ray
