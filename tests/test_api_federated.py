@@ -281,6 +281,7 @@ ENDPOINTS = [
         "/v1/node/stats",
         json.dumps({"upload": "0" * 32, "submission_id": "0" * 64, "num_tokens": 1}).encode(),
     ),  # fmt: skip
+    ("POST", "/v1/node/settle", b"{}"),
     ("POST", "/v1/node/leave", b"{}"),
     ("POST", "/v1/node/credential", b"{}"),
 ]

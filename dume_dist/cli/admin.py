@@ -8,6 +8,7 @@ from dume_dist.cli.shared import (
     operator_flag,
     operator_secret,
     ray_flags,
+    secret_destination,
     write_secret,
 )
 from dume_dist.distributed.calls import call
@@ -36,7 +37,9 @@ def run_add_node(args) -> int:
 
     secret = new_secret()
     hashed, key = node_credential_record(args.name, args.domain, secret)
-    call(coordinator(args), "add_node", operator_secret(args), args.name, args.domain, hashed, key)
+    op = operator_secret(args)
+    with secret_destination(args.credential_out):  # writable before the node exists
+        call(coordinator(args), "add_node", op, args.name, args.domain, hashed, key)
     if args.credential_out:
         path = write_secret(args.credential_out, secret)
         print(f"node {args.name!r} ({args.domain}) registered; credential written to {path}")

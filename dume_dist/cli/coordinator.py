@@ -114,6 +114,7 @@ def run_start(args) -> int:
     from dume_dist.distributed.cluster import connect, start_coordinator
 
     settings = settings_from_args(args)  # bad settings: an error before anything is written
+    federated.check_serve_flags(args)  # so are bad API flags (the API is deployed last)
     options = parse_storage_options(args.storage_option)
     store = open_store(args)  # a bad URL fails here, before any actor exists
     founding = parse_experts(args.founding_expert) if args.founding_expert else {}

@@ -36,16 +36,30 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="failed authentications naming one node per minute before it is refused")  # fmt: skip
 
 
-def maybe_serve(args) -> None:
-    """Deploy the API after `coordinator start` founded or resumed the store."""
+def check_serve_flags(args) -> None:
+    """The API flags, checked before `coordinator start` does anything (one-line errors)."""
     if args.api_port is None:
         if args.tls_cert or args.tls_key:
             raise ValueError("--tls-cert/--tls-key need --api-port")
         return
-    from dume_dist.distributed.api import ApiLimits, serve_api
-
+    if not 1 <= args.api_port <= 65535:
+        raise ValueError(f"--api-port must be a TCP port (1-65535), got {args.api_port}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path} does not exist")
     if args.max_auth_failures < 1 or args.max_auth_failures_per_node < 1:
         raise ValueError("--max-auth-failures and --max-auth-failures-per-node must be >= 1")
+
+
+def maybe_serve(args) -> None:
+    """Deploy the API after `coordinator start` founded or resumed the store."""
+    check_serve_flags(args)
+    if args.api_port is None:
+        return
+    from dume_dist.distributed.api import ApiLimits, serve_api
+
     limits = ApiLimits(failures_per_address=args.max_auth_failures,
                        failures_per_node=args.max_auth_failures_per_node)  # fmt: skip
     url = serve_api(args.coordinator_name, args.namespace, host=args.api_host, port=args.api_port,
@@ -157,12 +171,13 @@ def run_node_status(args) -> int:
 
 
 def run_node_rotate(args) -> int:
-    from dume_dist.cli.shared import write_secret
+    from dume_dist.cli.shared import secret_destination, write_secret
     from dume_dist.store import new_secret
 
     link = transport(args, _node_secret(args))
     new = new_secret()
-    link.rotate(new)
+    with secret_destination(args.credential_out):  # writable before the old one is revoked
+        link.rotate(new)
     path = write_secret(args.credential_out, new)
     print(
         f"node {args.name}: credential rotated; the new one is in {path} (the old one is revoked)"
@@ -182,18 +197,20 @@ def register_admin_actions(as_, operator_flag, ray_flags) -> None:
 
 
 def run_admin_rotate(args) -> int:
-    from dume_dist.cli.shared import coordinator, operator_secret, write_secret
+    from dume_dist.cli.shared import coordinator, operator_secret, secret_destination, write_secret
     from dume_dist.distributed.calls import call
     from dume_dist.distributed.genesis import node_credential_record
     from dume_dist.store import new_secret
 
+    op = operator_secret(args)
     handle = coordinator(args)
     record = call(handle, "status")["registry"]["nodes"].get(args.name)
     if record is None:
         raise ValueError(f"unknown node {args.name!r}")
     secret = new_secret()
     hashed, key = node_credential_record(args.name, record["domain"], secret)
-    call(handle, "rotate_credential", operator_secret(args), args.name, hashed, key)
+    with secret_destination(args.credential_out):  # writable before the old one is revoked
+        call(handle, "rotate_credential", op, args.name, hashed, key)
     if args.credential_out:
         print(f"node {args.name!r}: credential rotated; written to {write_secret(args.credential_out, secret)}")  # fmt: skip
     else:

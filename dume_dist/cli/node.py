@@ -96,16 +96,21 @@ def _join_with(agent, run_join, kwargs: dict, show: bool, args) -> int:
     """Compute, show what will leave the node, then send it (unless ``--dry-run``)."""
     prepared = run_join(agent, kwargs, show_progress=show)
     print_outbound(prepared["outbound"], args.dry_run)
-    if args.dry_run:
+    if args.dry_run:  # (--json: what would leave the node, as shown)
+        _write_json(args.json, prepared)
         return 0
     result = call(agent, "send_prepared")
     print_join(result)
     federated.print_sent(result)
-    if args.json:
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
         import json
 
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    return 0
+        Path(path).write_text(json.dumps(result, indent=2, default=str))
 
 
 def print_outbound(outbound: list[dict], dry_run: bool) -> None:

@@ -10,6 +10,7 @@ credential from ``--operator-credential-file`` (default ``~/.dume/operator.crede
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -69,10 +70,15 @@ def parse_storage_options(values: list[str] | None) -> dict:
     return out
 
 
-def open_store(args):
+def open_store(args, must_exist: bool = False):
+    """The store of ``--store``; with ``must_exist`` (readers) a location where nothing exists
+    at all (a mistyped path) is an error rather than an empty answer."""
     from dume_dist.store import ObjectStore
 
-    return ObjectStore(args.store, parse_storage_options(args.storage_option))
+    store = ObjectStore(args.store, parse_storage_options(args.storage_option))
+    if must_exist and not store.location_exists():
+        raise ValueError(f"store {args.store} does not exist (nothing is there: mistyped?)")
+    return store
 
 
 # -- secrets ------------------------------------------------------------------------------------
@@ -80,7 +86,11 @@ def open_store(args):
 
 def read_secret(path: str | None, env: str, what: str, default_path: str | None = None) -> str:
     if path is None and os.environ.get(env):
-        return os.environ[env].strip()
+        secret = os.environ[env].strip()
+        if not secret:
+            raise ValueError(f"${env} holds only whitespace: it is not a {what}")
+        _one_line(secret, f"${env}", what)
+        return secret
     path = path or default_path
     if path is None:
         raise ValueError(f"no {what}: pass its file or set ${env}")
@@ -92,10 +102,21 @@ def read_secret(path: str | None, env: str, what: str, default_path: str | None 
         raise ValueError(
             f"{what} file {p} is readable by others (mode {mode:04o}): run `chmod 600 {p}`"
         )
-    secret = p.read_text().strip()
+    try:
+        secret = p.read_text().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {p} is not text: it holds no credential") from None
     if not secret:
         raise ValueError(f"{what} file {p} is empty")
+    _one_line(secret, f"file {p}", what)
     return secret
+
+
+def _one_line(secret: str, where: str, what: str) -> None:
+    """A credential is one line: a file that also holds others (e.g. the whole output of
+    `dume admin add-node` pasted into it) would only ever fail authentication."""
+    if "\n" in secret or "\r" in secret:
+        raise ValueError(f"{what} {where} holds more than one line: it must hold the credential alone")  # fmt: skip
 
 
 def write_secret(path: str | Path, secret: str) -> Path:
@@ -109,6 +130,38 @@ def write_secret(path: str | Path, secret: str) -> Path:
         f.truncate(0)
         f.write(secret + "\n")
     return p
+
+
+def reserve_secret_file(path: str | Path) -> tuple[Path, bool]:
+    """Make sure a secret can be written to ``path`` *before* the operation that issues it (a
+    registration, a rotation): a secret issued and then lost to an unwritable path would lock
+    its node out. Returns the path and whether the file existed already (its content is left
+    as it is: a credential rotated in place stays readable until it is replaced)."""
+    p = Path(path).expanduser()
+    existed = p.exists()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise ValueError(f"cannot write a credential to {p}: {exc.strerror or exc}") from None
+    return p, existed
+
+
+@contextlib.contextmanager
+def secret_destination(path: str | Path | None):
+    """``with secret_destination(F):`` around the call that issues a secret: the file is made
+    writable first, and removed again if it was new and the call failed."""
+    if path is None:
+        yield None
+        return
+    p, existed = reserve_secret_file(path)
+    try:
+        yield p
+    except BaseException:
+        if not existed:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def operator_secret(args) -> str:

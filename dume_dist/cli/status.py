@@ -21,7 +21,7 @@ def run_status(args) -> int:
         from dume_dist.distributed.state import public_view
         from dume_dist.store import RegistryStore, coordinator_layout
 
-        store = open_store(args)
+        store = open_store(args, must_exist=True)
         state, rev = RegistryStore(store, coordinator_layout(store).registry).load()
         status = {"store": args.store, "revision": rev, "registry": public_view(state)}
     else:

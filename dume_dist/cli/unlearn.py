@@ -25,11 +25,16 @@ def run_unlearn(args) -> int:
         coordinator(args), "unlearn", operator_secret(args), args.node, args.reason, args.purge
     )
     affected = ", ".join(result["affected_versions"]) or "none"
-    what = "purged" if args.purge else "marked contains_unlearned"
+    # what the registry records (an earlier `--purge` of the node stands), not this call's flag
+    what = "purged" if result.get("purge", args.purge) else "marked contains_unlearned"
+    latest = result["version"]
     print(
-        f"unlearned {args.node!r}: its statistics and expert are deleted; latest version {result['version']}"
+        f"unlearned {args.node!r}: its statistics and expert are deleted; latest version {latest or '(none)'}"
     )
     print(f"earlier versions that contained it ({what}): {affected}")
     if result["hold"]:
         print("publication is held: run `dume coordinator publish` to publish a version without it")
+    elif latest is not None and latest in result["affected_versions"]:
+        print(f"no version without it was published (no active contributor is left): "
+              f"{latest} contains it and is {what.split()[0]}")  # fmt: skip
     return 0

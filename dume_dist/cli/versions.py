@@ -33,10 +33,10 @@ def register(sub) -> None:
     p.set_defaults(func=run_migrate)
 
 
-def _version_store(args):
+def _version_store(args, must_exist: bool = True):
     from dume_dist.store import VersionStore, reader_layout
 
-    store = open_store(args)
+    store = open_store(args, must_exist)
     return VersionStore(store, reader_layout(store).versions)
 
 
@@ -81,7 +81,7 @@ def run_pull(args) -> int:
 
 
 def run_gc(args) -> int:
-    result = _version_store(args).collect_garbage()
+    result = _version_store(args, must_exist=False).collect_garbage()  # (nothing: a no-op)
     print(f"kept {result['kept']} chunks, deleted {result['deleted']}")
     return 0
 

@@ -55,7 +55,7 @@ STAGES = (
 class ActorTransport:
     """The node's side of the coordinator in one trust domain: the coordinator actor's handle
     (or a plain `Coordinator` in tests) and the node's secret. `client.HttpTransport` is the
-    other one: the same five calls over the signed HTTP API."""
+    other one: the same calls over the signed HTTP API."""
 
     kind = "ray"
 
@@ -87,6 +87,9 @@ class ActorTransport:
 
     def leave(self) -> dict:
         return call(self.coordinator, "leave", *self._who)
+
+    def settle(self) -> dict:
+        return call(self.coordinator, "settle", *self._who)
 
     def _put(self, data):
         """Large payloads go to the coordinator actor as one object ref (stored once)."""
@@ -257,14 +260,14 @@ class NodeAgent:
             check_expert_tokenizer(backbone_dir, spec.path, texts)
         return spec, expert_fingerprint(spec)
 
-    def upload_expert(self, spec, fingerprint: str) -> dict:
+    def upload_expert(self, spec, fingerprint: str, blob: bytes | None = None) -> dict:
         from dume_dist.distributed.artifacts import mlp_blob
 
         self._enter("upload_expert")
         registered = self._info.get("expert")
         if registered is not None and registered["fingerprint"] == fingerprint:
             return {"expert": registered, "changed": False}
-        blob = mlp_blob(spec)
+        blob = mlp_blob(spec) if blob is None else blob
         result = self.transport.register_expert(blob, fingerprint)
         self._info["submissions"] = [] if result["changed"] else self._info["submissions"]
         return result
@@ -415,13 +418,24 @@ class NodeAgent:
             seconds["compute"] = time.perf_counter() - t1
             self._maybe_crash(crash_after, "compute")
         prepared = dict(spec=spec, fingerprint=fingerprint, job=job, computed=computed,
-                        seconds=seconds, crash_after=crash_after)  # fmt: skip
+                        seconds=seconds, crash_after=crash_after,
+                        expert_blob=self._expert_blob(spec, fingerprint))  # fmt: skip
         if dry_run:
             self._prepared = prepared
             self._enter("prepared")
             return {"status": "dry-run", "node": self.name, "submission_id": job.submission_id,
-                    "outbound": self.outbound(spec, fingerprint, computed)}  # fmt: skip
+                    "outbound": self.outbound(spec, fingerprint, computed,
+                                              prepared["expert_blob"])}  # fmt: skip
         return self._send(prepared)
+
+    def _expert_blob(self, spec, fingerprint: str) -> bytes | None:
+        """The MLP blob the join will upload (None when the expert is registered): shown by
+        its exact size before it is sent, and sent as shown."""
+        from dume_dist.distributed.artifacts import mlp_blob
+
+        if (self._info.get("expert") or {}).get("fingerprint") == fingerprint:
+            return None
+        return mlp_blob(spec)
 
     def send_prepared(self) -> dict:
         """Send what the last ``join(dry_run=True)`` computed (and showed)."""
@@ -430,15 +444,17 @@ class NodeAgent:
             raise ValueError("nothing prepared to send: run the join first")
         return self._send(prepared)
 
-    def outbound(self, spec, fingerprint: str, computed: dict | None) -> list[dict]:
-        """What leaves the node, by kind and bytes (the expert only when not yet registered)."""
+    def outbound(self, spec, fingerprint: str, computed: dict | None,
+                 expert_blob: bytes | None = None) -> list[dict]:  # fmt: skip
+        """What leaves the node, by kind and bytes (the expert only when not yet registered:
+        its safetensors blob, header included, as `upload_expert` sends it)."""
         from dume_dist.model.kinds import stats_from_bytes
 
         out = []
         registered = (self._info.get("expert") or {}).get("fingerprint") == fingerprint
         if not registered:
-            size = sum(spec.tensor(n).nbytes for n in spec.mlp_names())
-            out.append({"what": "expert MLP weights", "kind": "weights", "bytes": size})
+            blob = expert_blob if expert_blob is not None else self._expert_blob(spec, fingerprint)
+            out.append({"what": "expert MLP weights", "kind": "weights", "bytes": len(blob)})
         if computed is None:
             return out
         stats = stats_from_bytes(computed["stats"])
@@ -484,15 +500,15 @@ class NodeAgent:
             prepared["seconds"],
             prepared["crash_after"],
         )
-        outbound = self.outbound(spec, fingerprint, computed)
-        uploaded = self.upload_expert(spec, fingerprint)
+        blob = prepared.get("expert_blob")
+        outbound = self.outbound(spec, fingerprint, computed, blob)
+        uploaded = self.upload_expert(spec, fingerprint, blob)
         self._maybe_crash(crash_after, "upload_expert")
         if computed is None:
-            result = {
-                "status": "duplicate",
-                "version": self._info.get("latest"),
-                "skipped_compute": True,
-            }
+            # Counted before, but perhaps never published (the publish after it failed): ask
+            # the coordinator to publish what is pending rather than report the old version.
+            settled = self.transport.settle()
+            result = {"status": "duplicate", "version": settled["version"], "skipped_compute": True}
         else:
             t2 = time.perf_counter()
             result = self.submit(job, computed)

@@ -15,6 +15,7 @@ no cluster token and no store credential. It offers exactly a node agent's calls
     PUT  /v1/node/uploads/{id}?offset=N   one chunk (<= chunk_bytes), appended at N
     POST /v1/node/expert                  {upload, fingerprint}: register the MLP weights
     POST /v1/node/stats                   {upload, submission_id, num_tokens, holdout}
+    POST /v1/node/settle                  publish what is pending (a rerun of a counted join)
     POST /v1/node/leave                   withdraw
     POST /v1/node/credential              {credential_hash, public_key}: rotate own credential
 
@@ -178,6 +179,10 @@ class CoordinatorAPI:
     async def stats(self, request: Request):
         return await self._guard(request, self._stats)
 
+    @app.post("/v1/node/settle")
+    async def settle(self, request: Request):
+        return await self._guard(request, self._settle)
+
     @app.post("/v1/node/leave")
     async def leave(self, request: Request):
         return await self._guard(request, self._leave)
@@ -276,6 +281,10 @@ class CoordinatorAPI:
         for upload in [req["upload"], *holdout.values()]:
             self._discard(who[1], upload)
         return out
+
+    async def _settle(self, request, who, body, info):
+        _json_object(body)
+        return await self._call("settle", *who)
 
     async def _leave(self, request, who, body, info):
         _json_object(body)

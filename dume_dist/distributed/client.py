@@ -1,7 +1,7 @@
 """The contributor's client of the coordinator's HTTP API (`dume_dist.distributed.api`).
 
 `HttpTransport` is the node agent's transport outside the operator's cluster: the same calls as
-`agent.ActorTransport` (node info, backbone download, expert upload, statistics submit, leave),
+`agent.ActorTransport` (node info, backbone download, expert upload, statistics submit, settle, leave),
 each request signed with the node's key (`signing`), over HTTPS (``ca_cert`` pins the
 coordinator's certificate or its CA). No Ray here: it runs inside the contributor's own cluster
 or in a plain process.
@@ -71,6 +71,9 @@ class HttpTransport:
 
     def leave(self) -> dict:
         return self._json("POST", "/v1/node/leave", {})
+
+    def settle(self) -> dict:
+        return self._json("POST", "/v1/node/settle", {})
 
     # -- more of the API ---------------------------------------------------------------------
 

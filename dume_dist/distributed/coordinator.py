@@ -187,8 +187,9 @@ class Coordinator:
                     return {"node": name, "created": False, "revision": rev}  # a replayed call
                 retired = rec.state in (NodeState.LEFT, NodeState.UNLEARNED)
                 again = (
-                    "; a node name is never reused: register it under another" if retired else ""
-                )
+                    "; a node name is never reused: register it under another" if retired
+                    else f"; `dume admin rotate-credential --name {name}` issues it a new credential"
+                )  # fmt: skip
                 raise ValueError(
                     f"node {name!r} already exists (state {rec.state.value}, domain "
                     f"{rec.domain!r}){again}"
@@ -251,7 +252,7 @@ class Coordinator:
             affected = [v.version for v in reg.versions_containing(name)]
             version = self._maybe_publish(f"unlearn {name}")
             return {"node": name, "version": version, "affected_versions": affected,
-                    **self._summary()}  # fmt: skip
+                    "purge": node.purge, **self._summary()}  # fmt: skip
 
     def rebase(self, operator_secret: str, backbone: dict) -> dict:
         """Change the backbone (its files are already in the store). Every statistics blob is
@@ -357,6 +358,15 @@ class Coordinator:
             self._save(reg, rev)
         version = self._maybe_publish(trigger)
         return {"status": "accepted", "blob": entry.blob, "version": version, **self._summary()}
+
+    def settle(self, secret, name: str, domain: str) -> dict:
+        """Publish what is pending, for a node whose statistics are already counted (a rerun of
+        a join whose publish failed: the rerun skips its compute, and without this call the
+        counted change would wait for someone else's). A no-op when held or nothing changed;
+        returns the newest version."""
+        with self._as_node(secret, name, domain):
+            version = self._maybe_publish(f"join {name}")
+        return {"node": name, "version": version, **self._summary()}
 
     @staticmethod
     def _duplicate(rec, submission_id, sha) -> StatsEntry | None:

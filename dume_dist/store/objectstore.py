@@ -158,6 +158,17 @@ class ObjectStore:
         except StoreNotFound as e:
             raise StoreError(f"{self.url}: bucket {bucket!r} does not exist") from e
 
+    def location_exists(self) -> bool:
+        """Whether anything is at the store's location: a local directory that exists, a remote
+        prefix with objects under it (True when it cannot be listed: a reader may see only
+        ``public/``). A mistyped store path is told apart from a founded, empty store."""
+        if isinstance(self.backend, LocalBackend):
+            return os.path.isdir(self.backend.root)
+        try:
+            return bool(self.children(""))
+        except StoreError:
+            return True
+
     # -- bytes ------------------------------------------------------------------------
 
     def read_bytes(self, key: str) -> bytes:
@@ -346,8 +357,17 @@ def absolute_url(url: str) -> str:
         return os.path.abspath(os.path.expanduser(url))
     protocol, rest = url.split("://", 1)
     if protocol in ("file", "local"):
-        return f"{protocol}://{os.path.abspath(os.path.expanduser(rest))}"
+        path = os.path.abspath(os.path.expanduser(file_url_path(rest)))
+        return f"{protocol}://{urllib.parse.quote(path)}"
     return url
+
+
+def file_url_path(rest: str) -> str:
+    """The local path of a ``file://`` URL (what follows ``://``): percent-encoded characters
+    decoded (``my%20store`` is ``my store``), an empty or ``localhost`` host dropped."""
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    return urllib.parse.unquote(rest)
 
 
 def staging_dir(local_dir: str) -> tuple[str, str]:
@@ -396,7 +416,7 @@ def _open_backend(url: str, options: dict):
         return LocalBackend(url)
     protocol, rest = url.split("://", 1)
     if protocol in ("file", "local"):
-        return LocalBackend(rest)
+        return LocalBackend(file_url_path(rest))
     if protocol in ("s3", "s3a"):
         options = _s3_options(options)
     fs, root = fsspec.core.url_to_fs(url, **options)
