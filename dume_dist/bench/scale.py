@@ -177,6 +177,14 @@ def run_scale_bench(counts=(2, 4), shape: str = "189m", max_tokens: int = 8192, 
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     if not counts or min(counts) < 2:
         raise ValueError("expert counts must be >= 2")
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"expert counts must differ, got {list(counts)}")
+    if work is not None:  # before the experts are made: each count's directory is new
+        if Path(work).exists() and not Path(work).is_dir():
+            raise ValueError(f"--work {work} exists and is not a directory")
+        taken = [f"n{n}" for n in counts if (Path(work) / f"n{n}").exists()]
+        if taken:
+            raise ValueError(f"--work {work} already holds {taken[0]} (from an earlier run)")
     root = Path(work or tempfile.mkdtemp(prefix="dume-bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()

@@ -135,6 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inference(args) -> int:
+    _check_outputs(args)
     from dume_dist.bench.inference import markdown_table, run_inference_bench
 
     expert = args.expert
@@ -150,6 +151,7 @@ def run_inference(args) -> int:
 
 
 def run_scale(args) -> int:
+    _check_outputs(args)
     from dume_dist.bench.scale import markdown_table, run_scale_bench
 
     result = run_scale_bench(
@@ -160,6 +162,7 @@ def run_scale(args) -> int:
 
 
 def run_routing(args) -> int:
+    _check_outputs(args)
     from dume_dist.bench.routing import markdown_table, run_routing_bench, select_options
     from dume_dist.cli.build import parse_experts, parse_named
     from dume_dist.model.mixed import MixedSettings
@@ -185,12 +188,13 @@ def run_routing(args) -> int:
 
 
 def run_scaling(args) -> int:
+    _check_outputs(args)
     from dume_dist.distributed.auth import token_auth_for_a_new_cluster
 
     token_auth_for_a_new_cluster()  # before Ray is imported
     from dume_dist.bench.scaling import markdown_table, run_scaling_bench
 
-    counts = [int(c) for c in args.contributors.split(",") if c.strip()]
+    counts = _int_list(args.contributors, "--contributors")
     result = run_scaling_bench(counts, hidden_size=args.hidden_size, num_layers=args.layers,
                                intermediate_size=args.intermediate_size, tokens=args.tokens)  # fmt: skip
     return _report(result, args.json, markdown_table)
@@ -210,6 +214,7 @@ def _experts_and_train(args):
 
 
 def run_leakage(args) -> int:
+    _check_outputs(args)
     import torch
 
     from dume_dist.bench.leakage import KINDS, markdown_table, run_leakage_bench
@@ -225,6 +230,7 @@ def run_leakage(args) -> int:
 
 
 def run_robustness(args) -> int:
+    _check_outputs(args)
     import torch
 
     from dume_dist.bench import robustness as rb
@@ -240,7 +246,7 @@ def run_robustness(args) -> int:
     common = dict(kinds=args.kind or tuple(default), seq_len=args.seq_len,
                   max_eval_tokens=args.max_eval_tokens)  # fmt: skip
     if args.command2 == "privacy":
-        sizes = [int(x) for x in args.sizes.split(",") if x.strip()] or [None]
+        sizes = _int_list(args.sizes, "--sizes", empty_ok=True) or [None]
         result = rb.run_privacy_bench(experts, train, valid, epsilons=args.dp_epsilon or (8.0, 1.0),
                                       delta=args.dp_delta, sizes=sizes, **common)  # fmt: skip
         table = rb.privacy_table
@@ -258,6 +264,33 @@ def parse_named_valid(args) -> dict:
     if not valid:
         raise ValueError("--valid is needed with --expert")
     return valid
+
+
+def _int_list(text: str, flag: str, empty_ok: bool = False) -> list[int]:
+    """Comma-separated positive integers (a one-line error naming ``flag`` otherwise)."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) > 0 for x in items) or not (items or empty_ok):
+        raise ValueError(f"{flag} expects comma-separated positive integers, got {text!r}")
+    return [int(x) for x in items]
+
+
+def _check_outputs(args) -> None:
+    """Before any work: --json (and the .md beside it) can be written, --device exists, the
+    counts are positive."""
+    from dume_dist.bench.results import check_results_path
+    from dume_dist.cli.build import check_device
+
+    check_results_path(args.json, "--json")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    for key in ("num_experts", "batch_size", "seq_len", "repeats", "threads", "max_tokens",
+                "eval_seq_len", "max_eval_tokens", "hidden_size", "layers", "intermediate_size",
+                "tokens"):  # fmt: skip
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    if getattr(args, "mixed_sequences", 0) < 0:
+        raise ValueError(f"--mixed-sequences must be >= 0, got {args.mixed_sequences}")
 
 
 def _report(result: dict, json_path: str, table) -> int:

@@ -108,8 +108,32 @@ def _size(value: str) -> int:
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"expected a size such as 2GB or 500MB, got {value!r}")
+        # ArgumentTypeError: argparse prints this reason (a ValueError shows as 'invalid value')
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, got {value!r}")
     return max(1, int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Before any work: ``device`` names a device torch knows and this machine has (None: the
+    default, cuda when available)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"{flag} {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {device}: no CUDA device is available")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag} {device}: there are {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: no MPS device is available")
 
 
 def _dtype(name: str | None):
@@ -382,7 +406,12 @@ def run_build(args) -> int:
     data = data_files_of(parse_named(args.data, "--data"))
     out = Path(args.out)
     routing = routing_spec(args)
+    check_device(args.device)
     base = args.backbone[5:] if args.backbone.startswith("base:") else None
+    if args.backbone != "average" and not base:  # before the experts are read
+        raise ValueError(f"--backbone must be 'average' or 'base:DIR', got {args.backbone!r}")
+    if base and not Path(base).is_dir():
+        raise ValueError(f"--backbone {args.backbone}: {base} is not a directory")
     inputs = [*experts.values(), *(f for files in data.values() for f in files)]
     check_out_dir(out, args.overwrite, inputs + ([base] if base else []))
     if args.save_stats:
@@ -479,6 +508,7 @@ def run_eval(args) -> int:
 
     data = data_files_of(parse_named(args.data, "--data"))
     check_out_file(args.json, "--json")
+    check_device(args.device)
     if args.mixed:
         check_out_file(args.routing_png, "--routing-png")
         return _run_eval_mixed(args, data)

@@ -3,7 +3,8 @@
 Every flag of every subcommand has a config key: its long option name without the
 dashes (``--max-tokens-per-seq`` → ``max_tokens_per_seq`` or ``max-tokens-per-seq``).
 A key that names no flag, or a value the flag's type or choices reject, is an error
-naming the key. Flags given on the command line win over the file.
+naming the key. Flags given on the command line win over the file (a repeatable flag given on
+the command line replaces the file's list).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ def _convert(action: argparse.Action, key: str, value):
             if not isinstance(v, bool):
                 raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
             return v
+        if action.type in (None, str):  # a text flag: a YAML number is its text
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise ValueError(f"config key {key!r} takes text, got {v!r}")
+            v = str(v)
         try:
             out = action.type(v) if action.type and isinstance(v, str) else v
             if action.type and not isinstance(v, str):
                 out = action.type(str(v)) if action.type is not str else str(v)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             raise ValueError(f"config key {key!r}: bad value {v!r} ({exc})") from None
         if action.choices is not None and out not in action.choices:
             raise ValueError(f"config key {key!r} must be one of {list(action.choices)}, got {v!r}")
@@ -85,6 +90,27 @@ def apply_config_defaults(parser: argparse.ArgumentParser, argv: list[str], path
         if key not in by_key:
             raise ValueError(f"config key {raw_key!r} is not a flag of 'dume {' '.join(words)}'")
         defaults[key] = _convert(by_key[key], str(raw_key), value)
+    for key, value in defaults.items():
+        action = by_key[key]
+        if isinstance(action, argparse._AppendAction) and isinstance(value, list):
+            # argparse appends a flag's values to its default: the file's list would be kept
+            # beside the command line's, which is to replace it
+            value = _FromFile(value)
+            action.__class__ = _AppendOverFile
+        defaults[key] = value
     sub.set_defaults(**defaults)
     for key in defaults:  # required flags satisfied by the file
         by_key[key].required = False
+
+
+class _FromFile(list):
+    """A repeatable flag's values from the config file (replaced by the command line's)."""
+
+
+class _AppendOverFile(argparse._AppendAction):
+    """``append`` whose first value on the command line replaces the config file's values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if isinstance(getattr(namespace, self.dest, None), _FromFile):
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)

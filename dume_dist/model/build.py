@@ -35,7 +35,7 @@ import torch
 from dume_dist.core.dp import DpSpec
 from dume_dist.core.private import privatize
 from dume_dist.model.backbone import Backbone
-from dume_dist.model.collect import release_memory, resolve_device
+from dume_dist.model.collect import release_memory, resolve_device, stats_compute_dtype
 from dume_dist.model.data import load_domain_texts, token_batches
 from dume_dist.model.experts import ExpertSpec, expert_fingerprint, load_expert_specs
 from dume_dist.model.formats import (
@@ -340,7 +340,11 @@ def build_dume(
                         spec_routing.router_kind.heldout_settings(spec_routing)],
             "windows": [seq_len, max_tokens_per_seq, max_tokens],
             "dp": None if dp is None else dp.to_json(),
+            "tokenizer": spec.tokenizer_hash,
             **({"sample": sample_key} if sample_key else {}),
+            # what the dense model runs in, where statistics come from a model run
+            **({"stats_dtype": str(stats_compute_dtype(spec, device, stats_dtype))}
+               if sample_key or spec_routing.kind != "ngram" else {}),
         })  # fmt: skip
         loaded = saved.load(spec.name, key) if saved is not None else None
         if loaded is not None:

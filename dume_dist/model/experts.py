@@ -179,8 +179,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"bad safetensors index {index}: {exc}") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"bad safetensors index {index}: weight_map is not a mapping of names")
+        for shard in weight_map.values():  # never read a file outside the model directory
+            rel = Path(shard) if isinstance(shard, str) and shard else None
+            if rel is None or rel.is_absolute() or ".." in rel.parts or "\\" in shard:
+                raise ValueError(
+                    f"bad safetensors index {index}: shard {shard!r} is not a file of {model_dir}"
+                )
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:

@@ -5,8 +5,9 @@ directory; asked to, it keeps them here, and a later build with the same directo
 contributor's statistics whose key still matches (the expert, the backbone, the data files'
 contents and every collection setting, differential privacy included) and computes only the rest.
 
-Layout: ``<name>/entry.json`` (the key and the files), ``<name>/fit.safetensors``,
-``<name>/holdout-<i>.safetensors`` (``core.stats`` blobs, validated when read).
+Layout: ``<name>/entry.json`` (the key, the held-out smoothings and each file's sha256),
+``<name>/fit.safetensors``, ``<name>/holdout-<i>.safetensors`` (``core.stats`` blobs, checked
+against their sha256 and validated when read).
 """
 
 from __future__ import annotations
@@ -64,20 +65,34 @@ class StatsDir:
         return self.root / name
 
     def load(self, name: str, key: str):
-        """``(fit, {β: held-out})`` saved under ``key``, or None (absent or stale)."""
-        entry_path = self._dir(name) / "entry.json"
+        """``(fit, {β: held-out})`` saved under ``key``, or None (absent, stale, or saved without
+        checksums). A file changed since it was saved (its sha256 is not the one the entry
+        recorded) is refused in one line, never trusted."""
+        d = self._dir(name)
+        entry_path = d / "entry.json"
         if not entry_path.is_file() or entry_path.stat().st_size > _MAX_ENTRY_BYTES:
             return None
         try:
             entry = json.loads(entry_path.read_text())
-            if entry.get("key") != key:
-                return None
-            fit = load_stats(self._dir(name) / "fit.safetensors")
-            held = {
-                float(beta): load_stats(self._dir(name) / f"holdout-{i}.safetensors")
-                for i, beta in enumerate(entry.get("holdout", []))
-            }
-        except (ValueError, OSError, TypeError, AttributeError) as exc:
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"saved statistics of {name} are unreadable: {exc}") from None
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            return None
+        sums, betas = entry.get("sha256"), entry.get("holdout", [])
+        if not isinstance(sums, dict) or not isinstance(betas, list):
+            return None  # an older entry: computed again
+        files = _files(len(betas))
+        for file in files:
+            if not (d / file).is_file() or file_sha256(d / file) != sums.get(file):
+                raise ValueError(
+                    f"saved statistics {d / file} do not match the checksum recorded when they "
+                    f"were saved (changed since?): delete {d} to compute them again"
+                )
+        try:
+            fit = load_stats(d / files[0])
+            held = {float(beta): load_stats(d / file)
+                    for beta, file in zip(betas, files[1:], strict=True)}  # fmt: skip
+        except (ValueError, OSError, TypeError) as exc:
             raise ValueError(f"saved statistics of {name} are unreadable: {exc}") from None
         return fit, held
 
@@ -85,8 +100,13 @@ class StatsDir:
         d = self._dir(name)
         d.mkdir(parents=True, exist_ok=True)
         (d / "entry.json").unlink(missing_ok=True)  # stale until rewritten last
-        (d / "fit.safetensors").write_bytes(stats_to_bytes(fit))
         betas = sorted(held)
-        for i, beta in enumerate(betas):
-            (d / f"holdout-{i}.safetensors").write_bytes(stats_to_bytes(held[beta]))
-        (d / "entry.json").write_text(json.dumps({"key": key, "holdout": betas}))
+        files = _files(len(betas))
+        for file, stats in zip(files, [fit, *(held[b] for b in betas)], strict=True):
+            (d / file).write_bytes(stats_to_bytes(stats))
+        sums = {file: file_sha256(d / file) for file in files}
+        (d / "entry.json").write_text(json.dumps({"key": key, "holdout": betas, "sha256": sums}))
+
+
+def _files(num_holdout: int) -> list[str]:
+    return ["fit.safetensors", *(f"holdout-{i}.safetensors" for i in range(num_holdout))]

@@ -12,7 +12,8 @@ What Mixtral can represent, and how DUME maps onto it
   temperature, so the gate is the ridge solution **without intercept** solved from the fit
   statistics (``SolvedRouting.bias_free_routers``), rows normalised, divided by the temperature.
   It is *not* DUME's router with the bias dropped. Routings without such a form (other features,
-  smoothing, other solvers, the n-gram router) are unsupported, with the routing's reason.
+  smoothing, other solvers, the n-gram router) are unsupported, with the routing's reason; so is
+  a min_weight with k > 1 (Mixtral always runs its k experts).
 * Router precision: Mixtral's gate runs in the model's dtype (DUME's in fp32): a bf16 export can
   pick another expert where two logits nearly tie; fp32 is exact.
 * Experts: ``gate_proj / up_proj / down_proj`` become ``w1 / w3 / w2``; everything else (attention,
@@ -199,6 +200,12 @@ class MixtralFormat(OutputFormat):
         reason = dense_unsupported(inp.dense_config) or inp.routing.bias_free_unsupported()
         if reason:
             return reason
+        min_weight = float(getattr(inp.routing.spec, "min_weight", 0.0) or 0.0)
+        if inp.top_k > 1 and min_weight > 0:  # Mixtral always runs its k experts
+            return (
+                f"min_weight={min_weight:g} with k={inp.top_k}: a Mixtral gate always runs its "
+                "k experts (use min_weight 0)"
+            )
         if inp.stats is None or not inp.stats.fit:
             return "the gate without intercept is solved from the experts' statistics: none given"
         return tensors_unsupported(inp)
