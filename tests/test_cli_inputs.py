@@ -215,3 +215,11 @@ def test_one_expert_directory_under_two_names_is_refused(world, tmp_path, capsys
     args = _build_args(world, out, experts={"beta": world["experts"]["alpha"]})
     _one_line_error(capsys, main(args), "are the same directory")
     assert not out.exists()
+
+
+def test_an_unbounded_range_is_written_with_inf(world, tmp_path, capsys):
+    """`--lam -1` with the default routing (λ is the n-gram μ there): the bound reads (0.0, inf),
+    not (0.0, None]."""
+    out = tmp_path / "out"
+    _one_line_error(capsys, main(_build_args(world, out, "--lam", "-1")), "must be in (0.0, inf)")
+    assert not out.exists()

@@ -79,9 +79,11 @@ class Option:
             value >= self.high if self.high_open else value > self.high
         )
         if low_bad or high_bad:
-            lo = "(" if self.low_open else "["
-            hi = ")" if self.high_open else "]"
-            raise ValueError(f"{key} must be in {lo}{self.low}, {self.high}{hi}, got {value!r}")
+            lo = "(" if self.low_open or self.low is None else "["
+            hi = ")" if self.high_open or self.high is None else "]"
+            low = "-inf" if self.low is None else self.low
+            high = "inf" if self.high is None else self.high
+            raise ValueError(f"{key} must be in {lo}{low}, {high}{hi}, got {value!r}")
 
     def parse(self, text: str):
         """A command-line string as this option's value (checked later, with the others)."""
