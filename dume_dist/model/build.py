@@ -342,9 +342,9 @@ def build_dume(
             "dp": None if dp is None else dp.to_json(),
             "tokenizer": spec.tokenizer_hash,
             **({"sample": sample_key} if sample_key else {}),
-            # what the dense model runs in, where statistics come from a model run
-            **({"stats_dtype": str(stats_compute_dtype(spec, device, stats_dtype))}
-               if sample_key or spec_routing.kind != "ngram" else {}),
+            # what the dense model runs in (a kind whose statistics need no model run, such as
+            # token counts without a sample, recomputes needlessly when only this changes)
+            "stats_dtype": str(stats_compute_dtype(spec, device, stats_dtype)),
         })  # fmt: skip
         loaded = saved.load(spec.name, key) if saved is not None else None
         if loaded is not None:
