@@ -7,32 +7,17 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import NAMES, build_args, one_line_error
 from tiny_world import DOMAINS, make_world
 
 from dume_dist.cli.main import main, make_parser
 from dume_dist.model.build import build_dume
 from dume_dist.model.experts import load_expert_spec
 
-NAMES = ("alpha", "beta")
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("flows"), domains={n: DOMAINS[n] for n in NAMES})
-
-
-def _build_args(world, out, *extra):
-    args = ["build", "--out", str(out), "--seq-len", "16", "--max-tokens-per-seq", "12"]
-    for n in NAMES:
-        args += ["--expert", f"{n}={world['experts'][n]}", "--data", f"{n}={world['data'][n][0]}"]
-    return args + [str(x) for x in extra]
-
-
-def _one_line_error(capsys, code, needle):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert needle in err, err
 
 
 def _no_work(monkeypatch):
@@ -49,9 +34,9 @@ def test_mixtral_refuses_min_weight_it_cannot_hold(world, tmp_path, capsys, monk
     monkeypatch.setattr("dume_dist.model.build.expert_statistics", lambda *a, **k: 1 / 0)
     out = tmp_path / "out"
     code = main(
-        _build_args(world, out, "--format", "mixtral", "--top-k", "2", "--min-weight", "0.3")
+        build_args(world, out, "--format", "mixtral", "--top-k", "2", "--min-weight", "0.3")
     )
-    _one_line_error(capsys, code, "min_weight=0.3 with k=2")
+    one_line_error(capsys, code, "min_weight=0.3 with k=2")
     assert not out.exists()
 
 
@@ -71,8 +56,8 @@ def test_config_values_of_the_wrong_kind_are_one_line_errors(
     _no_work(monkeypatch)
     config = tmp_path / "c.yaml"
     config.write_text(line + "\n")
-    code = main(["--config", str(config), *_build_args(world, tmp_path / "out")])
-    _one_line_error(capsys, code, needle)
+    code = main(["--config", str(config), *build_args(world, tmp_path / "out")])
+    one_line_error(capsys, code, needle)
 
 
 def test_config_list_of_experts_is_a_text_list(world, tmp_path, capsys, monkeypatch):
@@ -80,9 +65,7 @@ def test_config_list_of_experts_is_a_text_list(world, tmp_path, capsys, monkeypa
     config = tmp_path / "c.yaml"
     config.write_text(f"expert: [{{alpha: {world['experts']['alpha']}}}]\n")  # a mapping, not text
     args = ["build", "--out", str(tmp_path / "out"), "--data", "alpha=x"]
-    _one_line_error(
-        capsys, main(["--config", str(config), *args]), "config key 'expert' takes text"
-    )
+    one_line_error(capsys, main(["--config", str(config), *args]), "config key 'expert' takes text")
 
 
 def test_command_line_list_replaces_the_config_files(tmp_path):
@@ -101,7 +84,7 @@ def test_command_line_list_replaces_the_config_files(tmp_path):
 
 def test_shard_size_garbage_names_its_reason(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(_build_args(world, tmp_path / "out", "--shard-size", "10XB"))
+        main(build_args(world, tmp_path / "out", "--shard-size", "10XB"))
     err = capsys.readouterr().err  # was "invalid _size value: '10XB'"
     assert "argument --shard-size: expected a size such as 2GB or 500MB, got '10XB'" in err
 
@@ -109,15 +92,15 @@ def test_shard_size_garbage_names_its_reason(world, tmp_path, capsys):
 @pytest.mark.parametrize("device", ["foo", "5"])
 def test_unknown_device_is_one_line_error_before_work(world, tmp_path, capsys, monkeypatch, device):
     _no_work(monkeypatch)  # was a RuntimeError traceback from torch
-    code = main(_build_args(world, tmp_path / "out", "--device", device))
-    _one_line_error(capsys, code, "is not a device")
+    code = main(build_args(world, tmp_path / "out", "--device", device))
+    one_line_error(capsys, code, "is not a device")
 
 
 @pytest.mark.parametrize("backbone", ["base:", "avg", "base:/nonexistent-dume-base"])
 def test_backbone_is_checked_before_work(world, tmp_path, capsys, monkeypatch, backbone):
     _no_work(monkeypatch)
-    code = main(_build_args(world, tmp_path / "out", "--backbone", backbone))
-    _one_line_error(capsys, code, "--backbone")
+    code = main(build_args(world, tmp_path / "out", "--backbone", backbone))
+    one_line_error(capsys, code, "--backbone")
 
 
 def _sharded_expert(world, tmp_path):
@@ -179,7 +162,7 @@ def test_bench_json_is_checked_before_work(tmp_path, capsys, monkeypatch, json_n
     monkeypatch.setattr("dume_dist.bench.inference.run_inference_bench", lambda **k: 1 / 0)
     (tmp_path / "dir").mkdir()
     code = main(["bench", "inference", "--json", str(tmp_path / json_name)])
-    _one_line_error(capsys, code, needle)
+    one_line_error(capsys, code, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
 
 

@@ -8,34 +8,17 @@ import struct
 
 import pytest
 import torch
+from cli_helpers import NAMES, build_args, one_line_error
 from safetensors.torch import load_file
 from tiny_world import DOMAINS, make_world
 
 from dume_dist.cli.main import main
 from dume_dist.model.data import read_documents
 
-NAMES = ("alpha", "beta")
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("inputs"), domains={n: DOMAINS[n] for n in NAMES})
-
-
-def _build_args(world, out, *extra, data=None, experts=None):
-    data = {n: world["data"][n][0] for n in NAMES} | (data or {})
-    experts = {n: world["experts"][n] for n in NAMES} | (experts or {})
-    args = ["build", "--out", str(out), "--seq-len", "16", "--max-tokens-per-seq", "12"]
-    for n in NAMES:
-        args += ["--expert", f"{n}={experts[n]}", "--data", f"{n}={data[n]}"]
-    return args + [str(x) for x in extra]
-
-
-def _one_line_error(capsys, code, needle):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert needle in err, err
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +29,7 @@ def built(world):
     shutil.copyfile(world["data"]["beta"][0], folder / "beta.txt")
     (folder / "notes.md").write_text("not data")
     out = world["root"] / "model"
-    assert main(_build_args(world, out, data={"beta": folder})) == 0  # was IsADirectoryError
+    assert main(build_args(world, out, data={"beta": folder})) == 0  # was IsADirectoryError
     return out
 
 
@@ -81,37 +64,37 @@ def test_damaged_expert_weights_are_one_line_errors(world, tmp_path, capsys, dam
     weights = bad / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
     out = tmp_path / "out"
-    code = main(_build_args(world, out, experts={"beta": bad}))
-    _one_line_error(capsys, code, "cannot read safetensors file")
+    code = main(build_args(world, out, experts={"beta": bad}))
+    one_line_error(capsys, code, "cannot read safetensors file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
     if damage is _truncated:  # eval loads through transformers: its error, in one line
         code = main(["eval", "--model", str(bad), "--data", f"beta={world['data']['beta'][0]}"])
-        _one_line_error(capsys, code, "cannot load model")
+        one_line_error(capsys, code, "cannot load model")
 
 
 def test_out_that_holds_an_input_is_refused_even_with_overwrite(world, capsys):
     before = sorted(p.name for p in world["experts"]["alpha"].iterdir())
     for out in (world["experts"]["alpha"], world["root"]):
-        code = main(_build_args(world, out, "--overwrite"))
-        _one_line_error(capsys, code, "would delete")
+        code = main(build_args(world, out, "--overwrite"))
+        one_line_error(capsys, code, "would delete")
     assert sorted(p.name for p in world["experts"]["alpha"].iterdir()) == before
 
 
 def test_out_and_save_stats_under_a_file_refused_before_work(world, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    code = main(_build_args(world, tmp_path / "afile" / "out"))
-    _one_line_error(capsys, code, "afile is not a directory")
-    code = main(_build_args(world, tmp_path / "o", "--save-stats", tmp_path / "afile" / "stats"))
-    _one_line_error(capsys, code, "afile is not a directory")
-    code = main(_build_args(world, tmp_path / "o", "--save-stats", tmp_path / "afile"))
-    _one_line_error(capsys, code, "--save-stats")
+    code = main(build_args(world, tmp_path / "afile" / "out"))
+    one_line_error(capsys, code, "afile is not a directory")
+    code = main(build_args(world, tmp_path / "o", "--save-stats", tmp_path / "afile" / "stats"))
+    one_line_error(capsys, code, "afile is not a directory")
+    code = main(build_args(world, tmp_path / "o", "--save-stats", tmp_path / "afile"))
+    one_line_error(capsys, code, "--save-stats")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_same_data_file_twice_is_refused(world, tmp_path, capsys):
     twice = ["--data", f"alpha={world['data']['alpha'][0]}"]
-    code = main(_build_args(world, tmp_path / "out", *twice))
-    _one_line_error(capsys, code, "given twice")
+    code = main(build_args(world, tmp_path / "out", *twice))
+    one_line_error(capsys, code, "given twice")
     assert not (tmp_path / "out").exists()
 
 
@@ -127,7 +110,7 @@ def test_same_data_file_twice_is_refused(world, tmp_path, capsys):
 )
 def test_flag_values_are_refused_with_their_reason(world, tmp_path, capsys, flag, value, reason):
     with pytest.raises(SystemExit) as exit_:
-        main(_build_args(world, tmp_path / "out", flag, value))
+        main(build_args(world, tmp_path / "out", flag, value))
     assert exit_.value.code == 2
     assert f"argument {flag}: expected {reason}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -137,15 +120,15 @@ def test_eval_outputs_are_checked_before_any_work(world, tmp_path, capsys):
     dense = str(world["experts"]["alpha"])
     base = ["eval", "--model", dense, "--data", f"alpha={world['data']['alpha'][0]}"]
     js = tmp_path / "eval.json"
-    _one_line_error(capsys, main([*base, "--json", str(tmp_path)]), "is a directory")
-    _one_line_error(capsys, main([*base, "--json", str(tmp_path / "no" / "e.json")]), "no does not")
+    one_line_error(capsys, main([*base, "--json", str(tmp_path)]), "is a directory")
+    one_line_error(capsys, main([*base, "--json", str(tmp_path / "no" / "e.json")]), "no does not")
     code = main([*base, "--json", str(js), "--heatmap", str(tmp_path / "h.png")])
-    _one_line_error(capsys, code, "--heatmap needs a DUME model")  # was: JSON written, then refused
+    one_line_error(capsys, code, "--heatmap needs a DUME model")  # was: JSON written, then refused
     code = main([*base, "--experts", f"alpha={dense}", "--stats", str(tmp_path / "nostats")])
-    _one_line_error(capsys, code, "--stats")  # was ignored: no bias-free row, no word
-    _one_line_error(capsys, main([*base, "--stats", str(tmp_path)]), "needs --experts")
+    one_line_error(capsys, code, "--stats")  # was ignored: no bias-free row, no word
+    one_line_error(capsys, main([*base, "--stats", str(tmp_path)]), "needs --experts")
     code = main([*base, "--mixed", "--routing-png", str(tmp_path / "no" / "r.png")])
-    _one_line_error(capsys, code, "--routing-png")
+    one_line_error(capsys, code, "--routing-png")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,7 +141,7 @@ def test_eval_too_short_text_names_its_domain(world, tmp_path, capsys):
         "--data",
         f"alpha={tmp_path / 'one.txt'}",
     ]
-    _one_line_error(capsys, main(args), "domain alpha has 1 tokens")
+    one_line_error(capsys, main(args), "domain alpha has 1 tokens")
 
 
 def test_mixed_with_one_segment_writes_strict_json(world, built, tmp_path):
@@ -184,7 +167,7 @@ def test_any_os_error_is_one_line(world, monkeypatch, capsys):
 
     monkeypatch.setattr(evaluate, "compare", broken)
     args = ["eval", "--model", str(world["experts"]["alpha"])]
-    _one_line_error(capsys, main([*args, "--data", f"alpha={world['data']['alpha'][0]}"]), "Is a")
+    one_line_error(capsys, main([*args, "--data", f"alpha={world['data']['alpha'][0]}"]), "Is a")
 
 
 def test_build_dume_reads_a_data_directory_as_its_files(world, tmp_path):
@@ -212,8 +195,8 @@ def test_build_dume_reads_a_data_directory_as_its_files(world, tmp_path):
 
 def test_one_expert_directory_under_two_names_is_refused(world, tmp_path, capsys):
     out = tmp_path / "out"
-    args = _build_args(world, out, experts={"beta": world["experts"]["alpha"]})
-    _one_line_error(capsys, main(args), "are the same directory")
+    args = build_args(world, out, experts={"beta": world["experts"]["alpha"]})
+    one_line_error(capsys, main(args), "are the same directory")
     assert not out.exists()
 
 
@@ -221,5 +204,5 @@ def test_an_unbounded_range_is_written_with_inf(world, tmp_path, capsys):
     """`--lam -1` with the default routing (λ is the n-gram μ there): the bound reads (0.0, inf),
     not (0.0, None]."""
     out = tmp_path / "out"
-    _one_line_error(capsys, main(_build_args(world, out, "--lam", "-1")), "must be in (0.0, inf)")
+    one_line_error(capsys, main(build_args(world, out, "--lam", "-1")), "must be in (0.0, inf)")
     assert not out.exists()

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dume_dist.core.paths import check_creatable
+
 
 def markdown_path(json_path: str | Path) -> Path:
     """The Markdown table's path: ``json_path`` with the suffix ``.md``."""
@@ -26,13 +28,7 @@ def check_results_path(json_path: str | Path, flag: str = "--json") -> None:
         raise ValueError(f"{flag} {json_path}: its Markdown table {md.name} would overwrite it")
     if md.is_dir():
         raise ValueError(f"{flag} {json_path}: {md} (its Markdown table) is a directory")
-    parent = path.absolute().parent
-    while not (parent.exists() or parent.is_symlink()):
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {json_path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {json_path}: cannot write in {parent}")
+    check_creatable(path, flag)
 
 
 def _write_atomic(path: Path, text: str) -> None:

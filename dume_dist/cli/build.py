@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
+from dume_dist.core.paths import check_creatable
 from dume_dist.model.routing_options import (  # torch-free: `dume --help` stays fast
     BUILTIN_KIND_OPTIONS,
     COMMON_OPTIONS,
@@ -242,17 +242,6 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | Path]) -> None:
     for path in inputs:
         if _inside(Path(path).resolve(), target):
             raise ValueError(f"--out {out} holds the input {path}: writing it would delete that")
-
-
-def check_creatable(path: Path, flag: str) -> None:
-    """The nearest existing parent of ``path`` is a directory this process can write in."""
-    parent = path.absolute().parent
-    while not (parent.exists() or parent.is_symlink()):
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {parent}")
 
 
 def check_out_file(path: str | None, flag: str) -> None:
